@@ -1,0 +1,1 @@
+"""fashion_sweep: the PyTorch Quickstart as a Hydra + Optuna + MLflow sweep harness."""

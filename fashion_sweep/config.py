@@ -1,0 +1,184 @@
+"""Typed schemas for conf/, stored once each in Hydra's ConfigStore, and value checks.
+
+The yaml files under conf/ carry the values; these dataclasses carry the types, so a
+misspelt key or a wrong type fails at composition with Hydra naming the key. What a
+type cannot say (lr > 0, a subset no larger than its split) is checked by validate().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+TRAIN_IMAGES = 60_000
+TEST_IMAGES = 10_000
+METRICS = {"train/loss", "val/loss", "val/accuracy", "test/loss", "test/accuracy"}
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot be run; the message names the key."""
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda, then mps, then cpu
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Loader(str, Enum):
+    torch = "torch"  # the tutorial: torchvision dataset + ToTensor + DataLoader
+    resident = "resident"  # the split decoded once into a tensor on the device
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # holds FashionMNIST/raw/; prepared from Debian's copy if missing
+    download: bool = False  # let torchvision download the data (needs the internet)
+    loader: Loader = Loader.torch
+    batch_size: int = 64
+    shuffle: bool = False  # the tutorial does not shuffle
+    num_workers: int = 0  # DataLoader worker processes (loader=torch only)
+    train_size: int | None = None  # first N training images; null: all that are left
+    val_size: int = 0  # images carved out of the training set, seeded by split_seed
+    test_size: int | None = None  # first N test images; null: all 10,000
+    split_seed: int = 0  # fixed apart from trainer.seed so every trial sees one split
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = "fashion_sweep.model.NeuralNetwork"
+    width: int = 512  # hidden units per layer
+    depth: int = 2  # hidden layers
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 0.01
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    device: Device = Device.auto
+    seed: int = 0  # seeds the weights and the shuffle order
+    log_interval: int = 100  # batches between progress lines (and host syncs)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"  # MLflow's own default: `mlflow ui` here shows it
+    experiment: str = "fashion_sweep"
+    run_name: str | None = None
+    log_model: bool = True  # log model.pth (the state_dict) as an artifact
+    # Set by the sweeper for each trial; not for the command line.
+    parent_run_id: str | None = None
+    trial: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    data: Any = MISSING
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    trainer: Any = MISSING
+    tracking: Any = MISSING
+    # The metric train() returns to Hydra (and so to the sweeper): a `split/name` key.
+    optimized_metric: str = "test/accuracy"
+
+
+@dataclass
+class PredictConfig:
+    data: Any = MISSING
+    tracking: Any = MISSING
+    run_id: str = "latest"  # a run id, `latest`, or `best` (the last sweep's best trial)
+    index: int = 0  # which test image
+
+
+def register_configs() -> None:
+    """Stores each schema once; calling it again (train imports predict) replaces."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig, replace=True)
+    cs.store(name="predict_schema", node=PredictConfig, replace=True)
+    cs.store(group="data", name="data_schema", node=DataConfig, replace=True)
+    cs.store(group="model", name="mlp_schema", node=ModelConfig, replace=True)
+    cs.store(group="optimizer", name="sgd_schema", node=SGDConfig, replace=True)
+    cs.store(group="optimizer", name="adam_schema", node=AdamConfig, replace=True)
+    cs.store(group="optimizer", name="adamw_schema", node=AdamWConfig, replace=True)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig, replace=True)
+    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig, replace=True)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks what the schema's types cannot; raises ConfigError naming the key."""
+    data, opt, trainer = cfg.data, cfg.optimizer, cfg.trainer
+    _check(opt.lr > 0, f"optimizer.lr must be > 0, got {opt.lr}")
+    for key in ("momentum", "weight_decay", "eps"):
+        if key in opt:
+            _check(opt[key] >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
+    if "betas" in opt:
+        _check(
+            len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+            f"optimizer.betas must be two numbers in [0, 1), got {list(opt.betas)}",
+        )
+    _check(cfg.model.width > 0, f"model.width must be > 0, got {cfg.model.width}")
+    _check(cfg.model.depth >= 0, f"model.depth must be >= 0, got {cfg.model.depth}")
+    _check(data.batch_size > 0, f"data.batch_size must be > 0, got {data.batch_size}")
+    _check(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    _check(
+        0 <= data.val_size < TRAIN_IMAGES,
+        f"data.val_size must be in [0, {TRAIN_IMAGES}), got {data.val_size}",
+    )
+    left = TRAIN_IMAGES - data.val_size
+    if data.train_size is not None:
+        _check(
+            0 < data.train_size <= left,
+            f"data.train_size must be in [1, {left}] (60000 minus data.val_size), "
+            f"got {data.train_size}",
+        )
+    if data.test_size is not None:
+        _check(
+            0 < data.test_size <= TEST_IMAGES,
+            f"data.test_size must be in [1, {TEST_IMAGES}], got {data.test_size}",
+        )
+    _check(trainer.epochs > 0, f"trainer.epochs must be > 0, got {trainer.epochs}")
+    _check(
+        trainer.log_interval > 0, f"trainer.log_interval must be > 0, got {trainer.log_interval}"
+    )
+    metric = cfg.optimized_metric
+    _check(
+        metric in METRICS,
+        f"optimized_metric must be one of {sorted(METRICS)}, got {metric}",
+    )
+    _check(
+        not metric.startswith("val/") or data.val_size > 0,
+        f"optimized_metric={metric} needs a validation split: set data.val_size > 0",
+    )

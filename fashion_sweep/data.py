@@ -1,0 +1,169 @@
+"""FashionMNIST: finding the files offline, the train/val/test splits, and the loaders.
+
+Two loaders feed the same images in the same order with the same scaling:
+`torch` is the tutorial's torchvision dataset + ToTensor + DataLoader; `resident`
+decodes a split once into one tensor on the training device and slices batches
+from it, which removes the per-image PIL work and the host-to-device copies.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+# The uncompressed idx files torchvision reads from <root>/FashionMNIST/raw/, by size.
+RAW_FILES = {
+    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60_000,
+    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10_000,
+}
+# Debian's package dataset-fashion-mnist: the same contents, gzipped differently from
+# the files torchvision checksums, so they are unpacked rather than handed to download.
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+HOW_TO_GET = (
+    "install Debian's copy with `apt-get install dataset-fashion-mnist` (make data), "
+    "or pass data.download=true where there is internet"
+)
+
+
+class DataError(RuntimeError):
+    """The dataset is missing or damaged; the message says how to get it."""
+
+
+def prepare_raw(root: str | Path, download: bool = False) -> Path:
+    """Makes sure <root>/FashionMNIST/raw/ holds the four idx files, whole."""
+    raw = Path(root) / "FashionMNIST" / "raw"
+    if download:
+        from torchvision import datasets
+
+        datasets.FashionMNIST(str(root), train=True, download=True)
+        datasets.FashionMNIST(str(root), train=False, download=True)
+    for name, size in RAW_FILES.items():
+        path = raw / name
+        if not path.exists():
+            _unpack_debian_copy(name, path)
+        if path.stat().st_size != size:
+            raise DataError(
+                f"{path} is truncated or damaged ({path.stat().st_size} bytes, expected "
+                f"{size}): delete it and run again to unpack it afresh, or {HOW_TO_GET}"
+            )
+    return raw
+
+
+def _unpack_debian_copy(name: str, path: Path) -> None:
+    source = DEBIAN_DIR / f"{name}.gz"
+    if not source.exists():
+        raise DataError(f"FashionMNIST not found: no {path} and no {source}; {HOW_TO_GET}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    # note: unpack beside the target, then rename, so an interrupted run leaves no half file
+    with gzip.open(source, "rb") as src, open(partial, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    partial.replace(path)
+
+
+def load_splits(
+    root: str | Path,
+    train_size: int | None = None,
+    val_size: int = 0,
+    test_size: int | None = None,
+    split_seed: int = 0,
+) -> dict[str, Subset]:
+    """The tutorial's datasets, cut to size.
+
+    val_size images are drawn from the training set with split_seed; train_size and
+    test_size then take the first N images of what is left of each split, in order.
+    """
+    # note: torchvision is imported where it is used; it takes seconds to import
+    from torchvision import datasets
+    from torchvision.transforms import ToTensor
+
+    train_full = datasets.FashionMNIST(str(root), train=True, transform=ToTensor())
+    test_full = datasets.FashionMNIST(str(root), train=False, transform=ToTensor())
+    generator = torch.Generator().manual_seed(split_seed)
+    order = torch.randperm(len(train_full), generator=generator)
+    val_idx = order[:val_size].sort().values
+    train_idx = order[val_size:].sort().values[:train_size]
+    splits = {"train": Subset(train_full, train_idx.tolist())}
+    if val_size:
+        splits["val"] = Subset(train_full, val_idx.tolist())
+    splits["test"] = Subset(test_full, list(range(test_size or len(test_full))))
+    return splits
+
+
+class ResidentLoader:
+    """Batches sliced from one tensor that already lives on the device.
+
+    With shuffle it makes the same draws from its generator as
+    DataLoader(shuffle=True, generator=...): one for the iterator's base seed, then
+    RandomSampler's randperm, so both loaders yield one order for one seed.
+    """
+
+    def __init__(
+        self,
+        split: Subset,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        source = split.dataset
+        idx = torch.as_tensor(split.indices, dtype=torch.long)
+        # note: exactly ToTensor's scaling of a uint8 'L' image: float32, divided by 255
+        images = source.data[idx].to(device).unsqueeze(1).float().div(255)
+        labels = source.targets[idx].to(device)
+        self.dataset = TensorDataset(images, labels)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator if generator is not None else torch.Generator()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.dataset.tensors
+        n, size = len(self.dataset), self.batch_size
+        if not self.shuffle:
+            for start in range(0, n, size):
+                yield images[start : start + size], labels[start : start + size]
+            return
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(n, generator=self.generator).to(images.device)
+        for start in range(0, n, size):
+            batch = order[start : start + size]
+            yield images[batch], labels[batch]
+
+
+def make_loaders(
+    splits: dict[str, Subset],
+    loader: str,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> dict[str, DataLoader | ResidentLoader]:
+    """One loader per split; only the training loader shuffles, seeded by `seed`."""
+    loaders: dict[str, DataLoader | ResidentLoader] = {}
+    for name, split in splits.items():
+        train = name == "train"
+        generator = torch.Generator().manual_seed(seed) if train else None
+        if loader == "resident":
+            loaders[name] = ResidentLoader(split, batch_size, device, shuffle and train, generator)
+        else:
+            loaders[name] = DataLoader(
+                split,
+                batch_size=batch_size,
+                shuffle=shuffle and train,
+                num_workers=num_workers,
+                generator=generator,
+                pin_memory=device.type == "cuda",
+            )
+    return loaders

@@ -1,0 +1,36 @@
+"""The Quickstart MLP, with its width and depth taken from config."""
+
+from __future__ import annotations
+
+from torch import nn
+
+CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+class NeuralNetwork(nn.Module):
+    """width=512, depth=2 is the tutorial's 784-512-512-10, with the same state_dict keys."""
+
+    def __init__(self, width: int = 512, depth: int = 2, in_features: int = 28 * 28) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(in_features if i == 0 else width, width), nn.ReLU()]
+        layers.append(nn.Linear(width if depth else in_features, len(CLASSES)))
+        self.linear_relu_stack = nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.flatten(x)
+        logits = self.linear_relu_stack(x)
+        return logits

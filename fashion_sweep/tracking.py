@@ -1,0 +1,153 @@
+"""MLflow, and only here: one MLflow run per training run, and finding runs again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+# note: set before the first download; its progress bars would bury the tutorial's lines
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+KIND_TAG = "fashion_sweep.kind"  # "train" for a training run, "sweep" for a sweep's parent
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}"""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def use_experiment(uri: str, experiment: str) -> str:
+    """Points MLflow at `uri` and returns the experiment's id, creating it if needed."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except mlflow.exceptions.MlflowException:
+        # another process created it first
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+@contextmanager
+def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> Iterator[str]:
+    """One MLflow run, FINISHED when the block ends, FAILED (or KILLED) when it raises.
+
+    Logs the resolved config as dotted params and as config.yaml, and the overrides.
+    """
+    tracking = cfg.tracking
+    experiment_id = use_experiment(tracking.uri, tracking.experiment)
+    tags = {KIND_TAG: "train", "torch_version": torch.__version__, **tags}
+    if commit := git_commit():
+        tags["git_commit"] = commit
+    if tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = tracking.parent_run_id
+    if tracking.trial is not None:
+        tags["trial"] = str(tracking.trial)
+    if overrides:
+        tags["overrides"] = " ".join(overrides)[:5000]
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name, tags=tags)
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        mlflow.log_params(flatten(resolved))
+        mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+        yield run.info.run_id
+    except KeyboardInterrupt:
+        mlflow.set_tag("failure_reason", "interrupted")
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as error:
+        mlflow.set_tag("failure_reason", one_line(error))
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_state_dict(model: torch.nn.Module) -> None:
+    """The tutorial's torch.save(model.state_dict(), "model.pth"), as a run artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pth")
+        torch.save(model.state_dict(), path)
+        mlflow.log_artifact(path)
+
+
+def resolve_run_id(uri: str, experiment: str, run_id: str) -> str:
+    """A run id as given, or `latest` (newest finished training run), or `best`
+    (the newest sweep's best trial); a sweep's parent id also leads to its best trial."""
+    experiment_id = use_experiment(uri, experiment)
+    client = MlflowClient()
+    if run_id in ("latest", "best"):
+        kind = "train" if run_id == "latest" else "sweep"
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{KIND_TAG}` = '{kind}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            raise LookupError(f"run_id={run_id}: no finished {kind} run in {experiment!r}")
+        run = runs[0]
+    else:
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise LookupError(f"run_id={run_id}: no such run in {uri}") from None
+    if run.data.tags.get(KIND_TAG) == "sweep":
+        best = run.data.tags.get("best_run_id")
+        if not best:
+            raise LookupError(f"sweep run {run.info.run_id} has no best_run_id tag yet")
+        return best
+    return run.info.run_id
+
+
+def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, torch.Tensor]]:
+    """A logged run's config.yaml and model.pth state_dict (on the CPU)."""
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="config.yaml", dst_path=tmp
+        )
+        weights = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="model.pth", dst_path=tmp
+        )
+        return OmegaConf.load(config), torch.load(weights, map_location="cpu")

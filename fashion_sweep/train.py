@@ -1,0 +1,124 @@
+"""`python -m fashion_sweep.train [key=value ...]`: the PyTorch Quickstart, tracked in MLflow.
+
+`-m sweep=optuna` turns the same command into an Optuna sweep (see conf/sweep/).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from fashion_sweep.config import ConfigError, register_configs, validate
+from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
+from fashion_sweep.engine import DivergedError, evaluate, train_one_epoch
+
+# What a config's _target_ may name (Hydra 1.4 asks instantiate() for a whitelist).
+TARGETS = ["fashion_sweep.model.*", "torch.optim.*"]
+SPLIT_TITLES = {"val": "Validation Error", "test": "Test Error"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: cuda, then mps, then cpu; a named device must exist here."""
+    name = getattr(name, "value", name)  # a Device enum from the config, or a str
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available.insert(0, "cuda")
+    if torch.backends.mps.is_available():
+        available.insert(-1, "mps")
+    if name == "auto":
+        return torch.device(available[0])
+    if name not in available:
+        raise ConfigError(
+            f"trainer.device={name}, but {name} is not available on this machine "
+            f"(available: {', '.join(available)})"
+        )
+    return torch.device(name)
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
+    """Seed, data, model, optimizer, a tracked run of the epoch loop; returns the last
+    epoch's metrics (`train/loss`, `test/accuracy`, ...)."""
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    # note: imported after the checks, so bad input fails without waiting for mlflow
+    from fashion_sweep.predict import predict_one
+    from fashion_sweep.tracking import log_epoch, log_state_dict, tracked_run
+
+    print(f"Using {device} device")
+
+    data = cfg.data
+    prepare_raw(data.root, data.download)
+    splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
+    loaders = make_loaders(
+        splits,
+        data.loader,
+        data.batch_size,
+        device,
+        data.shuffle,
+        data.num_workers,
+        cfg.trainer.seed,
+    )
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = instantiate(cfg.model, _execution_whitelist_=TARGETS).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = instantiate(
+        cfg.optimizer, params=model.parameters(), _convert_="all", _execution_whitelist_=TARGETS
+    )
+
+    with tracked_run(cfg, {"device": str(device)}, overrides or []) as run_id:
+        for epoch in range(1, cfg.trainer.epochs + 1):
+            print(f"Epoch {epoch}\n-------------------------------")
+            start = time.perf_counter()
+            result = train_one_epoch(
+                loaders["train"], model, loss_fn, optimizer, device, cfg.trainer.log_interval
+            )
+            seconds = time.perf_counter() - start
+            metrics = {"train/loss": result["loss"]}
+            for split, title in SPLIT_TITLES.items():
+                if split not in loaders:
+                    continue
+                result = evaluate(loaders[split], model, loss_fn, device)
+                metrics[f"{split}/loss"] = result["loss"]
+                metrics[f"{split}/accuracy"] = result["accuracy"]
+                print(
+                    f"{title}: \n Accuracy: {(100 * result['accuracy']):>0.1f}%, "
+                    f"Avg loss: {result['loss']:>8f} \n"
+                )
+            metrics["perf/epoch_seconds"] = seconds
+            metrics["perf/samples_per_second"] = len(loaders["train"].dataset) / seconds
+            log_epoch(metrics, epoch)
+        print("Done!")
+        if cfg.tracking.log_model:
+            log_state_dict(model)
+            print(f"Saved PyTorch Model State to model.pth in MLflow run {run_id}")
+        predicted, actual = predict_one(model, splits["test"], 0)
+        print(f'Predicted: "{predicted}", Actual: "{actual}"')
+    return metrics
+
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    try:
+        return train(cfg, list(hydra_cfg.overrides.task))[cfg.optimized_metric]
+    except (ConfigError, DataError, DivergedError) as error:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the trial as failed and goes on
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1 if isinstance(error, DivergedError) else 2)
+
+
+if __name__ == "__main__":
+    main()

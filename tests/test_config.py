@@ -1,0 +1,129 @@
+"""The configs compose, overrides land where the README says, bad input is refused."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_method
+from omegaconf import OmegaConf
+
+from fashion_sweep.config import ConfigError, validate
+from tests.conftest import CONF
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "sweep")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g)], ids=lambda s: s
+)
+def test_every_option_of_every_group_composes_and_validates(compose, override):
+    cfg = compose(override)
+    validate(cfg)
+    group, option = override.split("=")
+    assert OmegaConf.select(cfg, group) is not None, option
+
+
+def test_defaults_are_the_tutorial(compose):
+    cfg = compose()
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.optimizer.lr == 1e-3
+    assert (cfg.data.batch_size, cfg.data.shuffle, cfg.data.val_size) == (64, False, 0)
+    assert (cfg.model.width, cfg.model.depth) == (512, 2)
+    assert cfg.trainer.epochs == 5
+    assert cfg.trainer.device == "auto"
+    assert cfg.tracking.uri == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("optimizer=adam", "optimizer._target_", "torch.optim.Adam"),
+        ("optimizer=adamw", "optimizer.weight_decay", 0.01),
+        ("optimizer.lr=0.05", "optimizer.lr", 0.05),
+        ("optimizer.momentum=0.9", "optimizer.momentum", 0.9),
+        ("model.width=128", "model.width", 128),
+        ("model.depth=3", "model.depth", 3),
+        ("data.batch_size=256", "data.batch_size", 256),
+        ("data.num_workers=2", "data.num_workers", 2),
+        ("data.shuffle=true", "data.shuffle", True),
+        ("data.root=/elsewhere", "data.root", "/elsewhere"),
+        ("data.train_size=1000", "data.train_size", 1000),
+        ("data.val_size=5000", "data.val_size", 5000),
+        ("data.test_size=100", "data.test_size", 100),
+        ("data.loader=resident", "data.loader", "resident"),
+        ("trainer.epochs=1", "trainer.epochs", 1),
+        ("trainer.device=cpu", "trainer.device", "cpu"),
+        ("trainer.seed=7", "trainer.seed", 7),
+        ("tracking.uri=sqlite:///x.db", "tracking.uri", "sqlite:///x.db"),
+        ("tracking.experiment=mine", "tracking.experiment", "mine"),
+    ],
+)
+def test_override_lands_where_expected(compose, override, key, value):
+    assert OmegaConf.select(compose(override), key) == value
+
+
+def test_optimizer_switch_keeps_its_own_keys(compose):
+    adam = compose("optimizer=adam", "optimizer.lr=3e-4")
+    assert adam.optimizer.lr == 3e-4 and list(adam.optimizer.betas) == [0.9, 0.999]
+    assert "momentum" not in adam.optimizer
+
+
+@pytest.mark.parametrize("group", ["model", "optimizer"])
+def test_target_nodes_bind_to_their_signature(compose, group):
+    """A key the target does not take fails here, without building anything."""
+    for option in options(group):
+        node = OmegaConf.to_container(compose(f"{group}={option}")[group])
+        target = get_method(node.pop("_target_"))
+        extra = {"params": []} if group == "optimizer" else {}
+        inspect.signature(target).bind(**extra, **node)
+
+
+@pytest.mark.parametrize(
+    "override, error, named",
+    [
+        ("optimizer.lrr=0.1", ConfigCompositionException, "lrr"),
+        ("data.batchsize=32", ConfigCompositionException, "batchsize"),
+        ("data.batch_size=big", ConfigCompositionException, "data.batch_size"),
+        ("trainer.epochs=1.5", ConfigCompositionException, "trainer.epochs"),
+        ("trainer.device=tpu", ConfigCompositionException, "trainer.device"),
+        ("data.loader=fast", ConfigCompositionException, "data.loader"),
+        ("optimizer=rmsprop", ConfigCompositionException, "rmsprop"),
+        ("model=resnet", ConfigCompositionException, "resnet"),
+    ],
+)
+def test_composition_rejects_and_names_the_key(compose, override, error, named):
+    with pytest.raises(error) as excinfo:
+        compose(override)
+    cause = excinfo.value.__cause__
+    text = f"{excinfo.value} {cause if cause else ''}"
+    assert named in text
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("optimizer.lr=-1e-3", "optimizer.lr"),
+        ("optimizer.momentum=-0.5", "optimizer.momentum"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.batch_size=-64", "data.batch_size"),
+        ("data.train_size=60001", "data.train_size"),
+        ("data.train_size=55001 data.val_size=5000", "data.train_size"),
+        ("data.test_size=10001", "data.test_size"),
+        ("data.val_size=-1", "data.val_size"),
+        ("model.width=0", "model.width"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("optimized_metric=val/accuracy", "data.val_size"),
+        ("optimized_metric=accuracy", "optimized_metric"),
+        ("optimizer=adam optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+    ],
+)
+def test_validate_rejects_values_and_names_the_key(compose, override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        validate(compose(*override.split()))

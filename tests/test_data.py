@@ -1,0 +1,55 @@
+"""Finding FashionMNIST offline, refusing damaged files, and cutting the splits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fashion_sweep import data
+from fashion_sweep.data import DataError, load_splits, prepare_raw
+
+
+def test_prepare_raw_unpacks_debian_copy_into_a_fresh_root(tmp_path):
+    raw = prepare_raw(tmp_path)
+    assert raw == tmp_path / "FashionMNIST" / "raw"
+    assert {p.name for p in raw.iterdir()} == set(data.RAW_FILES)
+    test = load_splits(tmp_path)["test"]
+    assert len(test) == 10_000 and test[0][0].shape == (1, 28, 28)
+
+
+def test_truncated_file_is_refused_with_how_to_fix(tmp_path):
+    raw = prepare_raw(tmp_path)
+    images = raw / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(DataError, match="truncated") as excinfo:
+        prepare_raw(tmp_path)
+    assert "t10k-images-idx3-ubyte" in str(excinfo.value)
+    assert "apt-get install dataset-fashion-mnist" in str(excinfo.value)
+
+
+def test_missing_data_without_debian_copy_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "not-installed")
+    with pytest.raises(DataError, match="FashionMNIST not found") as excinfo:
+        prepare_raw(tmp_path / "root")
+    assert "apt-get install dataset-fashion-mnist" in str(excinfo.value)
+    assert "data.download=true" in str(excinfo.value)
+
+
+def test_subsets_take_the_first_images_in_order(data_root):
+    splits = load_splits(data_root, train_size=100, test_size=50)
+    full = load_splits(data_root)
+    assert len(splits["train"]) == 100 and len(splits["test"]) == 50
+    assert "val" not in splits
+    assert torch.equal(splits["train"][99][0], full["train"][99][0])
+    assert torch.equal(splits["test"][0][0], full["test"][0][0])
+
+
+def test_validation_split_is_seeded_and_disjoint_from_training(data_root):
+    a = load_splits(data_root, val_size=5000, split_seed=0)
+    b = load_splits(data_root, val_size=5000, split_seed=0)
+    c = load_splits(data_root, val_size=5000, split_seed=1)
+    assert a["val"].indices == b["val"].indices != c["val"].indices
+    assert len(a["val"]) == 5000 and len(a["train"]) == 55_000
+    assert not set(a["val"].indices) & set(a["train"].indices)
+    labels = a["val"].dataset.targets[a["val"].indices]
+    assert labels.bincount().min() > 400  # a random draw covers all ten classes

@@ -1,0 +1,96 @@
+"""The engine computes exactly what the tutorial's train() and test() compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fashion_sweep.data import load_splits
+from fashion_sweep.engine import DivergedError, evaluate, train_one_epoch
+from fashion_sweep.model import NeuralNetwork
+
+device = torch.device("cpu")
+
+
+# The tutorial's loops, verbatim but for the print in test().
+def tutorial_train(dataloader, model, loss_fn, optimizer):
+    size = len(dataloader.dataset)
+    model.train()
+    for batch, (X, y) in enumerate(dataloader):
+        X, y = X.to(device), y.to(device)
+
+        # Compute prediction error
+        pred = model(X)
+        loss = loss_fn(pred, y)
+
+        # Backpropagation
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+        if batch % 100 == 0:
+            loss, current = loss.item(), (batch + 1) * len(X)
+            print(f"loss: {loss:>7f}  [{current:>5d}/{size:>5d}]")
+
+
+def tutorial_test(dataloader, model, loss_fn):
+    size = len(dataloader.dataset)
+    num_batches = len(dataloader)
+    model.eval()
+    test_loss, correct = 0, 0
+    with torch.no_grad():
+        for X, y in dataloader:
+            X, y = X.to(device), y.to(device)
+            pred = model(X)
+            test_loss += loss_fn(pred, y).item()
+            correct += (pred.argmax(1) == y).type(torch.float).sum().item()
+    test_loss /= num_batches
+    correct /= size
+    return test_loss, correct
+
+
+def setup(seed=0, lr=1e-3):
+    torch.manual_seed(seed)
+    model = NeuralNetwork()
+    return model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=lr)
+
+
+@pytest.fixture(scope="module")
+def subset(data_root):
+    splits = load_splits(data_root, train_size=3000, test_size=1000)
+    return DataLoader(splits["train"], batch_size=64), DataLoader(splits["test"], batch_size=64)
+
+
+def test_engine_reproduces_the_tutorial_exactly(subset, capsys):
+    train_loader, test_loader = subset
+    ours, loss_fn, optimizer = setup()
+    theirs, their_loss_fn, their_optimizer = setup()
+    for _ in range(2):
+        train_one_epoch(train_loader, ours, loss_fn, optimizer, device)
+        ours_printed = capsys.readouterr().out
+        ours_metrics = evaluate(test_loader, ours, loss_fn, device)
+        tutorial_train(train_loader, theirs, their_loss_fn, their_optimizer)
+        assert ours_printed == capsys.readouterr().out  # the same progress lines
+        their_loss, their_accuracy = tutorial_test(test_loader, theirs, their_loss_fn)
+        assert ours_metrics == {"loss": their_loss, "accuracy": their_accuracy}
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, theirs.state_dict()[name]), name
+    assert ours_printed.startswith("loss: ") and "[   64/ 3000]" in ours_printed
+
+
+def test_train_loss_is_the_mean_batch_loss_and_falls(subset):
+    train_loader, _ = subset
+    model, loss_fn, optimizer = setup(lr=0.1)
+    first = train_one_epoch(train_loader, model, loss_fn, optimizer, device)["loss"]
+    second = train_one_epoch(train_loader, model, loss_fn, optimizer, device)["loss"]
+    assert 0 < second < first < 2.5
+
+
+def test_diverging_run_stops_with_diverged_error(subset):
+    train_loader, _ = subset
+    model, loss_fn, optimizer = setup(lr=1e4)
+    with pytest.raises(DivergedError, match="train/loss is (nan|inf)"):
+        for _ in range(3):
+            train_one_epoch(train_loader, model, loss_fn, optimizer, device, log_interval=10)

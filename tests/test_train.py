@@ -1,0 +1,182 @@
+"""End to end on a real subset: what a run leaves in MLflow, and how bad input fails."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from fashion_sweep.data import load_splits, make_loaders, prepare_raw
+from fashion_sweep.engine import DivergedError, evaluate
+from fashion_sweep.train import train
+from tests.conftest import SMALL
+
+PERF = ("perf/epoch_seconds", "perf/samples_per_second")
+
+
+def only_run(store: str):
+    client = MlflowClient(store)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=10
+    )
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, data_root):
+    """One real 2-epoch run on 2,000 + 500 images, logged to its own store."""
+    from hydra import compose, initialize_config_dir
+
+    from fashion_sweep.config import register_configs
+    from tests.conftest import CONF
+
+    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose("train", [f"data.root={data_root}", f"tracking.uri={store}", *SMALL])
+    metrics = train(cfg, ["trainer.epochs=2"])
+    client, run = only_run(store)
+    return cfg, metrics, client, run
+
+
+def test_run_is_finished_with_dotted_params_and_tags(logged):
+    cfg, _, _, run = logged
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.1"
+    assert params["optimizer._target_"] == "torch.optim.SGD"
+    assert params["data.batch_size"] == "64"
+    assert params["model.width"] == "512" and params["model.depth"] == "2"
+    assert params["data.train_size"] == "2000" and params["trainer.epochs"] == "2"
+    tags = run.data.tags
+    assert tags["device"] == "cpu"
+    assert tags["torch_version"] == torch.__version__
+    assert re.fullmatch(r"[0-9a-f]{40}", tags.get("git_commit", "0" * 40))
+    assert tags["overrides"] == "trainer.epochs=2"
+
+
+def test_metrics_are_logged_per_epoch(logged):
+    _, metrics, client, run = logged
+    expected = {"train/loss", "test/loss", "test/accuracy", *PERF}
+    assert set(run.data.metrics) == expected
+    for key in expected:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    accuracy = client.get_metric_history(run.info.run_id, "test/accuracy")
+    assert all(0 <= m.value <= 1 for m in accuracy)
+    assert accuracy[-1].value == metrics["test/accuracy"] > 0.3  # learnt something
+    assert run.data.metrics["perf/samples_per_second"] > 0
+
+
+def test_logged_model_reproduces_logged_accuracy(logged, data_root, tmp_path):
+    _, metrics, client, run = logged
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pth", "config.yaml", "overrides.yaml"} <= artifacts
+    config = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp_path))
+    model = instantiate(config.model)  # config.yaml alone rebuilds the model
+    state = torch.load(client.download_artifacts(run.info.run_id, "model.pth", tmp_path))
+    model.load_state_dict(state)
+    splits = load_splits(data_root, test_size=config.data.test_size)
+    loaders = make_loaders(splits, "torch", config.data.batch_size, torch.device("cpu"))
+    result = evaluate(loaders["test"], model, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert result["accuracy"] == metrics["test/accuracy"]
+    assert result["loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
+
+
+def test_same_seed_same_metrics_and_validation_split(compose, store, logged):
+    _, first, _, _ = logged
+    cfg = compose(*SMALL, f"tracking.uri={store}", "trainer.device=cpu")
+    again = train(cfg)
+    assert {k: v for k, v in again.items() if k not in PERF} == {
+        k: v for k, v in first.items() if k not in PERF
+    }
+    with_val = train(compose(*SMALL, f"tracking.uri={store}", "data.val_size=500"))
+    assert {"val/loss", "val/accuracy"} <= set(with_val)
+
+
+def test_diverging_run_is_failed_with_reason(compose, store):
+    cfg = compose(*SMALL, f"tracking.uri={store}", "optimizer.lr=1e4", "trainer.log_interval=5")
+    with pytest.raises(DivergedError):
+        train(cfg)
+    _, run = only_run(store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("DivergedError: train/loss is")
+
+
+@pytest.mark.slow
+def test_cli_prints_the_tutorial_and_predict_reads_the_run(cli, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = cli("train", *SMALL, f"tracking.uri={store}")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "Using cpu device\nEpoch 1\n-------------------------------\n" in out
+    assert re.search(r"^loss: \d\.\d{6}  \[   64/ 2000\]$", out, re.M)
+    assert re.search(r"^Test Error: \n Accuracy: \d+\.\d%, Avg loss: \d\.\d{6} \n$", out, re.M)
+    assert "Done!\n" in out
+    _, run = only_run(store)
+    assert run.info.status == "FINISHED"
+    assert (tmp_path / "mlruns").is_dir()  # artifacts beside the store, MLflow's default
+    trained_line = re.search(r'^Predicted: "(.+)", Actual: "Ankle boot"$', out, re.M)
+    for run_id in (run.info.run_id, "latest"):
+        shown = cli("predict", f"run_id={run_id}", f"tracking.uri={store}")
+        assert shown.returncode == 0, shown.stderr
+        assert f'Predicted: "{trained_line.group(1)}", Actual: "Ankle boot"' in shown.stdout
+    other = cli("predict", "run_id=latest", "index=1", f"tracking.uri={store}")
+    assert re.search(r'^Predicted: ".+", Actual: "Pullover"$', other.stdout, re.M)
+    missing = cli("predict", "run_id=0123abc", f"tracking.uri={store}")
+    assert missing.returncode == 2 and "run_id=0123abc" in missing.stderr
+
+
+BAD = [
+    ("optimizer.lrr=0.1", "optimizer.lrr"),
+    ("data.batch_size=big", "data.batch_size"),
+    ("optimizer=rmsprop", "optimizer/rmsprop"),
+    ("optimizer.lr=0", "optimizer.lr must be > 0"),
+    ("data.batch_size=0", "data.batch_size must be > 0"),
+    ("data.test_size=20000", "data.test_size"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, named", BAD, ids=[b[0] for b in BAD])
+def test_cli_bad_input_fails_in_one_line_before_training(cli, tmp_path, override, named):
+    store = tmp_path / "mlflow.db"
+    done = cli("train", override, f"tracking.uri=sqlite:///{store}")
+    assert done.returncode != 0
+    first = done.stderr.strip().splitlines()[0]
+    assert named in first, done.stderr
+    assert "Epoch 1" not in done.stdout
+    assert not store.exists() or no_runs(store)
+
+
+def no_runs(store) -> bool:
+    with sqlite3.connect(store) as db:
+        return db.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cli_refuses_cuda_without_cuda(cli, tmp_path):
+    done = cli("train", "trainer.device=cuda", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: trainer.device=cuda, but cuda is not available on this machine (available: cpu)"
+    )
+
+
+@pytest.mark.slow
+def test_cli_refuses_truncated_data(cli, tmp_path):
+    root = tmp_path / "data"
+    images = prepare_raw(root) / "train-labels-idx1-ubyte"
+    images.write_bytes(images.read_bytes()[:-10])
+    done = cli("train", f"data.root={root}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "train-labels-idx1-ubyte is truncated" in line and "apt-get install" in line
+    assert not (tmp_path / "m.db").exists() or no_runs(tmp_path / "m.db")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+# Absolute, so Hydra finds it however the entry point was imported (see train.py).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TRAIN_IMAGES = 60_000
 TEST_IMAGES = 10_000
 METRICS = {"train/loss", "val/loss", "val/accuracy", "test/loss", "test/accuracy"}

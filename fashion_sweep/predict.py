@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from fashion_sweep.config import ConfigError, register_configs
+from fashion_sweep.config import CONF_DIR, ConfigError, register_configs
 from fashion_sweep.data import DataError, load_splits, prepare_raw
 from fashion_sweep.model import CLASSES
 
@@ -44,7 +44,7 @@ def predict(cfg: DictConfig) -> tuple[str, str, str]:
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="predict")
+@hydra.main(config_path=CONF_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     try:
         run_id, predicted, actual = predict(cfg)

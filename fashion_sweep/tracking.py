@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def redact(text: str) -> str:
+    """Hides the password of a URI: postgresql://me:secret@host/db -> me:***@host."""
+    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
 
 
 def git_commit() -> str | None:
@@ -83,8 +89,8 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
     run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name, tags=tags)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        mlflow.log_params(flatten(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+        mlflow.log_params({k: redact(str(v)) for k, v in flatten(resolved).items()})
+        mlflow.log_text(redact(OmegaConf.to_yaml(resolved)), "config.yaml")
         mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
         yield run.info.run_id
     except KeyboardInterrupt:
@@ -121,7 +127,7 @@ def resolve_run_id(uri: str, experiment: str, run_id: str) -> str:
         runs = client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{KIND_TAG}` = '{kind}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
+            order_by=["attributes.end_time DESC"],
             max_results=1,
         )
         if not runs:
@@ -151,3 +157,76 @@ def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, torch.Tensor]
             run_id=run_id, artifact_path="model.pth", dst_path=tmp
         )
         return OmegaConf.load(config), torch.load(weights, map_location="cpu")
+
+
+def open_sweep_run(uri: str, experiment: str, study_name: str, tags: dict[str, str]) -> str:
+    """The parent run of a study's trials: created once, reopened when the study resumes.
+
+    Children a crashed sweep left RUNNING are marked KILLED.
+    """
+    experiment_id = use_experiment(uri, experiment)
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`optuna.study_name` = '{study_name}'"
+        f" and tags.`optuna.storage` = '{tags['optuna.storage']}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        stale = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"
+            " and attributes.status = 'RUNNING'",
+        )
+        for child in stale:
+            client.set_tag(child.info.run_id, "failure_reason", "interrupted: the sweep crashed")
+            client.set_terminated(child.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    else:
+        run_id = client.create_run(
+            experiment_id, run_name=f"sweep {study_name}", tags={KIND_TAG: "sweep"}
+        ).info.run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return run_id
+
+
+def trial_run_id(parent_run_id: str, trial: int) -> str | None:
+    """The child run that trial number `trial` of a sweep logged, if it got that far."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial = '{trial}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def close_sweep_run(
+    run_id: str,
+    error: BaseException | None,
+    best: dict[str, Any] | None = None,
+    metric: str = "",
+    step: int = 0,
+    figures: dict[str, Any] | None = None,
+) -> None:
+    """Ends the parent run: FINISHED with the best trial recorded, else FAILED/KILLED."""
+    client = MlflowClient()
+    if error is not None:
+        killed = isinstance(error, KeyboardInterrupt)
+        client.set_tag(run_id, "failure_reason", "interrupted" if killed else one_line(error))
+        status = RunStatus.KILLED if killed else RunStatus.FAILED
+        client.set_terminated(run_id, RunStatus.to_string(status))
+        return
+    if best and best.get("value") is not None:
+        client.log_metric(run_id, metric, best["value"], step=step)
+        client.set_tag(run_id, "best_trial", str(best["trial"]))
+        if best.get("run_id"):
+            client.set_tag(run_id, "best_run_id", best["run_id"])
+        for key, value in best["params"].items():
+            client.set_tag(run_id, f"best.{key}", str(value))
+    for name, figure in (figures or {}).items():
+        client.log_figure(run_id, figure, f"plots/{name}")
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))

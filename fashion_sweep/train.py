@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from fashion_sweep.config import ConfigError, register_configs, validate
+from fashion_sweep.config import CONF_DIR, ConfigError, register_configs, validate
 from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
 from fashion_sweep.engine import DivergedError, evaluate, train_one_epoch
 
@@ -108,7 +108,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="train")
+@hydra.main(config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
@@ -121,4 +121,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    # note: run the imported module's main, not __main__'s, so the joblib launcher can
+    # pickle the task function by reference (a __main__ function is pickled by value)
+    from fashion_sweep.train import main as entry_point
+
+    entry_point()

@@ -79,7 +79,7 @@ def test_logged_model_reproduces_logged_accuracy(logged, data_root, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pth", "config.yaml", "overrides.yaml"} <= artifacts
     config = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp_path))
-    model = instantiate(config.model)  # config.yaml alone rebuilds the model
+    model = instantiate(config.model, _execution_whitelist_=["fashion_sweep.*"])
     state = torch.load(client.download_artifacts(run.info.run_id, "model.pth", tmp_path))
     model.load_state_dict(state)
     splits = load_splits(data_root, test_size=config.data.test_size)

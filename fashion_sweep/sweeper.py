@@ -1,0 +1,298 @@
+"""hydra-optuna-sweeper's sweeper, made resumable, tolerant of bad trials, and tracked.
+
+Selected by conf/sweep/optuna.yaml (`hydra.sweeper._target_`), registered with Hydra
+by the entry point in pyproject.toml. What it adds to the stock OptunaSweeperImpl:
+
+- `n_trials` is the study's total: re-running the same command continues the study
+  until that many trials have finished; trials cut off by a crash are marked failed
+  (user attr `interrupted`) and do not count.
+- a study name derived from the command when none is given, so "the same command"
+  and "the same study" are one thing;
+- the sweep fails only when more than `max_failure_rate * n_trials` trials fail,
+  counted over the whole study, not per batch;
+- one MLflow parent run per study, each trial a child run tagged with its number,
+  and the best trial's value, params, run id and plots on the parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException, HydraException
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_optuna_distribution_from_override,
+)
+from omegaconf import OmegaConf
+from optuna.distributions import BaseDistribution
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+INTERRUPTED = "interrupted"  # user attr of a trial cut off by a crash or Ctrl-C
+
+
+class SweepError(CompactHydraException):
+    """A sweep that cannot start or must stop; Hydra prints just this message."""
+
+
+class StudySweeper(OptunaSweeperImpl):
+    def __init__(self, sampler: Any, **kwargs: Any) -> None:
+        sampler = instantiate(
+            sampler,
+            _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
+        )
+        super().__init__(sampler, **kwargs)
+
+    def sweep(self, arguments: list[str]) -> None:
+        from fashion_sweep import tracking
+
+        self._process_searchspace_config()
+        space, fixed_params, fixed_overrides = self._search_space(
+            self._parse_sweeper_params_config() + list(arguments)
+        )
+        metric = self.config.optimized_metric
+        direction = self._direction(metric)
+        study_name = self.study_name or self._default_study_name(space)
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=self.storage,
+            sampler=self.sampler,
+            direction=direction,
+            load_if_exists=True,
+        )
+        stale = fail_stale_trials(study)
+        finished = [t for t in study.trials if counts(t)]
+        failures = sum(t.state == TrialState.FAIL for t in finished)
+        to_go = max(self.n_trials - len(finished), 0)
+        allowed = self.max_failure_rate * self.n_trials
+        log.info(
+            f"Study {study_name!r} in {tracking.redact(str(self.storage))}: "
+            f"{len(finished)} of {self.n_trials} trials finished"
+            + (f", {len(stale)} cut off earlier marked failed" if stale else "")
+            + f"; running {to_go} more, {self.n_jobs} at a time"
+        )
+        parent = tracking.open_sweep_run(
+            self.config.tracking.uri,
+            self.config.tracking.experiment,
+            study_name,
+            {
+                "optuna.study_name": study_name,
+                "optuna.storage": tracking.redact(str(self.storage)),
+                "optuna.n_trials": str(self.n_trials),
+                "optuna.direction": direction,
+                "optimized_metric": metric,
+                "sweep_dir": str(Path(self.sweep_dir).resolve()),
+                **{f"space.{k}": str(v) for k, v in space.items()},
+            },
+        )
+        asked: list[optuna.trial.Trial] = []
+        try:
+            while to_go > 0:
+                asked = [study.ask() for _ in range(min(self.n_jobs, to_go))]
+                configured = self._configure_trials(asked, space, fixed_params, fixed_overrides)
+                overrides = [
+                    (*trial_overrides, *trial_tracking(parent, study_name, trial.number))
+                    for trial, trial_overrides in zip(asked, configured, strict=True)
+                ]
+                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                self.job_idx += len(returns)
+                for trial, ret in zip(asked, returns, strict=True):
+                    run_id = tracking.trial_run_id(parent, trial.number)
+                    if run_id:
+                        trial.set_user_attr("mlflow_run_id", run_id)
+                    try:
+                        value = float(ret.return_value)  # re-raises the job's exception
+                    except Exception as error:
+                        failures += 1
+                        trial.set_user_attr("failure_reason", tracking.one_line(error))
+                        study.tell(trial, state=TrialState.FAIL)
+                        log.warning(f"Trial {trial.number} failed: {tracking.one_line(error)}")
+                    else:
+                        study.tell(trial, value)
+                asked = []
+                to_go -= len(returns)
+                if failures > allowed:
+                    raise SweepError(
+                        f"{failures} trials failed, more than hydra.sweeper.max_failure_rate="
+                        f"{self.max_failure_rate} of hydra.sweeper.n_trials={self.n_trials} allows"
+                    )
+        except BaseException as error:
+            for trial in asked:  # cut off here: failed, not left RUNNING
+                mark_interrupted(study, trial._trial_id)
+            tracking.close_sweep_run(parent, error)
+            raise
+        results = self._results(study, study_name, parent, metric)
+        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)  # none made if no trial ran
+        OmegaConf.save(OmegaConf.create(results), f"{self.sweep_dir}/optimization_results.yaml")
+        tracking.close_sweep_run(
+            parent,
+            None,
+            best={
+                "value": results.get("best_value"),
+                "params": results.get("best_params", {}),
+                "run_id": results.get("best_run_id"),
+                "trial": results.get("best_trial"),
+            },
+            metric=metric,
+            step=results["finished"],
+            figures=plots(study),
+        )
+        log.info(f"Best trial: {results.get('best_trial')} {results.get('best_params')}")
+        log.info(f"Best {metric}: {results.get('best_value')}")
+
+    def _search_space(
+        self, params: list[str]
+    ) -> tuple[dict[str, BaseDistribution], dict[str, Any], list[str]]:
+        """The plugin's parsing, with each bad parameter named in the error."""
+        space: dict[str, BaseDistribution] = {}
+        fixed: dict[str, Any] = {}
+        fixed_overrides: list[str] = []
+        for line in params:
+            try:
+                (override,) = OverridesParser.create().parse_overrides([line])
+            except HydraException as error:
+                raise SweepError(f"sweep parameter {line!r}: {error}") from None
+            if override.is_delete():
+                fixed_overrides.append(line)
+                continue
+            key = override.get_key_element()
+            if not key.startswith("+") and not _exists(self.config, key):
+                raise SweepError(f"sweep parameter {key!r} is not a key of the config")
+            try:
+                value = create_optuna_distribution_from_override(override)
+            except (ValueError, AssertionError) as error:
+                raise SweepError(f"sweep parameter {key!r} ({line}): {error}") from None
+            if isinstance(value, BaseDistribution):
+                space[key] = value
+            else:
+                fixed[key] = value
+        for key in fixed:
+            space.pop(key, None)
+        return space, fixed, fixed_overrides
+
+    def _direction(self, metric: str) -> str:
+        directions = self._get_directions()
+        if len(directions) != 1:
+            raise SweepError("hydra.sweeper.direction: one direction, for optimized_metric")
+        direction = directions[0]
+        expected = "minimize" if metric.endswith("loss") else "maximize"
+        if direction != expected:
+            raise SweepError(
+                f"hydra.sweeper.direction={direction} would {direction} {metric}; "
+                f"set hydra.sweeper.direction={expected}"
+            )
+        return direction
+
+    def _default_study_name(self, space: dict[str, BaseDistribution]) -> str:
+        """The same command (overrides and search space) names the same study."""
+        task = sorted(o for o in self.config.hydra.overrides.task if "hydra." not in o)
+        key = repr((task, sorted((k, repr(v)) for k, v in space.items())))
+        return f"sweep-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+    def _results(
+        self, study: optuna.Study, study_name: str, parent: str, metric: str
+    ) -> dict[str, Any]:
+        finished = [t for t in study.trials if counts(t)]
+        results: dict[str, Any] = {
+            "name": "optuna",
+            "study_name": study_name,
+            "optimized_metric": metric,
+            "n_trials": self.n_trials,
+            "finished": len(finished),
+            "complete": sum(t.state == TrialState.COMPLETE for t in finished),
+            "failed": sum(t.state == TrialState.FAIL for t in finished),
+            "parent_run_id": parent,
+        }
+        if results["complete"]:
+            best = study.best_trial
+            results.update(
+                best_trial=best.number,
+                best_params=best.params,
+                best_value=best.value,
+                best_run_id=best.user_attrs.get("mlflow_run_id"),
+            )
+        return results
+
+
+def trial_tracking(parent_run_id: str, study_name: str, number: int) -> tuple[str, ...]:
+    """The overrides that make a trial's MLflow run a child of the sweep's run."""
+    return (
+        f"tracking.parent_run_id='{parent_run_id}'",
+        f"tracking.trial={number}",
+        f"tracking.run_name='{study_name} trial {number}'",
+    )
+
+
+def _exists(config: Any, key: str) -> bool:
+    if key in config.hydra.runtime.choices:  # a config group, e.g. optimizer=choice(sgd,adam)
+        return True
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    return node is not None and leaf in node
+
+
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that counts towards n_trials: finished, and not cut off."""
+    return trial.state.is_finished() and not trial.user_attrs.get(INTERRUPTED)
+
+
+def mark_interrupted(study: optuna.Study, trial_id: int) -> None:
+    storage = study._storage
+    storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Marks the trials a crashed sweep left RUNNING as failed (and interrupted).
+
+    One sweep process drives a study at a time, so any RUNNING trial found when it
+    starts was cut off.
+    """
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        mark_interrupted(study, trial._trial_id)
+    return [t.number for t in stale]
+
+
+def plots(study: optuna.Study) -> dict[str, Any]:
+    """Optimisation history, parameter importances, lr x batch size; what can be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as vis
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = sorted({p for t in complete for p in t.params})
+    wanted = {"optimization_history.png": lambda: vis.plot_optimization_history(study)}
+    if len(complete) >= 2 and names:
+        wanted["param_importances.png"] = lambda: vis.plot_param_importances(study)
+    if len(names) >= 2:
+        pair = [n for n in ("optimizer.lr", "data.batch_size") if n in names] or names[:2]
+        pair = pair if len(pair) == 2 else names[:2]
+        wanted[f"{'_x_'.join(_slug(n) for n in pair)}.png"] = lambda: vis.plot_contour(
+            study, params=pair
+        )
+    figures = {}
+    for name, draw in wanted.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw()
+        except Exception as error:  # a plot that cannot be drawn must not fail the sweep
+            log.warning(f"plot {name} skipped: {error}")
+            continue
+        axes = axes.flat[0] if hasattr(axes, "flat") else axes
+        figures[name] = axes.get_figure()
+    return figures
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.rsplit(".", 1)[-1])

@@ -16,8 +16,10 @@ by the entry point in pyproject.toml. What it adds to the stock OptunaSweeperImp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -58,6 +60,10 @@ class StudySweeper(OptunaSweeperImpl):
         space, fixed_params, fixed_overrides = self._search_space(
             self._parse_sweeper_params_config() + list(arguments)
         )
+        if isinstance(self.sampler, functools.partial):  # the grid sampler wants the space
+            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
+            self.sampler = self.sampler(grid)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
         metric = self.config.optimized_metric
         direction = self._direction(metric)
         study_name = self.study_name or self._default_study_name(space)
@@ -93,10 +99,11 @@ class StudySweeper(OptunaSweeperImpl):
                 **{f"space.{k}": str(v) for k, v in space.items()},
             },
         )
-        asked: list[optuna.trial.Trial] = []
+        pending: list[optuna.trial.Trial] = []  # asked, not yet told
         try:
             while to_go > 0:
                 asked = [study.ask() for _ in range(min(self.n_jobs, to_go))]
+                pending = list(asked)
                 configured = self._configure_trials(asked, space, fixed_params, fixed_overrides)
                 overrides = [
                     (*trial_overrides, *trial_tracking(parent, study_name, trial.number))
@@ -113,11 +120,11 @@ class StudySweeper(OptunaSweeperImpl):
                     except Exception as error:
                         failures += 1
                         trial.set_user_attr("failure_reason", tracking.one_line(error))
-                        study.tell(trial, state=TrialState.FAIL)
+                        tell(study, trial, state=TrialState.FAIL)
                         log.warning(f"Trial {trial.number} failed: {tracking.one_line(error)}")
                     else:
-                        study.tell(trial, value)
-                asked = []
+                        tell(study, trial, values=value)
+                    pending.remove(trial)
                 to_go -= len(returns)
                 if failures > allowed:
                     raise SweepError(
@@ -125,7 +132,7 @@ class StudySweeper(OptunaSweeperImpl):
                         f"{self.max_failure_rate} of hydra.sweeper.n_trials={self.n_trials} allows"
                     )
         except BaseException as error:
-            for trial in asked:  # cut off here: failed, not left RUNNING
+            for trial in pending:  # cut off here: failed, not left RUNNING
                 mark_interrupted(study, trial._trial_id)
             tracking.close_sweep_run(parent, error)
             raise
@@ -220,6 +227,16 @@ class StudySweeper(OptunaSweeperImpl):
                 best_run_id=best.user_attrs.get("mlflow_run_id"),
             )
         return results
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, **result: Any) -> None:
+    try:
+        study.tell(trial, **result)
+    except RuntimeError as error:
+        # the grid sampler calls study.stop() once the grid is done, which only works
+        # inside study.optimize(); the trial is told all the same
+        if "Study.stop" not in str(error):
+            raise
 
 
 def trial_tracking(parent_run_id: str, study_name: str, number: int) -> tuple[str, ...]:

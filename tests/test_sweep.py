@@ -1,0 +1,316 @@
+"""Real `python -m fashion_sweep.train -m sweep=optuna` sweeps on a small real subset."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from json import dumps, loads
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from tests.conftest import DATA, run_cli
+
+pytestmark = pytest.mark.slow
+TINY = [
+    "sweep=optuna",
+    "data.train_size=1000",
+    "data.val_size=500",
+    "data.test_size=200",
+    "trainer.epochs=1",
+]
+
+
+def sweep(cwd: Path, *args: str, timeout: float = 600):
+    return run_cli(cwd, "train", "-m", *TINY, *args, timeout=timeout)
+
+
+def results(cwd: Path) -> dict:
+    (path,) = cwd.glob("multirun/*/*/optimization_results.yaml")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def runs(cwd: Path):
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    found = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in found if r.data.tags["fashion_sweep.kind"] == "sweep"]
+    children = [r for r in found if r.data.tags["fashion_sweep.kind"] == "train"]
+    return client, parents, children
+
+
+def study(cwd: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / 'optuna.db'}")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, data_root):
+    """One real 3-trial sweep, shared by the tests that only read what it left."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    done = sweep(cwd, "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=demo")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd
+
+
+def test_sweep_writes_results_and_keeps_every_trial_in_the_study(swept):
+    found = results(swept)
+    assert found["study_name"] == "demo" and found["optimized_metric"] == "val/accuracy"
+    assert (found["finished"], found["complete"], found["failed"]) == (3, 3, 0)
+    assert set(found["best_params"]) == {"optimizer.lr", "data.batch_size"}
+    trials = study(swept, "demo").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert max(t.value for t in trials) == found["best_value"]
+    for t in trials:
+        assert 1e-4 <= t.params["optimizer.lr"] <= 1
+        assert t.params["data.batch_size"] in (32, 64, 128, 256)
+    trial_dirs = sorted(p.name for p in swept.glob("multirun/*/*/*") if p.is_dir())
+    assert trial_dirs == ["0", "1", "2"]
+
+
+def test_sweep_lands_in_mlflow_as_parent_and_children(swept):
+    client, (parent,), children = runs(swept)
+    found = results(swept)
+    assert parent.info.status == "FINISHED" and "demo" in parent.info.run_name
+    assert parent.info.run_id == found["parent_run_id"]
+    assert sorted(int(c.data.tags["trial"]) for c in children) == [0, 1, 2]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"val/accuracy", "test/accuracy"} <= set(child.data.metrics)
+        assert child.data.params["data.val_size"] == "500"
+        assert "model.pth" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    # honest selection: the best trial is the best on validation, whatever the test says
+    best = max(children, key=lambda c: c.data.metrics["val/accuracy"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id == found["best_run_id"]
+    assert parent.data.metrics["val/accuracy"] == best.data.metrics["val/accuracy"]
+    assert parent.data.tags["best.optimizer.lr"] == best.data.params["optimizer.lr"]
+    assert parent.data.tags["best.data.batch_size"] == best.data.params["data.batch_size"]
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {
+        "plots/optimization_history.png",
+        "plots/param_importances.png",
+        "plots/lr_x_batch_size.png",
+    }
+
+
+def test_predict_best_uses_the_best_trials_model(swept):
+    best = results(swept)["best_run_id"]
+    store = f"tracking.uri=sqlite:///{swept / 'mlflow.db'}"
+    for run_id in ("best", results(swept)["parent_run_id"]):
+        shown = run_cli(swept, "predict", f"run_id={run_id}", store)
+        assert shown.returncode == 0, shown.stderr
+        assert f"MLflow run {best}" in shown.stdout
+        assert re.search(r'^Predicted: ".+", Actual: "Ankle boot"$', shown.stdout, re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_serves_the_sweep(swept):
+    """The real `mlflow server` on loopback, read through its REST API."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            Path(sys.executable).with_name("mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{swept / 'mlflow.db'}",
+            "--workers",
+            "1",
+        ],
+        cwd=swept,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            base + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return loads(response.read())
+
+    try:
+        for _ in range(120):
+            try:
+                experiment = call("/experiments/get-by-name?experiment_name=fashion_sweep")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer within 60 s")
+        experiment_id = experiment["experiment"]["experiment_id"]
+        parent_id = results(swept)["parent_run_id"]
+        children = call(
+            "/runs/search",
+            {
+                "experiment_ids": [experiment_id],
+                "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            },
+        )["runs"]
+        assert len(children) == 3
+        child = children[0]
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        assert {"optimizer.lr", "data.batch_size", "model.width"} <= set(params)
+        history = call(
+            f"/metrics/get-history?run_id={child['info']['run_id']}&metric_key=val/accuracy"
+        )["metrics"]
+        assert [m["step"] for m in history] == [1]
+        parent = call(f"/runs/get?run_id={parent_id}")["run"]
+        tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+        assert tags["best_run_id"] == results(swept)["best_run_id"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_diverging_trial_is_failed_and_the_sweep_goes_on(tmp_path, data_root):
+    done = sweep(
+        tmp_path,
+        "hydra/sweeper/sampler=grid",
+        "optimizer.lr=choice(0.05,10000.0)",
+        "data.batch_size=64",
+        "trainer.log_interval=2",
+        "hydra.sweeper.study_name=bad",
+        "hydra.sweeper.max_failure_rate=0.5",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = {t.params["optimizer.lr"]: t for t in study(tmp_path, "bad").trials}
+    assert trials[0.05].state == TrialState.COMPLETE
+    assert trials[10000.0].state == TrialState.FAIL
+    assert "DivergedError" in trials[10000.0].user_attrs["failure_reason"]
+    _, (parent,), children = runs(tmp_path)
+    status = {c.data.params["optimizer.lr"]: c for c in children}
+    assert status["10000.0"].info.status == "FAILED"
+    assert status["10000.0"].data.tags["failure_reason"].startswith("DivergedError")
+    assert status["0.05"].info.status == "FINISHED"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_run_id"] == status["0.05"].info.run_id
+
+
+def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path, data_root):
+    done = sweep(
+        tmp_path,
+        "optimizer.lr=10000.0",
+        "trainer.log_interval=2",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=0.25",
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
+        "hydra.sweeper.n_trials=3 allows"
+    )
+    _, (parent,), children = runs(tmp_path)
+    assert parent.info.status == "FAILED" and len(children) == 1
+    assert children[0].info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lrx=interval(0.1,1)", "sweep parameter 'optimizer.lrx' is not a key"),
+        ("data.batch_size=choice()", "empty choice is not legal"),
+        ("optimizer.lr=interval(1,0.1)", "sweep parameter 'optimizer.lr'"),
+        ("hydra.sweeper.direction=minimize", "set hydra.sweeper.direction=maximize"),
+    ],
+)
+def test_bad_sweep_overrides_fail_before_any_trial(tmp_path, data_root, override, message):
+    done = sweep(tmp_path, override)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("multirun/*/*/0"))
+
+
+def test_killed_sweep_resumes_to_the_requested_total(tmp_path, data_root):
+    args = [*TINY, "data.train_size=4000", "hydra.sweeper.n_trials=4"]
+    args += ["hydra.sweeper.study_name=resume"]
+    command = [sys.executable, "-m", "fashion_sweep.train", "-m", f"data.root={DATA}", *args]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill it mid-trial, one trial in
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="resume", storage=storage).trials
+            except Exception:
+                continue
+            states = [t.state for t in trials]
+            if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+                proc.kill()  # SIGKILL: no cleanup of any kind runs
+                break
+        else:
+            pytest.fail("the sweep never reached its second trial")
+    finally:
+        proc.kill()
+        proc.wait()
+    before = optuna.load_study(study_name="resume", storage=storage).trials
+    completed_before = {t.number: t.params for t in before if t.state == TrialState.COMPLETE}
+    assert any(t.state == TrialState.RUNNING for t in before)
+
+    done = run_cli(tmp_path, "train", "-m", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cut off earlier marked failed" in done.stderr + done.stdout
+    after = study(tmp_path, "resume").trials
+    assert not [t for t in after if t.state == TrialState.RUNNING]
+    counted = [t for t in after if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
+    for number, params in completed_before.items():  # nothing finished was lost or redone
+        assert after[number].params == params and after[number].state == TrialState.COMPLETE
+    interrupted = [t for t in after if t.user_attrs.get("interrupted")]
+    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+    _, (parent,), children = runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    statuses = sorted(c.info.status for c in children)
+    assert "RUNNING" not in statuses and statuses.count("FINISHED") == 4
+    assert statuses.count("KILLED") == len(interrupted)
+    assert results(tmp_path)["finished"] == 4
+
+
+def test_joblib_launcher_runs_trials_in_parallel_without_losing_any(tmp_path, data_root):
+    done = sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=4",
+        "hydra.sweeper.n_jobs=4",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.study_name=parallel",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "database is locked" not in done.stderr + done.stdout
+    trials = study(tmp_path, "parallel").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    client, (parent,), children = runs(tmp_path)
+    assert sorted(int(c.data.tags["trial"]) for c in children) == [0, 1, 2, 3]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert len(client.get_metric_history(child.info.run_id, "val/accuracy")) == 1
+        assert "model.pth" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert spans[1][0] < spans[0][1]  # the second trial started before the first ended

@@ -42,7 +42,7 @@ class Loader(str, Enum):
 class DataConfig:
     root: str = "data"  # holds FashionMNIST/raw/; prepared from Debian's copy if missing
     download: bool = False  # let torchvision download the data (needs the internet)
-    loader: Loader = Loader.torch
+    loader: Loader = Loader.resident  # same numbers as torch, 3x faster here (README)
     batch_size: int = 64
     shuffle: bool = False  # the tutorial does not shuffle
     num_workers: int = 0  # DataLoader worker processes (loader=torch only)
@@ -89,6 +89,7 @@ class TrainerConfig:
     device: Device = Device.auto
     seed: int = 0  # seeds the weights and the shuffle order
     log_interval: int = 100  # batches between progress lines (and host syncs)
+    cuda_graph: bool = False  # capture the train step in a CUDA graph and replay it
 
 
 @dataclass

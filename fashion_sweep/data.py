@@ -103,7 +103,8 @@ class ResidentLoader:
 
     With shuffle it makes the same draws from its generator as
     DataLoader(shuffle=True, generator=...): one for the iterator's base seed, then
-    RandomSampler's randperm, so both loaders yield one order for one seed.
+    RandomSampler's randperm and its trailing one, so both loaders yield one order for
+    one seed, epoch after epoch (tests/test_fast_path.py holds torch to that).
     """
 
     def __init__(
@@ -139,6 +140,8 @@ class ResidentLoader:
         for start in range(0, n, size):
             batch = order[start : start + size]
             yield images[batch], labels[batch]
+        # RandomSampler draws one more (empty) permutation when it runs out
+        torch.randperm(n, generator=self.generator)
 
 
 def make_loaders(

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import sys
 import time
+from inspect import signature
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
 from fashion_sweep.config import CONF_DIR, ConfigError, register_configs, validate
 from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
-from fashion_sweep.engine import DivergedError, evaluate, train_one_epoch
+from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
 
 # What a config's _target_ may name (Hydra 1.4 asks instantiate() for a whitelist).
 TARGETS = ["fashion_sweep.model.*", "torch.optim.*"]
@@ -48,6 +49,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
     epoch's metrics (`train/loss`, `test/accuracy`, ...)."""
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"trainer.cuda_graph=true needs CUDA, but this run is on {device}")
     # note: imported after the checks, so bad input fails without waiting for mlflow
     from fashion_sweep.predict import predict_one
     from fashion_sweep.tracking import log_epoch, log_state_dict, tracked_run
@@ -70,17 +73,25 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
     torch.manual_seed(cfg.trainer.seed)
     model = instantiate(cfg.model, _execution_whitelist_=TARGETS).to(device)
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = instantiate(
-        cfg.optimizer, params=model.parameters(), _convert_="all", _execution_whitelist_=TARGETS
+    # a captured optimizer step must keep its state on the device (Adam's step count)
+    capturable = (
+        cfg.trainer.cuda_graph
+        and "capturable" in signature(get_class(cfg.optimizer._target_)).parameters
     )
+    optimizer = instantiate(
+        cfg.optimizer,
+        params=model.parameters(),
+        _convert_="all",
+        _execution_whitelist_=TARGETS,
+        **({"capturable": True} if capturable else {}),
+    )
+    step = TrainStep(model, loss_fn, optimizer, cuda_graph=cfg.trainer.cuda_graph)
 
     with tracked_run(cfg, {"device": str(device)}, overrides or []) as run_id:
         for epoch in range(1, cfg.trainer.epochs + 1):
             print(f"Epoch {epoch}\n-------------------------------")
             start = time.perf_counter()
-            result = train_one_epoch(
-                loaders["train"], model, loss_fn, optimizer, device, cfg.trainer.log_interval
-            )
+            result = train_one_epoch(loaders["train"], step, device, cfg.trainer.log_interval)
             seconds = time.perf_counter() - start
             metrics = {"train/loss": result["loss"]}
             for split, title in SPLIT_TITLES.items():

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fashion_sweep.data import load_splits
-from fashion_sweep.engine import DivergedError, evaluate, train_one_epoch
+from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
 from fashion_sweep.model import NeuralNetwork
 
 device = torch.device("cpu")
@@ -57,6 +57,10 @@ def setup(seed=0, lr=1e-3):
     return model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=lr)
 
 
+def step_of(model, loss_fn, optimizer):
+    return TrainStep(model, loss_fn, optimizer)
+
+
 @pytest.fixture(scope="module")
 def subset(data_root):
     splits = load_splits(data_root, train_size=3000, test_size=1000)
@@ -68,7 +72,7 @@ def test_engine_reproduces_the_tutorial_exactly(subset, capsys):
     ours, loss_fn, optimizer = setup()
     theirs, their_loss_fn, their_optimizer = setup()
     for _ in range(2):
-        train_one_epoch(train_loader, ours, loss_fn, optimizer, device)
+        train_one_epoch(train_loader, step_of(ours, loss_fn, optimizer), device)
         ours_printed = capsys.readouterr().out
         ours_metrics = evaluate(test_loader, ours, loss_fn, device)
         tutorial_train(train_loader, theirs, their_loss_fn, their_optimizer)
@@ -82,15 +86,15 @@ def test_engine_reproduces_the_tutorial_exactly(subset, capsys):
 
 def test_train_loss_is_the_mean_batch_loss_and_falls(subset):
     train_loader, _ = subset
-    model, loss_fn, optimizer = setup(lr=0.1)
-    first = train_one_epoch(train_loader, model, loss_fn, optimizer, device)["loss"]
-    second = train_one_epoch(train_loader, model, loss_fn, optimizer, device)["loss"]
+    step = step_of(*setup(lr=0.1))
+    first = train_one_epoch(train_loader, step, device)["loss"]
+    second = train_one_epoch(train_loader, step, device)["loss"]
     assert 0 < second < first < 2.5
 
 
 def test_diverging_run_stops_with_diverged_error(subset):
     train_loader, _ = subset
-    model, loss_fn, optimizer = setup(lr=1e4)
+    step = step_of(*setup(lr=1e4))
     with pytest.raises(DivergedError, match="train/loss is (nan|inf)"):
         for _ in range(3):
-            train_one_epoch(train_loader, model, loss_fn, optimizer, device, log_interval=10)
+            train_one_epoch(train_loader, step, device, log_interval=10)

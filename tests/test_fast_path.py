@@ -1,0 +1,80 @@
+"""The resident loader and the CUDA-graph step compute what the tutorial path computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fashion_sweep.config import ConfigError
+from fashion_sweep.data import load_splits, make_loaders
+from fashion_sweep.engine import TrainStep, evaluate, train_one_epoch
+from fashion_sweep.model import NeuralNetwork
+from fashion_sweep.train import train
+from tests.conftest import SMALL
+
+CPU = torch.device("cpu")
+PERF = ("perf/epoch_seconds", "perf/samples_per_second")
+
+
+@pytest.fixture(scope="module")
+def splits(data_root):
+    # 1,000 is not a multiple of 64: the ragged last batch is in every epoch
+    return load_splits(data_root, train_size=1000, val_size=300, test_size=500)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_loaders_feed_the_same_batches_in_the_same_order(splits, shuffle):
+    torch_path = make_loaders(splits, "torch", 64, CPU, shuffle=shuffle, seed=3)
+    resident = make_loaders(splits, "resident", 64, CPU, shuffle=shuffle, seed=3)
+    for name in ("train", "val", "test"):
+        for epoch in range(2):  # a shuffled loader draws a new order each epoch
+            a, b = list(torch_path[name]), list(resident[name])
+            assert len(a) == len(b) == len(torch_path[name]) == len(resident[name])
+            for (Xa, ya), (Xb, yb) in zip(a, b, strict=True):
+                assert torch.equal(Xa, Xb) and torch.equal(ya, yb), (name, epoch)
+            assert Xb.dtype == torch.float32 and Xb.shape[1:] == (1, 28, 28)
+    first = [y for _, y in make_loaders(splits, "resident", 64, CPU, True, seed=3)["train"]]
+    other = [y for _, y in make_loaders(splits, "resident", 64, CPU, True, seed=4)["train"]]
+    assert shuffle is False or not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("shuffle", ["false", "true"])
+def test_runs_on_either_loader_log_the_same_metrics(compose, store, shuffle):
+    def metrics(loader):
+        cfg = compose(*SMALL, f"tracking.uri={store}", f"data.loader={loader}")
+        cfg.data.shuffle = shuffle == "true"
+        return {k: v for k, v in train(cfg).items() if k not in PERF}
+
+    torch_path, resident = metrics("torch"), metrics("resident")
+    assert resident == pytest.approx(torch_path, rel=1e-6, abs=1e-9)
+
+
+def test_cuda_graph_is_refused_on_cpu(compose, store):
+    cfg = compose(*SMALL, f"tracking.uri={store}", "trainer.cuda_graph=true", "trainer.device=cpu")
+    with pytest.raises(ConfigError, match=r"trainer\.cuda_graph=true needs CUDA"):
+        train(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cuda_graph_step_matches_eager(splits, optimizer):
+    device = torch.device("cuda")
+    results = []
+    for graph in (False, True):
+        loaders = make_loaders(splits, "resident", 64, device, shuffle=True, seed=0)
+        torch.manual_seed(0)
+        model = NeuralNetwork().to(device)
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            if optimizer == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graph)
+        )
+        step = TrainStep(model, nn.CrossEntropyLoss(), opt, cuda_graph=graph)
+        losses = [train_one_epoch(loaders["train"], step, device)["loss"] for _ in range(3)]
+        results.append((losses, evaluate(loaders["test"], model, nn.CrossEntropyLoss(), device)))
+        assert (step.graph is not None) == graph
+    (eager_losses, eager), (graph_losses, graphed) = results
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert graphed["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert abs(graphed["accuracy"] - eager["accuracy"]) <= 0.004  # at most 2 of 500 flip

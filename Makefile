@@ -6,7 +6,7 @@ DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv data train sweep test lint ui bench clean
+.PHONY: venv data train sweep test lint ui bench gpu-bundle clean
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -34,6 +34,13 @@ test: venv data lint
 
 ui: venv
 	.venv/bin/mlflow ui --host 127.0.0.1 --port 5000
+
+bench: venv data
+	$(PY) -m fashion_sweep.bench --sweep-overhead 4 $(ARGS)
+
+# For .ci/gpu-check on a GPU machine: the data's .gz files, carried as .gpu/
+gpu-bundle: data
+	mkdir -p .gpu && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/
 
 clean:
 	rm -rf multirun/2* .pytest_cache .ruff_cache

@@ -8,11 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from omegaconf import DictConfig
 
-from fashion_sweep.config import register_configs
 from fashion_sweep.data import prepare_raw
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -37,9 +33,15 @@ def store(tmp_path) -> str:
 @pytest.fixture
 def compose(data_root):
     """compose(*overrides, config="train") with the real data root already set."""
+    # note: Hydra is imported here, not at the top, so tests/test_cuda.py runs without it
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fashion_sweep.config import register_configs
+
     register_configs()
 
-    def _compose(*overrides: str, config: str = "train") -> DictConfig:
+    def _compose(*overrides: str, config: str = "train"):
         with initialize_config_dir(config_dir=str(CONF)):
             return hydra_compose(config, overrides=[f"data.root={data_root}", *overrides])
 

@@ -20,7 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # note: set before the first download; its progress bars would bury the tutorial's lines
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-KIND_TAG = "fashion_sweep.kind"  # "train" for a training run, "sweep" for a sweep's parent
+# Set per trial by the sweeper and recorded as tags (and run name), not as params,
+# so the UI's compare view shows only what differs in substance.
+AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.run_name")
+KIND_TAG = "fashion_sweep.kind"
+EXPERIMENT_KIND = (
+    "mlflow.experimentKind"  # "train" for a training run, "sweep" for a sweep's parent
+)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,7 +64,10 @@ def use_experiment(uri: str, experiment: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(experiment)
+        # the UI then opens on the runs table (model training), not on GenAI traces
+        return client.create_experiment(
+            experiment, tags={EXPERIMENT_KIND: "custom_model_development"}
+        )
     except mlflow.exceptions.MlflowException:
         # another process created it first
         return client.get_experiment_by_name(experiment).experiment_id
@@ -89,7 +98,8 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
     run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name, tags=tags)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        mlflow.log_params({k: redact(str(v)) for k, v in flatten(resolved).items()})
+        params = {k: redact(str(v)) for k, v in flatten(resolved).items() if k not in AS_TAGS}
+        mlflow.log_params(params)
         mlflow.log_text(redact(OmegaConf.to_yaml(resolved)), "config.yaml")
         mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
         yield run.info.run_id
@@ -229,4 +239,20 @@ def close_sweep_run(
             client.set_tag(run_id, f"best.{key}", str(value))
     for name, figure in (figures or {}).items():
         client.log_figure(run_id, figure, f"plots/{name}")
+    client.set_tag(run_id, "mlflow.note.content", compare_note(run_id))
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def compare_note(parent_run_id: str) -> str:
+    """The parent run's description: a link to the compare view of all its trials."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
+    ids = ",".join(f'"{c.info.run_id}"' for c in children)
+    link = f'#/compare-runs?runs=[{ids}]&experiments=["{experiment_id}"]'
+    return f"[Compare the {len(children)} trials of this sweep side by side]({link})"

@@ -8,6 +8,7 @@ from it, which removes the per-image PIL work and the host-to-device copies.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import shutil
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 # The uncompressed idx files torchvision reads from <root>/FashionMNIST/raw/, by size.
 RAW_FILES = {
@@ -81,12 +82,7 @@ def load_splits(
     val_size images are drawn from the training set with split_seed; train_size and
     test_size then take the first N images of what is left of each split, in order.
     """
-    # note: torchvision is imported where it is used; it takes seconds to import
-    from torchvision import datasets
-    from torchvision.transforms import ToTensor
-
-    train_full = datasets.FashionMNIST(str(root), train=True, transform=ToTensor())
-    test_full = datasets.FashionMNIST(str(root), train=False, transform=ToTensor())
+    train_full, test_full = _fashion_mnist(str(Path(root).resolve()))
     generator = torch.Generator().manual_seed(split_seed)
     order = torch.randperm(len(train_full), generator=generator)
     val_idx = order[:val_size].sort().values
@@ -96,6 +92,19 @@ def load_splits(
         splits["val"] = Subset(train_full, val_idx.tolist())
     splits["test"] = Subset(test_full, list(range(test_size or len(test_full))))
     return splits
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_mnist(root: str) -> tuple[Dataset, Dataset]:
+    """Both splits, decoded once per process: a sweep's trials share them."""
+    # note: torchvision is imported where it is used; it takes seconds to import
+    from torchvision import datasets
+    from torchvision.transforms import ToTensor
+
+    return (
+        datasets.FashionMNIST(root, train=True, transform=ToTensor()),
+        datasets.FashionMNIST(root, train=False, transform=ToTensor()),
+    )
 
 
 class ResidentLoader:

@@ -94,6 +94,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
             result = train_one_epoch(loaders["train"], step, device, cfg.trainer.log_interval)
             seconds = time.perf_counter() - start
             metrics = {"train/loss": result["loss"]}
+            start = time.perf_counter()
             for split, title in SPLIT_TITLES.items():
                 if split not in loaders:
                     continue
@@ -104,6 +105,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
                     f"{title}: \n Accuracy: {(100 * result['accuracy']):>0.1f}%, "
                     f"Avg loss: {result['loss']:>8f} \n"
                 )
+            metrics["perf/eval_seconds"] = time.perf_counter() - start
             metrics["perf/epoch_seconds"] = seconds
             metrics["perf/samples_per_second"] = len(loaders["train"].dataset) / seconds
             log_epoch(metrics, epoch)

@@ -11,7 +11,7 @@ from fashion_sweep.train import train
 from tests.conftest import SMALL
 
 CPU = torch.device("cpu")
-PERF = ("perf/epoch_seconds", "perf/samples_per_second")
+PERF = ("perf/epoch_seconds", "perf/eval_seconds", "perf/samples_per_second")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from fashion_sweep.engine import DivergedError, evaluate
 from fashion_sweep.train import train
 from tests.conftest import SMALL
 
-PERF = ("perf/epoch_seconds", "perf/samples_per_second")
+PERF = ("perf/epoch_seconds", "perf/eval_seconds", "perf/samples_per_second")
 
 
 def only_run(store: str):

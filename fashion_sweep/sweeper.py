@@ -16,11 +16,15 @@ by the entry point in pyproject.toml. What it adds to the stock OptunaSweeperImp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import math
+import os
 import re
+import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,10 +39,13 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
 )
 from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
-INTERRUPTED = "interrupted"  # user attr of a trial cut off by a crash or Ctrl-C
+INTERRUPTED = "interrupted"  # user attr of a trial cut off (crashed, interrupted, surplus)
+PARENT_RUN = "mlflow_parent_run_id"  # study user attr
+POLL_SECONDS = 2.0  # how often a worker with nothing to run looks at the others' trials
 
 
 class SweepError(CompactHydraException):
@@ -67,31 +74,15 @@ class StudySweeper(OptunaSweeperImpl):
         metric = self.config.optimized_metric
         direction = self._direction(metric)
         study_name = self.study_name or self._default_study_name(space)
-        study = optuna.create_study(
-            study_name=study_name,
-            storage=self.storage,
-            sampler=self.sampler,
-            direction=direction,
-            load_if_exists=True,
-        )
-        stale = fail_stale_trials(study)
-        finished = [t for t in study.trials if counts(t)]
-        failures = sum(t.state == TrialState.FAIL for t in finished)
-        to_go = max(self.n_trials - len(finished), 0)
-        allowed = self.max_failure_rate * self.n_trials
-        log.info(
-            f"Study {study_name!r} in {tracking.redact(str(self.storage))}: "
-            f"{len(finished)} of {self.n_trials} trials finished"
-            + (f", {len(stale)} cut off earlier marked failed" if stale else "")
-            + f"; running {to_go} more, {self.n_jobs} at a time"
-        )
-        parent = tracking.open_sweep_run(
-            self.config.tracking.uri,
-            self.config.tracking.experiment,
-            study_name,
+        storage = self._storage()
+        where = tracking.redact(getattr(storage, "url", str(storage)))
+        study, created = open_study(study_name, storage, self.sampler, direction)
+        parent = self._parent_run(
+            study,
+            created,
             {
                 "optuna.study_name": study_name,
-                "optuna.storage": tracking.redact(str(self.storage)),
+                "optuna.storage": where,
                 "optuna.n_trials": str(self.n_trials),
                 "optuna.direction": direction,
                 "optimized_metric": metric,
@@ -99,17 +90,52 @@ class StudySweeper(OptunaSweeperImpl):
                 **{f"space.{k}": str(v) for k, v in space.items()},
             },
         )
+        counted = [t for t in study.get_trials(deepcopy=False) if counts(t)]
+        log.info(
+            f"Study {study_name!r} in {where}: {len(counted)} of {self.n_trials} trials "
+            f"finished; this worker ({worker_id()}) runs up to {self.n_jobs} at a time"
+        )
+        allowed = self.max_failure_rate * self.n_trials
         pending: list[optuna.trial.Trial] = []  # asked, not yet told
         try:
-            while to_go > 0:
+            while True:
+                stale = fail_stale_trials(study)
+                if stale:
+                    log.warning(f"Trials {stale} were cut off earlier: marked failed")
+                for number in stale:
+                    tracking.kill_trial_run(parent, number)
+                trials = study.get_trials(deepcopy=False)
+                counted = [t for t in trials if counts(t)]
+                failures = sum(t.state == TrialState.FAIL for t in counted)
+                if failures > allowed:
+                    raise SweepError(
+                        f"{failures} trials failed, more than hydra.sweeper.max_failure_rate="
+                        f"{self.max_failure_rate} of hydra.sweeper.n_trials={self.n_trials} allows"
+                    )
+                running = [t for t in trials if t.state == TrialState.RUNNING]
+                to_go = self.n_trials - len(counted) - len(running)
+                if to_go <= 0:
+                    if not running:
+                        break
+                    time.sleep(POLL_SECONDS)  # other workers' trials: wait for the result
+                    continue
                 asked = [study.ask() for _ in range(min(self.n_jobs, to_go))]
                 pending = list(asked)
+                for trial in asked:
+                    trial.set_user_attr("worker", worker_id())
+                asked = drop_surplus(study, asked, self.n_trials)
+                pending = list(asked)
+                if not asked:
+                    continue
                 configured = self._configure_trials(asked, space, fixed_params, fixed_overrides)
                 overrides = [
                     (*trial_overrides, *trial_tracking(parent, study_name, trial.number))
                     for trial, trial_overrides in zip(asked, configured, strict=True)
                 ]
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                with contextlib.ExitStack() as beating:  # heartbeats, where storage has them
+                    for trial in asked:
+                        beating.enter_context(get_heartbeat_thread(trial._trial_id, storage))
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
                 for trial, ret in zip(asked, returns, strict=True):
                     run_id = tracking.trial_run_id(parent, trial.number)
@@ -118,22 +144,15 @@ class StudySweeper(OptunaSweeperImpl):
                     try:
                         value = float(ret.return_value)  # re-raises the job's exception
                     except Exception as error:
-                        failures += 1
                         trial.set_user_attr("failure_reason", tracking.one_line(error))
                         tell(study, trial, state=TrialState.FAIL)
                         log.warning(f"Trial {trial.number} failed: {tracking.one_line(error)}")
                     else:
                         tell(study, trial, values=value)
                     pending.remove(trial)
-                to_go -= len(returns)
-                if failures > allowed:
-                    raise SweepError(
-                        f"{failures} trials failed, more than hydra.sweeper.max_failure_rate="
-                        f"{self.max_failure_rate} of hydra.sweeper.n_trials={self.n_trials} allows"
-                    )
         except BaseException as error:
             for trial in pending:  # cut off here: failed, not left RUNNING
-                mark_interrupted(study, trial._trial_id)
+                mark_interrupted(study, trial._trial_id, "interrupted")
             tracking.close_sweep_run(parent, error)
             raise
         results = self._results(study, study_name, parent, metric)
@@ -154,6 +173,30 @@ class StudySweeper(OptunaSweeperImpl):
         )
         log.info(f"Best trial: {results.get('best_trial')} {results.get('best_params')}")
         log.info(f"Best {metric}: {results.get('best_value')}")
+
+    def _storage(self) -> Any:
+        """The storage URL as given, or an RDBStorage built from a `_target_` node (for
+        heartbeats: see conf/storage/postgres.yaml)."""
+        if OmegaConf.is_dict(self.storage) and "_target_" in self.storage:
+            return instantiate(self.storage, _execution_whitelist_="optuna.storages.*")
+        return self.storage
+
+    def _parent_run(self, study: optuna.Study, created: bool, tags: dict[str, str]) -> str:
+        """The study's MLflow parent run, made by the worker that created the study and
+        kept in the study (user attr), so every worker and every resume finds it."""
+        from fashion_sweep import tracking
+
+        uri, experiment = self.config.tracking.uri, self.config.tracking.experiment
+        parent = study.user_attrs.get(PARENT_RUN)
+        for _ in range(0 if created else 60):  # the creator is making it: wait a little
+            if parent:
+                break
+            time.sleep(0.5)
+            parent = study.user_attrs.get(PARENT_RUN)
+        run_id = tracking.open_sweep_run(uri, experiment, tags["optuna.study_name"], tags, parent)
+        if run_id != parent:
+            study.set_user_attr(PARENT_RUN, run_id)
+        return run_id
 
     def _search_space(
         self, params: list[str]
@@ -256,27 +299,85 @@ def _exists(config: Any, key: str) -> bool:
     return node is not None and leaf in node
 
 
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_study(name: str, storage: Any, sampler: Any, direction: str) -> tuple[optuna.Study, bool]:
+    """The study, and whether this process created it (the database decides the race)."""
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, direction=direction
+        )
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
+
+
+def drop_surplus(study: optuna.Study, asked: list, n_trials: int) -> list:
+    """Workers that asked at the same moment may overshoot n_trials: the trials whose
+    number ranks past n_trials among the live ones step aside (failed, `surplus`)."""
+    live = sorted(
+        t.number
+        for t in study.get_trials(deepcopy=False)
+        if counts(t) or (t.state == TrialState.RUNNING and not t.user_attrs.get(INTERRUPTED))
+    )
+    allowed = set(live[:n_trials])
+    kept = []
+    for trial in asked:
+        if trial.number in allowed:
+            kept.append(trial)
+        else:
+            mark_interrupted(study, trial._trial_id, "surplus")
+    return kept
+
+
 def counts(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial that counts towards n_trials: finished, and not cut off."""
     return trial.state.is_finished() and not trial.user_attrs.get(INTERRUPTED)
 
 
-def mark_interrupted(study: optuna.Study, trial_id: int) -> None:
+def mark_interrupted(study: optuna.Study, trial_id: int, why: str) -> bool:
+    """Fails a RUNNING trial that will not finish, so that it does not count; False if
+    another worker got there first."""
     storage = study._storage
-    storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
-    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    try:
+        storage.set_trial_user_attr(trial_id, INTERRUPTED, why)
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Marks the trials a crashed sweep left RUNNING as failed (and interrupted).
+    """Marks the RUNNING trials whose worker is gone as failed (user attr `interrupted`).
 
-    One sweep process drives a study at a time, so any RUNNING trial found when it
-    starts was cut off.
+    A worker on this host is gone when its process is; one elsewhere when its trial's
+    heartbeat is older than the storage's grace period (RDBStorage with
+    heartbeat_interval). Returns the numbers of the trials it marked.
     """
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        mark_interrupted(study, trial._trial_id)
-    return [t.number for t in stale]
+    here = socket.gethostname()
+    expired = set()
+    if is_heartbeat_enabled(study._storage):
+        expired = set(study._storage._get_stale_trial_ids(study._study_id))
+    marked = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", ":")).rpartition(":")
+        gone = host == here and pid.isdigit() and not _alive(int(pid))
+        if (gone or trial._trial_id in expired) and mark_interrupted(
+            study, trial._trial_id, "crashed"
+        ):
+            marked.append(trial.number)
+    return marked
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def plots(study: optuna.Study) -> dict[str, Any]:

@@ -94,14 +94,14 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
     if tracking.trial is not None:
         tags["trial"] = str(tracking.trial)
     if overrides:
-        tags["overrides"] = " ".join(overrides)[:5000]
+        tags["overrides"] = redact(" ".join(overrides))[:5000]
     run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name, tags=tags)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         params = {k: redact(str(v)) for k, v in flatten(resolved).items() if k not in AS_TAGS}
         mlflow.log_params(params)
         mlflow.log_text(redact(OmegaConf.to_yaml(resolved)), "config.yaml")
-        mlflow.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+        mlflow.log_text(redact(OmegaConf.to_yaml(overrides)), "overrides.yaml")
         yield run.info.run_id
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted")
@@ -169,37 +169,34 @@ def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, torch.Tensor]
         return OmegaConf.load(config), torch.load(weights, map_location="cpu")
 
 
-def open_sweep_run(uri: str, experiment: str, study_name: str, tags: dict[str, str]) -> str:
-    """The parent run of a study's trials: created once, reopened when the study resumes.
-
-    Children a crashed sweep left RUNNING are marked KILLED.
-    """
+def open_sweep_run(
+    uri: str, experiment: str, study_name: str, tags: dict[str, str], run_id: str | None
+) -> str:
+    """The parent run of a study's trials: `run_id` reopened (a resume, another
+    worker), or a new one if there is none in this store."""
     experiment_id = use_experiment(uri, experiment)
     client = MlflowClient()
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{KIND_TAG}` = 'sweep' and tags.`optuna.study_name` = '{study_name}'"
-        f" and tags.`optuna.storage` = '{tags['optuna.storage']}'",
-        max_results=1,
-    )
-    if found:
-        run_id = found[0].info.run_id
+    try:
+        if run_id is None:
+            raise LookupError
+        client.get_run(run_id)
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        stale = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"
-            " and attributes.status = 'RUNNING'",
-        )
-        for child in stale:
-            client.set_tag(child.info.run_id, "failure_reason", "interrupted: the sweep crashed")
-            client.set_terminated(child.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-    else:
+    except (LookupError, mlflow.exceptions.MlflowException):
         run_id = client.create_run(
             experiment_id, run_name=f"sweep {study_name}", tags={KIND_TAG: "sweep"}
         ).info.run_id
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     return run_id
+
+
+def kill_trial_run(parent_run_id: str, trial: int) -> None:
+    """Marks a cut-off trial's child run KILLED, if it had started one."""
+    client = MlflowClient()
+    run_id = trial_run_id(parent_run_id, trial)
+    if run_id and client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "failure_reason", "interrupted: its sweep worker died")
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 def trial_run_id(parent_run_id: str, trial: int) -> str | None:

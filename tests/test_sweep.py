@@ -274,7 +274,7 @@ def test_killed_sweep_resumes_to_the_requested_total(tmp_path, data_root):
 
     done = run_cli(tmp_path, "train", "-m", *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "cut off earlier marked failed" in done.stderr + done.stdout
+    assert "were cut off earlier: marked failed" in done.stderr + done.stdout
     after = study(tmp_path, "resume").trials
     assert not [t for t in after if t.state == TrialState.RUNNING]
     counted = [t for t in after if not t.user_attrs.get("interrupted")]

@@ -5,8 +5,13 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS ?=
 PYTEST_ARGS ?=
+# The tests' own PostgreSQL (.ci/postgres): a throwaway cluster on 127.0.0.1:55432.
+TEST_PG := PGHOST=127.0.0.1 PGPORT=55432 PGUSER=sweeper PGPASSWORD=fs-local-test
+# `make server`: MLflow's tracking server on loopback, its store in PostgreSQL (the
+# password from PGPASSWORD), artifacts served from ./mlartifacts.
+MLFLOW_BACKEND ?= postgresql+psycopg://$${PGUSER:-sweeper}@$${PGHOST:-127.0.0.1}:$${PGPORT:-5432}/mlflow
 
-.PHONY: venv data train sweep test lint ui bench gpu-bundle clean
+.PHONY: venv data train sweep test lint ui server bench gpu-bundle clean
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -30,10 +35,17 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 test: venv data lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_PG) .ci/postgres start
+	$(TEST_PG) FASHION_SWEEP_PG=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  $(TEST_PG) .ci/postgres stop; exit $$rc
 
 ui: venv
+	@echo "runs table: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	.venv/bin/mlflow ui --host 127.0.0.1 --port 5000
+
+server: venv
+	.venv/bin/mlflow server --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri "$(MLFLOW_BACKEND)" --artifacts-destination "$(CURDIR)/mlartifacts"
 
 bench: venv data
 	$(PY) -m fashion_sweep.bench --sweep-overhead 4 $(ARGS)

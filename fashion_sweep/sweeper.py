@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, HydraException
 from hydra.utils import instantiate
@@ -45,6 +46,11 @@ from optuna.trial import TrialState
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"  # user attr of a trial cut off (crashed, interrupted, surplus)
 PARENT_RUN = "mlflow_parent_run_id"  # study user attr
+LAUNCHER_LOGGERS = (
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_joblib_launcher._core",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+)
 POLL_SECONDS = 2.0  # how often a worker with nothing to run looks at the others' trials
 
 
@@ -63,6 +69,8 @@ class StudySweeper(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         from fashion_sweep import tracking
 
+        for name in LAUNCHER_LOGGERS:  # they log each job's overrides
+            logging.getLogger(name).addFilter(RedactingFilter())
         self._process_searchspace_config()
         space, fixed_params, fixed_overrides = self._search_space(
             self._parse_sweeper_params_config() + list(arguments)
@@ -175,11 +183,21 @@ class StudySweeper(OptunaSweeperImpl):
         log.info(f"Best {metric}: {results.get('best_value')}")
 
     def _storage(self) -> Any:
-        """The storage URL as given, or an RDBStorage built from a `_target_` node (for
-        heartbeats: see conf/storage/postgres.yaml)."""
-        if OmegaConf.is_dict(self.storage) and "_target_" in self.storage:
-            return instantiate(self.storage, _execution_whitelist_="optuna.storages.*")
-        return self.storage
+        """An RDBStorage from the URL, or from a `_target_` node (for heartbeats: see
+        conf/storage/postgres.yaml); None keeps the study in memory."""
+        if self.storage is None:
+            return None
+        for attempt in range(5):
+            try:
+                if OmegaConf.is_dict(self.storage):
+                    return instantiate(self.storage, _execution_whitelist_="optuna.storages.*")
+                return optuna.storages.RDBStorage(str(self.storage))
+            except sqlalchemy.exc.DatabaseError:
+                # workers starting together on a new database race to create its
+                # tables; the loser finds them made a moment later
+                if attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
 
     def _parent_run(self, study: optuna.Study, created: bool, tags: dict[str, str]) -> str:
         """The study's MLflow parent run, made by the worker that created the study and
@@ -280,6 +298,19 @@ def tell(study: optuna.Study, trial: optuna.Trial, **result: Any) -> None:
         # inside study.optimize(); the trial is told all the same
         if "Study.stop" not in str(error):
             raise
+
+
+class RedactingFilter(logging.Filter):
+    """Masks the password of any URI in a log line (the launchers log the overrides)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fashion_sweep.tracking import redact
+
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
 
 
 def trial_tracking(parent_run_id: str, study_name: str, number: int) -> tuple[str, ...]:

@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # note: set before the first download; its progress bars would bury the tutorial's lines
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# ...and so would "View run at <server URL>", which also repeats any credentials in it
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # Set per trial by the sweeper and recorded as tags (and run name), not as params,
 # so the UI's compare view shows only what differs in substance.
 AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.run_name")
@@ -42,8 +44,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def redact(text: str) -> str:
-    """Hides the password of a URI: postgresql://me:secret@host/db -> me:***@host."""
-    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)
+    """Hides the password of a URI: postgresql://me:secret@host/db -> me:***@host (also
+    in Hydra's logged overrides, which escape the colon as `\\:`)."""
+    return re.sub(r"(://[^/:@\s\\]+)(\\?:)[^@/\s]+@", r"\1\2***@", text)
 
 
 def git_commit() -> str | None:

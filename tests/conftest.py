@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,49 @@ def run_cli(cwd: Path, module: str, *args: str, timeout: float = 600):
 def cli(tmp_path, data_root):
     """cli(module, *overrides) runs the real command in tmp_path."""
     return lambda module, *args, **kw: run_cli(tmp_path, module, *args, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend: str, cwd: Path, workers: int = 1):
+    """The real `mlflow server` on loopback; yields its URL once it answers."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            Path(sys.executable).with_name("mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(cwd / "mlartifacts"),
+            "--workers",
+            str(workers),
+        ],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer within 60 s")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

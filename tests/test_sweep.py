@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from tests.conftest import DATA, run_cli
+from tests.conftest import DATA, mlflow_server, run_cli
 
 pytestmark = pytest.mark.slow
 TINY = [
@@ -113,35 +110,13 @@ def test_predict_best_uses_the_best_trials_model(swept):
         assert re.search(r'^Predicted: ".+", Actual: "Ankle boot"$', shown.stdout, re.M)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_server_serves_the_sweep(swept):
     """The real `mlflow server` on loopback, read through its REST API."""
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            Path(sys.executable).with_name("mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{swept / 'mlflow.db'}",
-            "--workers",
-            "1",
-        ],
-        cwd=swept,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    with mlflow_server(f"sqlite:///{swept / 'mlflow.db'}", swept) as url:
+        check_served(f"{url}/api/2.0/mlflow", results(swept))
 
+
+def check_served(base: str, found: dict) -> None:
     def call(path: str, body: dict | None = None) -> dict:
         data = dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
@@ -150,38 +125,27 @@ def test_mlflow_server_serves_the_sweep(swept):
         with urllib.request.urlopen(request, timeout=10) as response:
             return loads(response.read())
 
-    try:
-        for _ in range(120):
-            try:
-                experiment = call("/experiments/get-by-name?experiment_name=fashion_sweep")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not answer within 60 s")
-        experiment_id = experiment["experiment"]["experiment_id"]
-        parent_id = results(swept)["parent_run_id"]
-        children = call(
-            "/runs/search",
-            {
-                "experiment_ids": [experiment_id],
-                "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
-            },
-        )["runs"]
-        assert len(children) == 3
-        child = children[0]
-        params = {p["key"]: p["value"] for p in child["data"]["params"]}
-        assert {"optimizer.lr", "data.batch_size", "model.width"} <= set(params)
-        history = call(
-            f"/metrics/get-history?run_id={child['info']['run_id']}&metric_key=val/accuracy"
-        )["metrics"]
-        assert [m["step"] for m in history] == [1]
-        parent = call(f"/runs/get?run_id={parent_id}")["run"]
-        tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
-        assert tags["best_run_id"] == results(swept)["best_run_id"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    experiment = call("/experiments/get-by-name?experiment_name=fashion_sweep")
+    experiment_id = experiment["experiment"]["experiment_id"]
+    parent_id = found["parent_run_id"]
+    children = call(
+        "/runs/search",
+        {
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
+        },
+    )["runs"]
+    assert len(children) == found["finished"]
+    child = children[0]
+    params = {p["key"]: p["value"] for p in child["data"]["params"]}
+    assert {"optimizer.lr", "data.batch_size", "model.width"} <= set(params)
+    history = call(
+        f"/metrics/get-history?run_id={child['info']['run_id']}&metric_key=val/accuracy"
+    )["metrics"]
+    assert [m["step"] for m in history] == [1]
+    parent = call(f"/runs/get?run_id={parent_id}")["run"]
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert tags["best_run_id"] == found["best_run_id"]
 
 
 def test_diverging_trial_is_failed_and_the_sweep_goes_on(tmp_path, data_root):

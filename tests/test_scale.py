@@ -1,0 +1,219 @@
+"""Scaling out on one machine: a PostgreSQL study shared by sweep workers, an MLflow
+tracking server on PostgreSQL, redaction, and submitit's local executor.
+
+Needs the tests' PostgreSQL (`make test` starts it with .ci/postgres and sets
+FASHION_SWEEP_PG and the PG* variables); each test makes its own databases.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from tests.conftest import DATA, mlflow_server, run_cli
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.environ.get("FASHION_SWEEP_PG"), reason="needs the tests' PostgreSQL (make test)"
+    ),
+]
+TINY = [
+    "sweep=optuna",
+    "data.train_size=1000",
+    "data.val_size=500",
+    "data.test_size=200",
+    "trainer.epochs=1",
+]
+
+
+def new_database() -> str:
+    """A fresh database in the tests' PostgreSQL; its name."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dbname="postgres", autocommit=True) as db:
+        db.execute(f"create database {name}")
+    return name
+
+
+def url(database: str, password: str = "") -> str:
+    auth = f"{os.environ['PGUSER']}{':' + password if password else ''}"
+    return f"postgresql+psycopg://{auth}@{os.environ['PGHOST']}:{os.environ['PGPORT']}/{database}"
+
+
+@pytest.fixture
+def server(tmp_path):
+    with mlflow_server(url(new_database()), tmp_path, workers=2) as address:
+        yield address
+
+
+def worker(cwd: Path, *args: str) -> subprocess.Popen:
+    cwd.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "fashion_sweep.train", "-m", f"data.root={DATA}", *args]
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def shared_args(database: str, server: str, study: str, n_trials: int) -> list[str]:
+    return [
+        *TINY,
+        "storage=postgres",
+        f"hydra.sweeper.storage.url={url(database)}",
+        "tracking=server",
+        f"tracking.uri={server}",
+        f"hydra.sweeper.study_name={study}",
+        f"hydra.sweeper.n_trials={n_trials}",
+    ]
+
+
+def children(server: str, parent: str):
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    return client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000
+    )
+
+
+def test_two_workers_share_one_study_and_one_server(tmp_path, server):
+    database = new_database()
+    args = shared_args(database, server, "shared", 6)
+    procs = [worker(tmp_path / name, *args) for name in ("a", "b")]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    failed = "".join(out for p, out in zip(procs, outputs, strict=True) if p.returncode)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(
+        line for line in failed.splitlines() if "Error" in line or "error" in line
+    )[-3000:]
+
+    study = optuna.load_study(study_name="shared", storage=url(database))
+    counted = [t for t in study.trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    workers = {t.user_attrs["worker"] for t in counted}
+    assert len(workers) == 2, workers  # both processes ran trials
+    results = [
+        OmegaConf.load(next((tmp_path / name).glob("multirun/*/*/optimization_results.yaml")))
+        for name in ("a", "b")
+    ]
+    assert results[0].parent_run_id == results[1].parent_run_id
+    assert results[0].best_trial == results[1].best_trial == study.best_trial.number
+    assert results[0].best_run_id == results[1].best_run_id
+    runs = children(server, results[0].parent_run_id)
+    assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in counted)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parent = MlflowClient(server).get_run(results[0].parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_run_id"] == results[0].best_run_id
+
+
+def test_killed_worker_leaves_a_failed_trial_and_the_other_finishes(tmp_path, server):
+    database = new_database()
+    args = shared_args(database, server, "killed", 6) + ["data.train_size=4000"]
+    survivor, victim = worker(tmp_path / "a", *args), worker(tmp_path / "b", *args)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="killed", storage=url(database)).trials
+            except KeyError:
+                continue
+            running = [
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING
+                and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+            ]
+            if running:
+                time.sleep(1.0)  # well into the trial: its MLflow run has started
+                victim.kill()
+                break
+        else:
+            pytest.fail("the second worker never started a trial")
+    finally:
+        victim.kill()
+        victim.communicate()
+    output = survivor.communicate(timeout=600)[0]
+    assert survivor.returncode == 0, output[-3000:]
+
+    trials = optuna.load_study(study_name="killed", storage=url(database)).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
+    crashed = [t for t in trials if t.user_attrs.get("interrupted") == "crashed"]
+    assert crashed and all(t.state == TrialState.FAIL for t in crashed)
+    assert all(t.user_attrs["worker"].endswith(f":{victim.pid}") for t in crashed)
+    (result,) = (tmp_path / "a").glob("multirun/*/*/optimization_results.yaml")
+    runs = children(server, OmegaConf.load(result).parent_run_id)
+    statuses = {int(r.data.tags["trial"]): r.info.status for r in runs}
+    assert "RUNNING" not in statuses.values()
+    assert {statuses[t.number] for t in crashed if t.number in statuses} <= {"KILLED"}
+
+
+def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):
+    password = os.environ["PGPASSWORD"]
+    token = "tok-" + uuid.uuid4().hex
+    database = new_database()
+    host = server.removeprefix("http://")
+    done = run_cli(
+        tmp_path,
+        "train",
+        "-m",
+        *TINY,
+        "storage=postgres",
+        f"hydra.sweeper.storage.url={url(database, password)}",
+        f"tracking.uri=http://user:{token}@{host}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.study_name=secret",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert password not in done.stdout + done.stderr
+    assert token not in done.stdout + done.stderr
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3  # the parent and two trials
+    for run in runs:
+        seen = " ".join([*run.data.params.values(), *run.data.tags.values()])
+        for artifact in ("config.yaml", "overrides.yaml"):
+            if run.data.tags.get("trial"):
+                seen += Path(
+                    client.download_artifacts(run.info.run_id, artifact, tmp_path)
+                ).read_text()
+        assert password not in seen and token not in seen, run.info.run_id
+        if run.data.tags.get("trial"):
+            assert "user:***@" in run.data.params["tracking.uri"]
+    parent = next(r for r in runs if not r.data.tags.get("trial"))
+    assert parent.data.tags["optuna.storage"] == url(database, "***")
+
+
+def test_submitit_local_executor_runs_a_sweep(tmp_path, data_root):
+    done = run_cli(
+        tmp_path,
+        "train",
+        "-m",
+        *TINY,
+        "launcher=local",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.study_name=submitit",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="submitit", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert list(tmp_path.glob("multirun/*/*/.submitit/*"))  # submitit's own job folders
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    runs = client.search_runs([experiment.experiment_id], "tags.trial != ''")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

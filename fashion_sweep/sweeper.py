@@ -142,7 +142,7 @@ class StudySweeper(OptunaSweeperImpl):
                 ]
                 with contextlib.ExitStack() as beating:  # heartbeats, where storage has them
                     for trial in asked:
-                        beating.enter_context(get_heartbeat_thread(trial._trial_id, storage))
+                        beating.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
                 for trial, ret in zip(asked, returns, strict=True):

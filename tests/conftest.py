@@ -46,9 +46,13 @@ def compose(data_root):
 
     register_configs()
 
-    def _compose(*overrides: str, config: str = "train"):
+    def _compose(*overrides: str, config: str = "train", hydra: bool = False):
         with initialize_config_dir(config_dir=str(CONF)):
-            return hydra_compose(config, overrides=[f"data.root={data_root}", *overrides])
+            return hydra_compose(
+                config,
+                overrides=[f"data.root={data_root}", *overrides],
+                return_hydra_config=hydra,
+            )
 
     return _compose
 

@@ -12,6 +12,13 @@ from omegaconf import OmegaConf
 from fashion_sweep.config import ConfigError, validate
 from tests.conftest import CONF
 
+# groups that set Hydra's sweeper or launcher, and a key each sets, as it should start
+SWEEP_GROUPS = {"storage": "hydra.sweeper.storage.url", "launcher": "hydra.launcher._target_"}
+EXPECTED = {
+    "postgres": "postgresql+psycopg://",
+    "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    "local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+}
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "sweep")
 
 
@@ -23,10 +30,15 @@ def options(group: str) -> list[str]:
     "override", [f"{g}={o}" for g in GROUPS for o in options(g)], ids=lambda s: s
 )
 def test_every_option_of_every_group_composes_and_validates(compose, override):
-    cfg = compose(override)
-    validate(cfg)
     group, option = override.split("=")
-    assert OmegaConf.select(cfg, group) is not None, option
+    if group in SWEEP_GROUPS:  # they configure hydra.sweeper, so need sweep=optuna
+        cfg = compose("sweep=optuna", override, hydra=True)
+        assert OmegaConf.select(cfg, SWEEP_GROUPS[group]).startswith(EXPECTED[option])
+        cfg = compose("sweep=optuna", override)
+    else:
+        cfg = compose(override)
+        assert OmegaConf.select(cfg, group) is not None, option
+    validate(cfg)
 
 
 def test_defaults_are_the_tutorial(compose):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -215,6 +216,15 @@ def test_killed_sweep_resumes_to_the_requested_total(tmp_path, data_root):
         command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def running_run() -> bool:  # the running trial's MLflow run has started
+        try:
+            with sqlite3.connect(tmp_path / "mlflow.db") as db:
+                query = "select count(*) from runs where status = 'RUNNING' and name like '%trial%'"
+                return db.execute(query).fetchone()[0] > 0
+        except sqlite3.Error:
+            return False
+
     deadline = time.time() + 300
     try:
         while time.time() < deadline:  # kill it mid-trial, one trial in
@@ -224,8 +234,8 @@ def test_killed_sweep_resumes_to_the_requested_total(tmp_path, data_root):
             except Exception:
                 continue
             states = [t.state for t in trials]
-            if TrialState.COMPLETE in states and TrialState.RUNNING in states:
-                proc.kill()  # SIGKILL: no cleanup of any kind runs
+            if TrialState.COMPLETE in states and TrialState.RUNNING in states and running_run():
+                proc.kill()  # SIGKILL mid-trial: no cleanup of any kind runs
                 break
         else:
             pytest.fail("the sweep never reached its second trial")

@@ -127,22 +127,22 @@ class StudySweeper(OptunaSweeperImpl):
                         break
                     time.sleep(POLL_SECONDS)  # other workers' trials: wait for the result
                     continue
-                asked = [study.ask() for _ in range(min(self.n_jobs, to_go))]
-                pending = list(asked)
-                for trial in asked:
-                    trial.set_user_attr("worker", worker_id())
-                asked = drop_surplus(study, asked, self.n_trials)
-                pending = list(asked)
-                if not asked:
-                    continue
-                configured = self._configure_trials(asked, space, fixed_params, fixed_overrides)
-                overrides = [
-                    (*trial_overrides, *trial_tracking(parent, study_name, trial.number))
-                    for trial, trial_overrides in zip(asked, configured, strict=True)
-                ]
-                with contextlib.ExitStack() as beating:  # heartbeats, where storage has them
+                # heartbeats from the moment a trial exists, where the storage has them
+                with contextlib.ExitStack() as beating:
+                    asked = [study.ask() for _ in range(min(self.n_jobs, to_go))]
+                    pending = list(asked)
                     for trial in asked:
                         beating.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+                        trial.set_user_attr("worker", worker_id())
+                    asked = drop_surplus(study, asked, self.n_trials)
+                    pending = list(asked)
+                    if not asked:
+                        continue
+                    configured = self._configure_trials(asked, space, fixed_params, fixed_overrides)
+                    overrides = [
+                        (*trial_overrides, *trial_tracking(parent, study_name, trial.number))
+                        for trial, trial_overrides in zip(asked, configured, strict=True)
+                    ]
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
                 for trial, ret in zip(asked, returns, strict=True):

@@ -58,9 +58,13 @@ def server(tmp_path):
         yield address
 
 
-def worker(cwd: Path, *args: str) -> subprocess.Popen:
+def worker(cwd: Path, *args: str, host: str | None = None) -> subprocess.Popen:
+    """A sweep process; with `host`, in a UTS namespace of its own that calls itself so,
+    as a worker on another machine would."""
     cwd.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "fashion_sweep.train", "-m", f"data.root={DATA}", *args]
+    if host:
+        command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "-", *command]
     return subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -160,6 +164,42 @@ def test_killed_worker_leaves_a_failed_trial_and_the_other_finishes(tmp_path, se
     statuses = {int(r.data.tags["trial"]): r.info.status for r in runs}
     assert "RUNNING" not in statuses.values()
     assert {statuses[t.number] for t in crashed if t.number in statuses} <= {"KILLED"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --uts needs root")
+def test_worker_lost_on_another_host_is_failed_by_heartbeat(tmp_path, server):
+    """A worker "elsewhere" (its own hostname) that dies mid-trial: no process to look
+    at, so its trial is failed once its heartbeat is older than the grace period."""
+    database = new_database()
+    args = shared_args(database, server, "remote", 4) + ["data.train_size=4000"]
+    args += ["hydra.sweeper.storage.heartbeat_interval=1", "hydra.sweeper.storage.grace_period=4"]
+    remote = worker(tmp_path / "b", *args, host="elsewhere")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="remote", storage=url(database)).trials
+            except KeyError:
+                continue
+            if any(t.state == TrialState.RUNNING for t in trials):
+                time.sleep(2.0)  # its heartbeats have begun
+                remote.kill()
+                break
+        else:
+            pytest.fail("the remote worker never started a trial")
+    finally:
+        remote.kill()
+        remote.communicate()
+    local = worker(tmp_path / "a", *args)
+    output = local.communicate(timeout=600)[0]
+    assert local.returncode == 0, output[-3000:]
+    trials = optuna.load_study(study_name="remote", storage=url(database)).trials
+    crashed = [t for t in trials if t.user_attrs.get("interrupted") == "crashed"]
+    assert len(crashed) == 1 and crashed[0].user_attrs["worker"].startswith("elsewhere:")
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):

@@ -20,6 +20,14 @@ PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"
 DATA = PROJECT / "data"
 # Small but real: enough images that a run learns something in seconds.
+# A sweep's trials, smaller still: seconds each.
+TINY = [
+    "sweep=optuna",
+    "data.train_size=1000",
+    "data.val_size=500",
+    "data.test_size=200",
+    "trainer.epochs=1",
+]
 SMALL = ["data.train_size=2000", "data.test_size=500", "trainer.epochs=2", "optimizer.lr=0.1"]
 
 

@@ -20,20 +20,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from tests.conftest import DATA, mlflow_server, run_cli
+from tests.conftest import DATA, TINY, mlflow_server, run_cli
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not os.environ.get("FASHION_SWEEP_PG"), reason="needs the tests' PostgreSQL (make test)"
     ),
-]
-TINY = [
-    "sweep=optuna",
-    "data.train_size=1000",
-    "data.val_size=500",
-    "data.test_size=200",
-    "trainer.epochs=1",
 ]
 
 
@@ -68,6 +61,30 @@ def worker(cwd: Path, *args: str, host: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def kill_mid_trial(proc: subprocess.Popen, study: str, database: str, settle: float) -> None:
+    """SIGKILLs `proc` once it has a RUNNING trial in the study, `settle` s into it."""
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name=study, storage=url(database)).trials
+            except KeyError:  # not created yet
+                continue
+            mine = f":{proc.pid}"
+            if any(
+                t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(mine)
+                for t in trials
+            ):
+                time.sleep(settle)
+                proc.kill()
+                return
+        pytest.fail(f"worker {proc.pid} never started a trial")
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def shared_args(database: str, server: str, study: str, n_trials: int) -> list[str]:
@@ -126,29 +143,7 @@ def test_killed_worker_leaves_a_failed_trial_and_the_other_finishes(tmp_path, se
     database = new_database()
     args = shared_args(database, server, "killed", 6) + ["data.train_size=4000"]
     survivor, victim = worker(tmp_path / "a", *args), worker(tmp_path / "b", *args)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            time.sleep(0.5)
-            try:
-                trials = optuna.load_study(study_name="killed", storage=url(database)).trials
-            except KeyError:
-                continue
-            running = [
-                t
-                for t in trials
-                if t.state == TrialState.RUNNING
-                and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
-            ]
-            if running:
-                time.sleep(1.0)  # well into the trial: its MLflow run has started
-                victim.kill()
-                break
-        else:
-            pytest.fail("the second worker never started a trial")
-    finally:
-        victim.kill()
-        victim.communicate()
+    kill_mid_trial(victim, "killed", database, settle=1.0)  # its MLflow run has started
     output = survivor.communicate(timeout=600)[0]
     assert survivor.returncode == 0, output[-3000:]
 
@@ -174,23 +169,7 @@ def test_worker_lost_on_another_host_is_failed_by_heartbeat(tmp_path, server):
     args = shared_args(database, server, "remote", 4) + ["data.train_size=4000"]
     args += ["hydra.sweeper.storage.heartbeat_interval=1", "hydra.sweeper.storage.grace_period=4"]
     remote = worker(tmp_path / "b", *args, host="elsewhere")
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            time.sleep(0.5)
-            try:
-                trials = optuna.load_study(study_name="remote", storage=url(database)).trials
-            except KeyError:
-                continue
-            if any(t.state == TrialState.RUNNING for t in trials):
-                time.sleep(2.0)  # its heartbeats have begun
-                remote.kill()
-                break
-        else:
-            pytest.fail("the remote worker never started a trial")
-    finally:
-        remote.kill()
-        remote.communicate()
+    kill_mid_trial(remote, "remote", database, settle=2.0)  # its heartbeats have begun
     local = worker(tmp_path / "a", *args)
     output = local.communicate(timeout=600)[0]
     assert local.returncode == 0, output[-3000:]

@@ -17,16 +17,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from tests.conftest import DATA, mlflow_server, run_cli
+from tests.conftest import DATA, TINY, mlflow_server, run_cli
 
 pytestmark = pytest.mark.slow
-TINY = [
-    "sweep=optuna",
-    "data.train_size=1000",
-    "data.val_size=500",
-    "data.test_size=200",
-    "trainer.epochs=1",
-]
 
 
 def sweep(cwd: Path, *args: str, timeout: float = 600):
@@ -209,7 +202,7 @@ def test_bad_sweep_overrides_fail_before_any_trial(tmp_path, data_root, override
 
 
 def test_killed_sweep_resumes_to_the_requested_total(tmp_path, data_root):
-    args = [*TINY, "data.train_size=4000", "hydra.sweeper.n_trials=4"]
+    args = [*TINY, "data.train_size=10000", "hydra.sweeper.n_trials=4"]
     args += ["hydra.sweeper.study_name=resume"]
     command = [sys.executable, "-m", "fashion_sweep.train", "-m", f"data.root={DATA}", *args]
     proc = subprocess.Popen(
@@ -217,28 +210,26 @@ def test_killed_sweep_resumes_to_the_requested_total(tmp_path, data_root):
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
-    def running_run() -> bool:  # the running trial's MLflow run has started
+    def mid_trial() -> bool:  # one trial done, the next one's MLflow run started
         try:
+            with sqlite3.connect(tmp_path / "optuna.db") as db:
+                states = {s for (s,) in db.execute("select state from trials")}
             with sqlite3.connect(tmp_path / "mlflow.db") as db:
                 query = "select count(*) from runs where status = 'RUNNING' and name like '%trial%'"
-                return db.execute(query).fetchone()[0] > 0
-        except sqlite3.Error:
+                started = db.execute(query).fetchone()[0] > 0
+        except sqlite3.Error:  # not created yet
             return False
+        return {"COMPLETE", "RUNNING"} <= states and started
 
     deadline = time.time() + 300
     try:
-        while time.time() < deadline:  # kill it mid-trial, one trial in
-            time.sleep(0.5)
-            try:
-                trials = optuna.load_study(study_name="resume", storage=storage).trials
-            except Exception:
-                continue
-            states = [t.state for t in trials]
-            if TrialState.COMPLETE in states and TrialState.RUNNING in states and running_run():
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            if mid_trial():
                 proc.kill()  # SIGKILL mid-trial: no cleanup of any kind runs
                 break
         else:
-            pytest.fail("the sweep never reached its second trial")
+            pytest.fail("the sweep was never caught mid-trial")
     finally:
         proc.kill()
         proc.wait()

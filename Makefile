@@ -48,7 +48,7 @@ server: venv
 	  --backend-store-uri "$(MLFLOW_BACKEND)" --artifacts-destination "$(CURDIR)/mlartifacts"
 
 bench: venv data
-	$(PY) -m fashion_sweep.bench --sweep-overhead 4 $(ARGS)
+	$(PY) -m fashion_sweep.bench --sweep-overhead 8 $(ARGS)
 
 # For .ci/gpu-check on a GPU machine: the data's .gz files, carried as .gpu/
 gpu-bundle: data

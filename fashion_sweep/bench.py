@@ -5,8 +5,8 @@ seconds per training epoch (median), samples per second, the speed-up over the
 tutorial path and the test accuracy, as a table and as JSON. Needs torch and
 torchvision only (no Hydra, no MLflow), so it runs on a bare GPU machine.
 
-`--sweep-overhead` also times a real small sweep (subprocesses of the train command)
-and reports what each trial costs beyond its training loop.
+`--sweep-overhead N` also runs a real sweep of N + 2 trials (a subprocess of the train
+command) and reports what a trial costs beyond its training loop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from contextlib import redirect_stdout
+from datetime import datetime
 from io import StringIO
 from pathlib import Path
 
@@ -64,40 +65,42 @@ def run_path(
 
 
 def sweep_overhead(data_root: str, trials: int, train_size: int) -> dict[str, float]:
-    """What one more trial of a real sweep costs beyond its epoch loop (train + eval).
+    """What a trial of a real sweep costs beyond its epoch loop (train + eval).
 
-    Times sweeps of 2 and 2 + `trials` trials (1 epoch on `train_size` images each) and
-    takes the difference, so start-up, imports and the sweep's plots cancel out (the
-    2-trial sweep runs before and after, and the faster counts, so a cold disk cache
-    does not); what is left per trial beyond the loop is Hydra's job set-up, MLflow
-    logging and model.pth.
+    Runs one sweep (a subprocess of the train command) of `trials + 2` trials, 1 epoch
+    on `train_size` images each, and reads its stores: a trial's cost is the time from
+    its start to the next trial's start (Optuna's datetime_start), its loop the epoch
+    and eval seconds it logged to MLflow. The first trial (imports, decoding the data)
+    and the last (the sweep's plots follow it) are left out. What is left beyond the
+    loop is Hydra's job set-up, the MLflow run and model.pth, and Optuna's bookkeeping.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        base = [sys.executable, "-m", "fashion_sweep.train", "-m", "sweep=optuna"]
-        base += [f"data.root={os.path.abspath(data_root)}", f"data.train_size={train_size}"]
-        base += ["trainer.epochs=1", "hydra.sweeper.study_name=bench"]
-        walls, loops = {}, {}
-        for i, n in enumerate((2, 2 + trials, 2)):
-            cwd = Path(tmp) / str(i)
-            cwd.mkdir()
-            start = time.perf_counter()
-            subprocess.run(
-                [*base, f"hydra.sweeper.n_trials={n}"], cwd=cwd, check=True, capture_output=True
+        command = [sys.executable, "-m", "fashion_sweep.train", "-m", "sweep=optuna"]
+        command += [f"data.root={os.path.abspath(data_root)}", f"data.train_size={train_size}"]
+        command += ["trainer.epochs=1", f"hydra.sweeper.n_trials={trials + 2}"]
+        subprocess.run(command, cwd=tmp, check=True, capture_output=True)
+        with sqlite3.connect(Path(tmp, "optuna.db")) as db:
+            rows = db.execute("select datetime_start from trials order by number")
+            starts = [datetime.fromisoformat(start) for (start,) in rows]
+        with sqlite3.connect(Path(tmp, "mlflow.db")) as db:
+            loops = dict(
+                db.execute(
+                    "select cast(t.value as integer), sum(m.value) from metrics m join tags t"
+                    " on t.run_uuid = m.run_uuid and t.key = 'trial'"
+                    " where m.key in ('perf/epoch_seconds', 'perf/eval_seconds') group by t.value"
+                )
             )
-            walls[n] = min(walls.get(n, float("inf")), time.perf_counter() - start)
-            with sqlite3.connect(cwd / "mlflow.db") as db:
-                (loops[n],) = db.execute(
-                    "select sum(value) from metrics where key in"
-                    " ('perf/epoch_seconds', 'perf/eval_seconds')"
-                ).fetchone()
-    per_trial = (walls[2 + trials] - walls[2]) / trials
-    in_loop = (loops[2 + trials] - loops[2]) / trials
+    measured = range(1, len(starts) - 1)
+    costs = [(starts[n + 1] - starts[n]).total_seconds() for n in measured]
+    overheads = [cost - loops[n] for cost, n in zip(costs, measured, strict=True)]
+    per_trial, in_loop = statistics.mean(costs), statistics.mean(loops[n] for n in measured)
     return {
-        "trials": trials,
+        "trials": len(costs),
         "train_size": train_size,
         "seconds_per_trial": per_trial,
         "loop_seconds_per_trial": in_loop,
         "overhead_seconds_per_trial": per_trial - in_loop,
+        "overhead_seconds_median": statistics.median(overheads),
         "overhead_fraction": (per_trial - in_loop) / per_trial,
     }
 
@@ -144,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"\nsweep of {s['trials']} trials, 1 epoch on {s['train_size']} images each: "
             f"{s['seconds_per_trial']:.2f} s/trial, {s['loop_seconds_per_trial']:.2f} s in the "
-            f"loop (train + eval), overhead {s['overhead_seconds_per_trial']:.2f} s "
-            f"({100 * s['overhead_fraction']:.0f}%)"
+            f"loop (train + eval), overhead {s['overhead_seconds_per_trial']:.3f} s "
+            f"({100 * s['overhead_fraction']:.1f}%; median {s['overhead_seconds_median']:.3f} s)"
         )
     print("\n" + json.dumps(report, indent=2))
     if args.json:

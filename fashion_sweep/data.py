@@ -12,6 +12,7 @@ import functools
 import gzip
 import math
 import shutil
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,8 +82,17 @@ def load_splits(
 
     val_size images are drawn from the training set with split_seed; train_size and
     test_size then take the first N images of what is left of each split, in order.
+    The same arguments give the same Subset objects within a process, so the trials of
+    a sweep share them, and the tensors the resident loader decodes from them.
     """
-    train_full, test_full = _fashion_mnist(str(Path(root).resolve()))
+    return _splits(str(Path(root).resolve()), train_size, val_size, test_size, split_seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(
+    root: str, train_size: int | None, val_size: int, test_size: int | None, split_seed: int
+) -> dict[str, Subset]:
+    train_full, test_full = _fashion_mnist(root)
     generator = torch.Generator().manual_seed(split_seed)
     order = torch.randperm(len(train_full), generator=generator)
     val_idx = order[:val_size].sort().values
@@ -124,12 +134,7 @@ class ResidentLoader:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
-        source = split.dataset
-        idx = torch.as_tensor(split.indices, dtype=torch.long)
-        # note: exactly ToTensor's scaling of a uint8 'L' image: float32, divided by 255
-        images = source.data[idx].to(device).unsqueeze(1).float().div(255)
-        labels = source.targets[idx].to(device)
-        self.dataset = TensorDataset(images, labels)
+        self.dataset = TensorDataset(*_resident(split, device))
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator if generator is not None else torch.Generator()
@@ -151,6 +156,24 @@ class ResidentLoader:
             yield images[batch], labels[batch]
         # RandomSampler draws one more (empty) permutation when it runs out
         torch.randperm(n, generator=self.generator)
+
+
+# A split's tensors on each device, decoded once: trials of a sweep in one process
+# share them (nothing writes to them: batches are slices and index copies).
+_RESIDENT: weakref.WeakKeyDictionary[Subset, dict[str, tuple[torch.Tensor, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _resident(split: Subset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    per_device = _RESIDENT.setdefault(split, {})
+    if str(device) not in per_device:
+        source = split.dataset
+        idx = torch.as_tensor(split.indices, dtype=torch.long)
+        # note: exactly ToTensor's scaling of a uint8 'L' image: float32, divided by 255
+        images = source.data[idx].to(device).unsqueeze(1).float().div(255)
+        per_device[str(device)] = (images, source.targets[idx].to(device))
+    return per_device[str(device)]
 
 
 def make_loaders(

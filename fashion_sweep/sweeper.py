@@ -17,6 +17,7 @@ by the entry point in pyproject.toml. What it adds to the stock OptunaSweeperImp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -33,6 +34,7 @@ import optuna
 import sqlalchemy.exc
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, HydraException
+from hydra.types import HydraContext
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
@@ -42,6 +44,9 @@ from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
+
+from fashion_sweep import sqlite_wal
+from fashion_sweep.compose import ComposeOnce
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"  # user attr of a trial cut off (crashed, interrupted, surplus)
@@ -65,6 +70,13 @@ class StudySweeper(OptunaSweeperImpl):
             _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
         )
         super().__init__(sampler, **kwargs)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: Any, config: Any) -> None:
+        # the launcher composes each trial's config through this loader: once per sweep
+        hydra_context = dataclasses.replace(
+            hydra_context, config_loader=ComposeOnce(hydra_context.config_loader)
+        )
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> None:
         from fashion_sweep import tracking
@@ -98,6 +110,9 @@ class StudySweeper(OptunaSweeperImpl):
                 **{f"space.{k}": str(v) for k, v in space.items()},
             },
         )
+        # the command's fixed values, once for the study (the plugin wrote them to every
+        # trial: a database write per value per trial)
+        study.set_user_attr("fixed_params", fixed_params)
         counted = [t for t in study.get_trials(deepcopy=False) if counts(t)]
         log.info(
             f"Study {study_name!r} in {where}: {len(counted)} of {self.n_trials} trials "
@@ -107,12 +122,13 @@ class StudySweeper(OptunaSweeperImpl):
         pending: list[optuna.trial.Trial] = []  # asked, not yet told
         try:
             while True:
-                stale = fail_stale_trials(study)
+                trials = study.get_trials(deepcopy=False)
+                stale = fail_stale_trials(study, trials)
                 if stale:
                     log.warning(f"Trials {stale} were cut off earlier: marked failed")
-                for number in stale:
-                    tracking.kill_trial_run(parent, number)
-                trials = study.get_trials(deepcopy=False)
+                    for number in stale:
+                        tracking.kill_trial_run(parent, number)
+                    trials = study.get_trials(deepcopy=False)
                 counted = [t for t in trials if counts(t)]
                 failures = sum(t.state == TrialState.FAIL for t in counted)
                 if failures > allowed:
@@ -146,16 +162,22 @@ class StudySweeper(OptunaSweeperImpl):
                     returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
                 for trial, ret in zip(asked, returns, strict=True):
-                    run_id = tracking.trial_run_id(parent, trial.number)
-                    if run_id:
-                        trial.set_user_attr("mlflow_run_id", run_id)
                     try:
-                        value = float(ret.return_value)  # re-raises the job's exception
+                        result = ret.return_value  # re-raises the job's exception
+                        value = float(result)
                     except Exception as error:
+                        # a failed job may have started its run: find it
+                        run_id = tracking.trial_run_id(parent, trial.number)
+                        if run_id:
+                            trial.set_user_attr("mlflow_run_id", run_id)
                         trial.set_user_attr("failure_reason", tracking.one_line(error))
                         tell(study, trial, state=TrialState.FAIL)
                         log.warning(f"Trial {trial.number} failed: {tracking.one_line(error)}")
                     else:
+                        run_id = getattr(result, "run_id", None)  # train.Objective
+                        run_id = run_id or tracking.trial_run_id(parent, trial.number)
+                        if run_id:
+                            trial.set_user_attr("mlflow_run_id", run_id)
                         tell(study, trial, values=value)
                     pending.remove(trial)
         except BaseException as error:
@@ -182,11 +204,32 @@ class StudySweeper(OptunaSweeperImpl):
         log.info(f"Best trial: {results.get('best_trial')} {results.get('best_params')}")
         log.info(f"Best {metric}: {results.get('best_value')}")
 
+    def _configure_trials(
+        self,
+        trials: list[optuna.Trial],
+        space: dict[str, BaseDistribution],
+        fixed_params: dict[str, Any],
+        fixed_overrides: list[str],
+    ) -> list[tuple[str, ...]]:
+        """Each trial's overrides: its suggested values, then the fixed ones."""
+        overrides = []
+        for trial in trials:
+            for name, distribution in space.items():
+                trial._suggest(name, distribution)
+            if self.custom_search_space_extender:
+                self.custom_search_space_extender(self.config, trial)
+            params = {**trial.params, **fixed_params}
+            overrides.append(
+                (*(f"{name}={value}" for name, value in params.items()), *fixed_overrides)
+            )
+        return overrides
+
     def _storage(self) -> Any:
         """An RDBStorage from the URL, or from a `_target_` node (for heartbeats: see
         conf/storage/postgres.yaml); None keeps the study in memory."""
         if self.storage is None:
             return None
+        sqlite_wal.enable()
         for attempt in range(5):
             try:
                 if OmegaConf.is_dict(self.storage):
@@ -348,6 +391,8 @@ def open_study(name: str, storage: Any, sampler: Any, direction: str) -> tuple[o
 def drop_surplus(study: optuna.Study, asked: list, n_trials: int) -> list:
     """Workers that asked at the same moment may overshoot n_trials: the trials whose
     number ranks past n_trials among the live ones step aside (failed, `surplus`)."""
+    if all(t.number < n_trials for t in asked):
+        return asked  # fewer than n_trials trials, live or not, come before any of them
     live = sorted(
         t.number
         for t in study.get_trials(deepcopy=False)
@@ -379,7 +424,7 @@ def mark_interrupted(study: optuna.Study, trial_id: int, why: str) -> bool:
         return False
 
 
-def fail_stale_trials(study: optuna.Study) -> list[int]:
+def fail_stale_trials(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[int]:
     """Marks the RUNNING trials whose worker is gone as failed (user attr `interrupted`).
 
     A worker on this host is gone when its process is; one elsewhere when its trial's
@@ -391,7 +436,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     if is_heartbeat_enabled(study._storage):
         expired = set(study._storage._get_stale_trial_ids(study._study_id))
     marked = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in (t for t in trials if t.state == TrialState.RUNNING):
         host, _, pid = str(trial.user_attrs.get("worker", ":")).rpartition(":")
         gone = host == here and pid.isdigit() and not _alive(int(pid))
         if (gone or trial._trial_id in expired) and mark_interrupted(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -13,19 +14,24 @@ from typing import Any
 
 import mlflow
 import torch
+import yaml
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from fashion_sweep import sqlite_wal
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # note: set before the first download; its progress bars would bury the tutorial's lines
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # ...and so would "View run at <server URL>", which also repeats any credentials in it
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+sqlite_wal.enable()  # before MLflow opens mlflow.db
 # Set per trial by the sweeper and recorded as tags (and run name), not as params,
 # so the UI's compare view shows only what differs in substance.
 AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.run_name")
 KIND_TAG = "fashion_sweep.kind"
+YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 EXPERIMENT_KIND = (
     "mlflow.experimentKind"  # "train" for a training run, "sweep" for a sweep's parent
 )
@@ -49,6 +55,7 @@ def redact(text: str) -> str:
     return re.sub(r"(://[^/:@\s\\]+)(\\?:)[^@/\s]+@", r"\1\2***@", text)
 
 
+@functools.cache  # the code this process runs: as it was when the process started
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -103,8 +110,11 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         params = {k: redact(str(v)) for k, v in flatten(resolved).items() if k not in AS_TAGS}
         mlflow.log_params(params)
-        mlflow.log_text(redact(OmegaConf.to_yaml(resolved)), "config.yaml")
-        mlflow.log_text(redact(OmegaConf.to_yaml(overrides)), "overrides.yaml")
+        with tempfile.TemporaryDirectory() as tmp:  # one artifact call for both files
+            for name, content in (("config.yaml", resolved), ("overrides.yaml", overrides)):
+                text = yaml.dump(content, Dumper=YamlDumper, sort_keys=False)
+                Path(tmp, name).write_text(redact(text))
+            mlflow.log_artifacts(tmp)
         yield run.info.run_id
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted")

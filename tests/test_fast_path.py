@@ -41,7 +41,7 @@ def test_runs_on_either_loader_log_the_same_metrics(compose, store, shuffle):
     def metrics(loader):
         cfg = compose(*SMALL, f"tracking.uri={store}", f"data.loader={loader}")
         cfg.data.shuffle = shuffle == "true"
-        return {k: v for k, v in train(cfg).items() if k not in PERF}
+        return {k: v for k, v in train(cfg).metrics.items() if k not in PERF}
 
     torch_path, resident = metrics("torch"), metrics("resident")
     assert resident == pytest.approx(torch_path, rel=1e-6, abs=1e-9)

@@ -66,6 +66,14 @@ def test_sweep_writes_results_and_keeps_every_trial_in_the_study(swept):
         assert t.params["data.batch_size"] in (32, 64, 128, 256)
     trial_dirs = sorted(p.name for p in swept.glob("multirun/*/*/*") if p.is_dir())
     assert trial_dirs == ["0", "1", "2"]
+    for t in trials:  # each job's record holds its own trial's values
+        (job,) = swept.glob(f"multirun/*/*/{t.number}/.hydra")
+        config = OmegaConf.load(job / "config.yaml")
+        assert config.optimizer.lr == t.params["optimizer.lr"]
+        assert config.data.batch_size == t.params["data.batch_size"]
+        assert config.tracking.trial == t.number and config.data.train_size == 1000
+        overrides = OmegaConf.load(job / "overrides.yaml")
+        assert f"tracking.trial={t.number}" in overrides and "sweep=optuna" in overrides
 
 
 def test_sweep_lands_in_mlflow_as_parent_and_children(swept):
@@ -81,6 +89,9 @@ def test_sweep_lands_in_mlflow_as_parent_and_children(swept):
         assert child.data.params["data.val_size"] == "500"
         assert "model.pth" in {a.path for a in client.list_artifacts(child.info.run_id)}
     # honest selection: the best trial is the best on validation, whatever the test says
+    by_trial = {c.data.tags["trial"]: c.info.run_id for c in children}
+    linked = {str(t.number): t.user_attrs["mlflow_run_id"] for t in study(swept, "demo").trials}
+    assert linked == by_trial  # each Optuna trial names its own MLflow run
     best = max(children, key=lambda c: c.data.metrics["val/accuracy"])
     assert parent.data.tags["best_run_id"] == best.info.run_id == found["best_run_id"]
     assert parent.data.metrics["val/accuracy"] == best.data.metrics["val/accuracy"]

@@ -1,0 +1,92 @@
+"""Compose a sweep's config once, not once per trial.
+
+Hydra's launchers call `config_loader.load_sweep_config(master, overrides)` for every
+job, which composes the whole config again (defaults list, files, schema): about
+0.15 s a trial here, as long as a sixth of a 1-epoch trial on 10,000 images. Trials
+of a sweep differ in values (`optimizer.lr=0.01`), which Hydra applies last, to the
+composed config. So this loader composes once per set of group choices
+(`optimizer=adam`) and applies the values to a copy, with Hydra's own code, in
+Hydra's order. A trial with any other kind of override (`+`, `++`, `~`, `@package`,
+`hydra.`) is composed by Hydra in full. tests/test_compose.py checks the result
+equals Hydra's.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from typing import Any
+
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from omegaconf import DictConfig, OmegaConf, read_write
+
+# Composed configs by (loader token, the overrides that shape the composition). Kept
+# at module level so a loader pickled to a worker process (joblib) caches there too.
+_COMPOSED: dict[tuple[str, tuple[str, ...]], DictConfig] = {}
+
+
+class ComposeOnce:
+    """Hydra's config loader, composing once per sweep; all else passes through."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+        self._token = uuid.uuid4().hex
+        self._parsed: dict[str, Override] = {}  # the parser is slow; trials repeat lines
+        self._groups: dict[str, bool] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if "_loader" not in self.__dict__:  # being unpickled (joblib, submitit)
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> Any:
+        parsed = [self._parse(line) for line in sweep_overrides]
+        groups = set(master_config.hydra.runtime.choices)
+        values = [o for o in parsed if self._is_value(o, groups)]
+        choices = tuple(o.input_line for o in parsed if not self._is_value(o, groups))
+        if len(values) + sum(self._is_choice(o, groups) for o in parsed) < len(parsed):
+            # an add, a delete, a package or Hydra's own settings: Hydra composes it all
+            return self._loader.load_sweep_config(master_config, list(sweep_overrides))
+        key = (self._token, choices)
+        if key not in _COMPOSED:
+            _COMPOSED[key] = self._loader.load_sweep_config(master_config, list(choices))
+        config = copy.deepcopy(_COMPOSED[key])
+        with read_write(config):  # struct stays on: a key that is not there is an error
+            ConfigLoaderImpl._apply_overrides_to_config(values, config)
+            config.hydra.overrides.task = list(sweep_overrides)  # all of them, in order
+        OmegaConf.copy_cache(from_config=master_config, to_config=config)
+        return config
+
+    def _parse(self, line: str) -> Override:
+        if line not in self._parsed:
+            (self._parsed[line],) = OverridesParser.create().parse_overrides([line])
+        return self._parsed[line]
+
+    def _is_value(self, override: Override, groups: set[str]) -> bool:
+        """`key=value` on a config node: applied after composition, changing nothing
+        else (not a group choice, not an add or delete, not Hydra's own settings)."""
+        key = override.key_or_group
+        return (
+            override.type == OverrideType.CHANGE
+            and override.package is None
+            and not override.is_sweep_override()
+            and not override.is_hydra_override()
+            and key not in groups
+            and not self._group_exists(key)
+        )
+
+    def _is_choice(self, override: Override, groups: set[str]) -> bool:
+        """`group=option`, e.g. optimizer=adam."""
+        return (
+            override.type == OverrideType.CHANGE
+            and override.package is None
+            and not override.is_hydra_override()
+            and (override.key_or_group in groups or self._group_exists(override.key_or_group))
+        )
+
+    def _group_exists(self, key: str) -> bool:
+        if key not in self._groups:
+            self._groups[key] = self._loader.repository.group_exists(key)
+        return self._groups[key]

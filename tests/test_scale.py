@@ -45,9 +45,12 @@ def url(database: str, password: str = "") -> str:
     return f"postgresql+psycopg://{auth}@{os.environ['PGHOST']}:{os.environ['PGPORT']}/{database}"
 
 
-@pytest.fixture
-def server(tmp_path):
-    with mlflow_server(url(new_database()), tmp_path, workers=2) as address:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One MLflow server for the module (it takes 15 s to start); tests tell their runs
+    apart by parent run or by experiment."""
+    cwd = tmp_path_factory.mktemp("server")
+    with mlflow_server(url(new_database()), cwd, workers=2) as address:
         yield address
 
 
@@ -194,6 +197,7 @@ def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):
         "storage=postgres",
         f"hydra.sweeper.storage.url={url(database, password)}",
         f"tracking.uri=http://user:{token}@{host}",
+        "tracking.experiment=secret",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.study_name=secret",
     )
@@ -201,7 +205,7 @@ def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):
     assert password not in done.stdout + done.stderr
     assert token not in done.stdout + done.stderr
     client = MlflowClient(server)
-    experiment = client.get_experiment_by_name("fashion_sweep")
+    experiment = client.get_experiment_by_name("secret")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 3  # the parent and two trials
     for run in runs:

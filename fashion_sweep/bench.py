@@ -64,11 +64,13 @@ def run_path(
     }
 
 
-def sweep_overhead(data_root: str, trials: int, train_size: int) -> dict[str, float]:
+def sweep_overhead(
+    data_root: str, trials: int, train_size: int, epochs: int = 1
+) -> dict[str, float]:
     """What a trial of a real sweep costs beyond its epoch loop (train + eval).
 
-    Runs one sweep (a subprocess of the train command) of `trials + 2` trials, 1 epoch
-    on `train_size` images each, and reads its stores: a trial's cost is the time from
+    Runs one sweep (a subprocess of the train command) of `trials + 2` trials, `epochs`
+    epochs on `train_size` images each, and reads its stores: a trial's cost is the time from
     its start to the next trial's start (Optuna's datetime_start), its loop the epoch
     and eval seconds it logged to MLflow. The first trial (imports, decoding the data)
     and the last (the sweep's plots follow it) are left out. What is left beyond the
@@ -77,7 +79,7 @@ def sweep_overhead(data_root: str, trials: int, train_size: int) -> dict[str, fl
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "fashion_sweep.train", "-m", "sweep=optuna"]
         command += [f"data.root={os.path.abspath(data_root)}", f"data.train_size={train_size}"]
-        command += ["trainer.epochs=1", f"hydra.sweeper.n_trials={trials + 2}"]
+        command += [f"trainer.epochs={epochs}", f"hydra.sweeper.n_trials={trials + 2}"]
         subprocess.run(command, cwd=tmp, check=True, capture_output=True)
         with sqlite3.connect(Path(tmp, "optuna.db")) as db:
             rows = db.execute("select datetime_start from trials order by number")
@@ -97,6 +99,7 @@ def sweep_overhead(data_root: str, trials: int, train_size: int) -> dict[str, fl
     return {
         "trials": len(costs),
         "train_size": train_size,
+        "epochs": epochs,
         "seconds_per_trial": per_trial,
         "loop_seconds_per_trial": in_loop,
         "overhead_seconds_per_trial": per_trial - in_loop,
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--sweep-overhead", type=int, default=0, metavar="TRIALS")
+    parser.add_argument("--sweep-epochs", type=int, default=1, help="epochs per sweep trial")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -142,10 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{100 * row['test_accuracy']:>9.2f}%"
         )
     if args.sweep_overhead:
-        report["sweep"] = sweep_overhead(args.data_root, args.sweep_overhead, 10_000)
+        report["sweep"] = sweep_overhead(
+            args.data_root, args.sweep_overhead, 10_000, args.sweep_epochs
+        )
         s = report["sweep"]
         print(
-            f"\nsweep of {s['trials']} trials, 1 epoch on {s['train_size']} images each: "
+            f"\nsweep of {s['trials']} trials, {s['epochs']} epoch(s) on {s['train_size']} "
+            "images each: "
             f"{s['seconds_per_trial']:.2f} s/trial, {s['loop_seconds_per_trial']:.2f} s in the "
             f"loop (train + eval), overhead {s['overhead_seconds_per_trial']:.3f} s "
             f"({100 * s['overhead_fraction']:.1f}%; median {s['overhead_seconds_median']:.3f} s)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -97,6 +98,7 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
     tracking = cfg.tracking
     experiment_id = use_experiment(tracking.uri, tracking.experiment)
     tags = {KIND_TAG: "train", "torch_version": torch.__version__, **tags}
+    tags["process"] = f"{socket.gethostname()}:{os.getpid()}"  # which worker ran it
     if commit := git_commit():
         tags["git_commit"] = commit
     if tracking.parent_run_id:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sqlite3
 
 import pytest
@@ -57,6 +59,7 @@ def test_run_is_finished_with_dotted_params_and_tags(logged):
     tags = run.data.tags
     assert tags["device"] == "cpu"
     assert tags["torch_version"] == torch.__version__
+    assert tags["process"] == f"{socket.gethostname()}:{os.getpid()}"
     assert re.fullmatch(r"[0-9a-f]{40}", tags.get("git_commit", "0" * 40))
     assert tags["overrides"] == "trainer.epochs=2"
 

@@ -64,6 +64,9 @@ def test_sweep_writes_results_and_keeps_every_trial_in_the_study(swept):
     for t in trials:
         assert 1e-4 <= t.params["optimizer.lr"] <= 1
         assert t.params["data.batch_size"] in (32, 64, 128, 256)
+    for db in ("optuna.db", "mlflow.db"):  # commits without a disk sync each (README)
+        with sqlite3.connect(swept / db) as connection:
+            assert connection.execute("pragma journal_mode").fetchone() == ("wal",)
     trial_dirs = sorted(p.name for p in swept.glob("multirun/*/*/*") if p.is_dir())
     assert trial_dirs == ["0", "1", "2"]
     for t in trials:  # each job's record holds its own trial's values

@@ -44,14 +44,15 @@ class ComposeOnce:
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> Any:
         parsed = [self._parse(line) for line in sweep_overrides]
         groups = set(master_config.hydra.runtime.choices)
-        values = [o for o in parsed if self._is_value(o, groups)]
-        choices = tuple(o.input_line for o in parsed if not self._is_value(o, groups))
-        if len(values) + sum(self._is_choice(o, groups) for o in parsed) < len(parsed):
+        kinds = [self._kind(o, groups) for o in parsed]
+        if None in kinds:
             # an add, a delete, a package or Hydra's own settings: Hydra composes it all
             return self._loader.load_sweep_config(master_config, list(sweep_overrides))
-        key = (self._token, choices)
+        values = [o for o, kind in zip(parsed, kinds, strict=True) if kind == "value"]
+        choices = [o.input_line for o, kind in zip(parsed, kinds, strict=True) if kind == "choice"]
+        key = (self._token, tuple(choices))
         if key not in _COMPOSED:
-            _COMPOSED[key] = self._loader.load_sweep_config(master_config, list(choices))
+            _COMPOSED[key] = self._loader.load_sweep_config(master_config, choices)
         config = copy.deepcopy(_COMPOSED[key])
         with read_write(config):  # struct stays on: a key that is not there is an error
             ConfigLoaderImpl._apply_overrides_to_config(values, config)
@@ -64,27 +65,19 @@ class ComposeOnce:
             (self._parsed[line],) = OverridesParser.create().parse_overrides([line])
         return self._parsed[line]
 
-    def _is_value(self, override: Override, groups: set[str]) -> bool:
-        """`key=value` on a config node: applied after composition, changing nothing
-        else (not a group choice, not an add or delete, not Hydra's own settings)."""
+    def _kind(self, override: Override, groups: set[str]) -> str | None:
+        """ "choice" for `group=option` (optimizer=adam), "value" for `key=value` on a
+        config node (applied after composition, changing nothing else), None for the
+        rest: adds, deletes, packages, sweeps, Hydra's own settings."""
+        if (
+            override.type != OverrideType.CHANGE
+            or override.package is not None
+            or override.is_sweep_override()
+            or override.is_hydra_override()
+        ):
+            return None
         key = override.key_or_group
-        return (
-            override.type == OverrideType.CHANGE
-            and override.package is None
-            and not override.is_sweep_override()
-            and not override.is_hydra_override()
-            and key not in groups
-            and not self._group_exists(key)
-        )
-
-    def _is_choice(self, override: Override, groups: set[str]) -> bool:
-        """`group=option`, e.g. optimizer=adam."""
-        return (
-            override.type == OverrideType.CHANGE
-            and override.package is None
-            and not override.is_hydra_override()
-            and (override.key_or_group in groups or self._group_exists(override.key_or_group))
-        )
+        return "choice" if key in groups or self._group_exists(key) else "value"
 
     def _group_exists(self, key: str) -> bool:
         if key not in self._groups:

@@ -16,7 +16,7 @@ from typing import Any
 import mlflow
 import torch
 import yaml
-from mlflow.entities import RunStatus
+from mlflow.entities import RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,11 +31,9 @@ sqlite_wal.enable()  # before MLflow opens mlflow.db
 # Set per trial by the sweeper and recorded as tags (and run name), not as params,
 # so the UI's compare view shows only what differs in substance.
 AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.run_name")
-KIND_TAG = "fashion_sweep.kind"
+KIND_TAG = "fashion_sweep.kind"  # "train" for a training run, "sweep" for a sweep's parent
+EXPERIMENT_KIND = "mlflow.experimentKind"
 YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-EXPERIMENT_KIND = (
-    "mlflow.experimentKind"  # "train" for a training run, "sweep" for a sweep's parent
-)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -200,8 +198,7 @@ def open_sweep_run(
         run_id = client.create_run(
             experiment_id, run_name=f"sweep {study_name}", tags={KIND_TAG: "sweep"}
         ).info.run_id
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     return run_id
 
 
@@ -244,11 +241,11 @@ def close_sweep_run(
         return
     if best and best.get("value") is not None:
         client.log_metric(run_id, metric, best["value"], step=step)
-        client.set_tag(run_id, "best_trial", str(best["trial"]))
+        tags = {"best_trial": str(best["trial"])}
         if best.get("run_id"):
-            client.set_tag(run_id, "best_run_id", best["run_id"])
-        for key, value in best["params"].items():
-            client.set_tag(run_id, f"best.{key}", str(value))
+            tags["best_run_id"] = best["run_id"]
+        tags.update({f"best.{key}": str(value) for key, value in best["params"].items()})
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     for name, figure in (figures or {}).items():
         client.log_figure(run_id, figure, f"plots/{name}")
     client.set_tag(run_id, "mlflow.note.content", compare_note(run_id))

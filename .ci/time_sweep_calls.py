@@ -1,0 +1,136 @@
+"""Where a sweep trial's time goes: `.venv/bin/python .ci/time_sweep_calls.py [--no-wal]`.
+
+Runs a real sweep in this process (1 epoch on 10,000 images per trial) with a timer
+around each call that matters (Hydra's job set-up, the loop, MLflow, Optuna) and the
+garbage collector's passes, then prints the median milliseconds per call. `--no-wal`
+leaves the SQLite stores in their default journal mode, for comparison. Calls this
+version of the code does not have are skipped, so it also times older commits
+(PYTHONPATH=<their checkout>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import importlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+CALLS = [
+    ("hydra._internal.config_loader_impl", "ConfigLoaderImpl.load_sweep_config"),
+    ("fashion_sweep.compose", "ComposeOnce.load_sweep_config"),
+    ("hydra._internal.core_plugins.basic_launcher", "BasicLauncher.launch"),
+    ("hydra.core.utils", "_run_job"),
+    ("hydra.core.hydra_config", "HydraConfig.set_config"),
+    ("hydra.core.utils", "configure_log"),
+    ("hydra.core.utils", "_save_config"),
+    ("fashion_sweep.train", "train"),
+    ("fashion_sweep.train", "train_one_epoch"),
+    ("fashion_sweep.train", "evaluate"),
+    ("fashion_sweep.train", "load_splits"),
+    ("fashion_sweep.train", "make_loaders"),
+    ("fashion_sweep.train", "instantiate"),
+    ("fashion_sweep.tracking", "use_experiment"),
+    ("fashion_sweep.tracking", "trial_run_id"),
+    ("fashion_sweep.tracking", "log_state_dict"),
+    ("mlflow", "start_run"),
+    ("mlflow", "log_params"),
+    ("mlflow", "log_text"),
+    ("mlflow", "log_artifacts"),
+    ("mlflow", "log_metrics"),
+    ("mlflow", "end_run"),
+    ("optuna.study.study", "Study.ask"),
+    ("optuna.study.study", "Study.tell"),
+    ("optuna.study.study", "Study.get_trials"),
+    ("optuna.trial._trial", "Trial.set_user_attr"),
+    ("fashion_sweep.sweeper", "StudySweeper._configure_trials"),
+    ("hydra_plugins.hydra_optuna_sweeper._impl", "OptunaSweeperImpl._configure_trials"),
+]
+SECONDS: dict[str, list[float]] = defaultdict(list)
+
+
+def timed(name: str, function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            SECONDS[name].append(time.perf_counter() - start)
+
+    return wrapper
+
+
+def wrap(module_name: str, qualified: str) -> None:
+    try:
+        owner = importlib.import_module(module_name)
+        *path, name = qualified.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, timed(qualified, getattr(owner, name)))
+    except (ImportError, AttributeError):
+        pass  # not in this version of the code
+
+
+def time_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        time_gc.start = time.perf_counter()
+    else:
+        SECONDS[f"gc pass, generation {info['generation']}"].append(
+            time.perf_counter() - time_gc.start
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--no-wal", action="store_true")
+    parser.add_argument("--data-root", default="data")
+    args = parser.parse_args()
+    data_root = Path(args.data_root).resolve()
+    if args.no_wal:
+        import fashion_sweep.sqlite_wal
+
+        fashion_sweep.sqlite_wal.enable = lambda: None
+    import fashion_sweep.train as train_module
+
+    for module_name, qualified in CALLS:
+        wrap(module_name, qualified)
+    import hydra._internal.core_plugins.basic_launcher as basic  # imported run_job by name
+    import hydra.core.utils
+
+    basic.run_job = hydra.core.utils.run_job
+    gc.callbacks.append(time_gc)
+    os.chdir(tempfile.mkdtemp(prefix="time-sweep-"))
+    sys.argv = [
+        "train",
+        "-m",
+        "sweep=optuna",
+        f"data.root={data_root}",
+        "data.train_size=10000",
+        "trainer.epochs=1",
+        f"hydra.sweeper.n_trials={args.trials}",
+        "hydra.sweeper.study_name=timed",
+    ]
+    start = time.perf_counter()
+    try:
+        train_module.main()
+    finally:
+        print(f"\n{args.trials} trials in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(f"{'call':<55}{'calls':>6}{'median ms':>11}{'total s':>9}", file=sys.stderr)
+        for name, seconds in sorted(SECONDS.items(), key=lambda kv: -statistics.median(kv[1])):
+            print(
+                f"{name:<55}{len(seconds):>6}{1000 * statistics.median(seconds):>11.1f}"
+                f"{sum(seconds):>9.2f}",
+                file=sys.stderr,
+            )
+
+
+if __name__ == "__main__":
+    main()

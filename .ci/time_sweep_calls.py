@@ -2,10 +2,12 @@
 
 Runs a real sweep in this process (1 epoch on 10,000 images per trial) with a timer
 around each call that matters (Hydra's job set-up, the loop, MLflow, Optuna) and the
-garbage collector's passes, then prints the median milliseconds per call. `--no-wal`
-leaves the SQLite stores in their default journal mode, for comparison. Calls this
-version of the code does not have are skipped, so it also times older commits
-(PYTHONPATH=<their checkout>).
+garbage collector's passes, then prints the median milliseconds per call, each later
+trial's time outside its loop (launch to next launch, less train_one_epoch and
+evaluate), and one trial's calls in order (`--timeline N`, ms from its launch).
+`--no-wal` leaves the SQLite stores in their default journal mode, for comparison.
+Calls this version of the code does not have are skipped, so it also times older
+commits (PYTHONPATH=<their checkout>).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ CALLS = [
     ("fashion_sweep.train", "load_splits"),
     ("fashion_sweep.train", "make_loaders"),
     ("fashion_sweep.train", "instantiate"),
+    ("fashion_sweep.train", "validate"),
+    ("fashion_sweep.train", "predict_one"),
     ("fashion_sweep.tracking", "use_experiment"),
     ("fashion_sweep.tracking", "trial_run_id"),
     ("fashion_sweep.tracking", "log_state_dict"),
+    ("fashion_sweep.tracking", "artifacts_of"),
     ("mlflow", "start_run"),
     ("mlflow", "log_params"),
     ("mlflow", "log_text"),
@@ -50,9 +55,13 @@ CALLS = [
     ("optuna.study.study", "Study.get_trials"),
     ("optuna.trial._trial", "Trial.set_user_attr"),
     ("fashion_sweep.sweeper", "StudySweeper._configure_trials"),
+    ("fashion_sweep.sweeper", "fail_stale_trials"),
+    ("fashion_sweep.sweeper", "drop_surplus"),
     ("hydra_plugins.hydra_optuna_sweeper._impl", "OptunaSweeperImpl._configure_trials"),
 ]
 SECONDS: dict[str, list[float]] = defaultdict(list)
+SPANS: list[tuple[float, float, str]] = []  # (start, end, call), every call timed
+LOOP = ("train_one_epoch", "evaluate")
 
 
 def timed(name: str, function):
@@ -62,7 +71,9 @@ def timed(name: str, function):
         try:
             return function(*args, **kwargs)
         finally:
-            SECONDS[name].append(time.perf_counter() - start)
+            end = time.perf_counter()
+            SECONDS[name].append(end - start)
+            SPANS.append((start, end, name))
 
     return wrapper
 
@@ -82,9 +93,9 @@ def time_gc(phase: str, info: dict) -> None:
     if phase == "start":
         time_gc.start = time.perf_counter()
     else:
-        SECONDS[f"gc pass, generation {info['generation']}"].append(
-            time.perf_counter() - time_gc.start
-        )
+        name = f"gc pass, generation {info['generation']}"
+        SECONDS[name].append(time.perf_counter() - time_gc.start)
+        SPANS.append((time_gc.start, time.perf_counter(), name))
 
 
 def main() -> None:
@@ -92,6 +103,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--no-wal", action="store_true")
     parser.add_argument("--data-root", default="data")
+    parser.add_argument("--timeline", type=int, default=6, metavar="TRIAL")
     args = parser.parse_args()
     data_root = Path(args.data_root).resolve()
     if args.no_wal:
@@ -128,6 +140,34 @@ def main() -> None:
             print(
                 f"{name:<55}{len(seconds):>6}{1000 * statistics.median(seconds):>11.1f}"
                 f"{sum(seconds):>9.2f}",
+                file=sys.stderr,
+            )
+        print_trials(args.timeline)
+
+
+def print_trials(shown: int) -> None:
+    """Per trial (the first and last left out, as in the bench): its time outside the
+    loop; then trial `shown`'s calls in order."""
+    launches = sorted(start for start, _, name in SPANS if name == "BasicLauncher.launch")
+    outside = []
+    for number in range(1, len(launches) - 1):
+        start, end = launches[number], launches[number + 1]
+        loop = sum(e - s for s, e, name in SPANS if name in LOOP and start <= s < end)
+        outside.append(1000 * (end - start - loop))
+    if outside:
+        print(
+            f"\noutside the loop, trials 1-{len(outside)}: median "
+            f"{statistics.median(outside):.0f} ms ({', '.join(f'{ms:.0f}' for ms in outside)})",
+            file=sys.stderr,
+        )
+    if not 0 < shown < len(launches) - 1:
+        return
+    start, end = launches[shown], launches[shown + 1]
+    print(f"\ntrial {shown}, {1000 * (end - start):.1f} ms: start end ms call", file=sys.stderr)
+    for s, e, name in sorted(x for x in SPANS if start <= x[0] < end):
+        if not name.startswith("gc pass, generation 0"):
+            print(
+                f"{1000 * (s - start):8.1f}{1000 * (e - start):8.1f}{1000 * (e - s):7.1f}  {name}",
                 file=sys.stderr,
             )
 

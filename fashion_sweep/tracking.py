@@ -17,6 +17,8 @@ import mlflow
 import torch
 import yaml
 from mlflow.entities import RunStatus, RunTag
+from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +36,7 @@ AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.run_name")
 KIND_TAG = "fashion_sweep.kind"  # "train" for a training run, "sweep" for a sweep's parent
 EXPERIMENT_KIND = "mlflow.experimentKind"
 YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_EXPERIMENT_IDS: dict[tuple[str, str, str], str] = {}  # see use_experiment
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,8 +69,16 @@ def git_commit() -> str | None:
 
 
 def use_experiment(uri: str, experiment: str) -> str:
-    """Points MLflow at `uri` and returns the experiment's id, creating it if needed."""
+    """Points MLflow at `uri` and returns the experiment's id, creating it if needed.
+    The id is looked up once per process (a sweep's trials share it)."""
     mlflow.set_tracking_uri(uri)
+    key = (uri, experiment, os.getcwd())  # a relative sqlite:/// URI names a file here
+    if key not in _EXPERIMENT_IDS:
+        _EXPERIMENT_IDS[key] = _experiment_id(experiment)
+    return _EXPERIMENT_IDS[key]
+
+
+def _experiment_id(experiment: str) -> str:
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -80,6 +91,17 @@ def use_experiment(uri: str, experiment: str) -> str:
     except mlflow.exceptions.MlflowException:
         # another process created it first
         return client.get_experiment_by_name(experiment).experiment_id
+
+
+def artifacts_of(run: mlflow.entities.Run) -> ArtifactRepository:
+    """Where `run` keeps its artifacts, from the run as created: MLflow's own
+    log_artifact(s) reads the whole run back from the store first."""
+    return _artifact_repository(run.info.artifact_uri, mlflow.get_tracking_uri())
+
+
+@functools.lru_cache(maxsize=8)
+def _artifact_repository(artifact_uri: str, tracking_uri: str) -> ArtifactRepository:
+    return get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
 
 
 def one_line(error: BaseException) -> str:
@@ -114,7 +136,7 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
             for name, content in (("config.yaml", resolved), ("overrides.yaml", overrides)):
                 text = yaml.dump(content, Dumper=YamlDumper, sort_keys=False)
                 Path(tmp, name).write_text(redact(text))
-            mlflow.log_artifacts(tmp)
+            artifacts_of(run).log_artifacts(tmp)
         yield run.info.run_id
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted")
@@ -137,7 +159,7 @@ def log_state_dict(model: torch.nn.Module) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.pth")
         torch.save(model.state_dict(), path)
-        mlflow.log_artifact(path)
+        artifacts_of(mlflow.active_run()).log_artifact(path)
 
 
 def resolve_run_id(uri: str, experiment: str, run_id: str) -> str:

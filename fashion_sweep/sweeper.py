@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"  # user attr of a trial cut off (crashed, interrupted, surplus)
 PARENT_RUN = "mlflow_parent_run_id"  # study user attr
 LAUNCHER_LOGGERS = (
+    "fashion_sweep.launcher",
     "hydra._internal.core_plugins.basic_launcher",
     "hydra_plugins.hydra_joblib_launcher._core",
     "hydra_plugins.hydra_submitit_launcher.submitit_launcher",

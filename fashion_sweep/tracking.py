@@ -96,12 +96,7 @@ def _experiment_id(experiment: str) -> str:
 def artifacts_of(run: mlflow.entities.Run) -> ArtifactRepository:
     """Where `run` keeps its artifacts, from the run as created: MLflow's own
     log_artifact(s) reads the whole run back from the store first."""
-    return _artifact_repository(run.info.artifact_uri, mlflow.get_tracking_uri())
-
-
-@functools.lru_cache(maxsize=8)
-def _artifact_repository(artifact_uri: str, tracking_uri: str) -> ArtifactRepository:
-    return get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+    return get_artifact_repository(run.info.artifact_uri, tracking_uri=mlflow.get_tracking_uri())
 
 
 def one_line(error: BaseException) -> str:

@@ -5,10 +5,13 @@ job, which composes the whole config again (defaults list, files, schema): about
 0.15 s a trial here, as long as a sixth of a 1-epoch trial on 10,000 images. Trials
 of a sweep differ in values (`optimizer.lr=0.01`), which Hydra applies last, to the
 composed config. So this loader composes once per set of group choices
-(`optimizer=adam`) and applies the values to a copy, with Hydra's own code, in
-Hydra's order. A trial with any other kind of override (`+`, `++`, `~`, `@package`,
-`hydra.`) is composed by Hydra in full. tests/test_compose.py checks the result
-equals Hydra's.
+(`optimizer=adam`) and applies the values to a copy, in Hydra's order, as Hydra does
+(`OmegaConf.update` of each override's value). A trial with any other kind of override
+(`+`, `++`, `~`, `@package`, `hydra.`), or a value that cannot be applied (a key not
+in the config, a wrong type), is composed by Hydra in full, errors and all.
+tests/test_compose.py checks the result equals Hydra's.
+
+It also puts each job in the sweep folder its worker claimed (fashion_sweep/sweep.py).
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import functools
 import uuid
 from typing import Any
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 # Composed configs by (loader token, the overrides that shape the composition). Kept
 # at module level so a loader pickled to a worker process (joblib) caches there too.
 _COMPOSED: dict[tuple[str, tuple[str, ...]], DictConfig] = {}
+_ABSENT = object()
 
 
 @functools.cache
@@ -40,7 +44,7 @@ class ComposeOnce:
         self._loader = loader
         self._token = uuid.uuid4().hex
         self._parsed: dict[str, Override] = {}  # the parser is slow; trials repeat lines
-        self._groups: dict[str, bool] = {}
+        self.sweep_dir: str | None = None  # the sweep folder of this worker, once claimed
 
     def __getattr__(self, name: str) -> Any:
         if "_loader" not in self.__dict__:  # being unpickled (joblib, submitit)
@@ -48,21 +52,36 @@ class ComposeOnce:
         return getattr(self._loader, name)
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> Any:
+        config = self._compose(master_config, list(sweep_overrides))
+        if self.sweep_dir is not None:
+            with read_write(config.hydra.sweep):
+                config.hydra.sweep.dir = self.sweep_dir
+        return config
+
+    def _compose(self, master_config: DictConfig, sweep_overrides: list[str]) -> Any:
         parsed = [self._parse(line) for line in sweep_overrides]
         groups = set(master_config.hydra.runtime.choices)
         kinds = [self._kind(o, groups) for o in parsed]
         if None in kinds:
             # an add, a delete, a package or Hydra's own settings: Hydra composes it all
-            return self._loader.load_sweep_config(master_config, list(sweep_overrides))
+            return self._loader.load_sweep_config(master_config, sweep_overrides)
         values = [o for o, kind in zip(parsed, kinds, strict=True) if kind == "value"]
         choices = [o.input_line for o, kind in zip(parsed, kinds, strict=True) if kind == "choice"]
         key = (self._token, tuple(choices))
         if key not in _COMPOSED:
             _COMPOSED[key] = self._loader.load_sweep_config(master_config, choices)
         config = copy.deepcopy(_COMPOSED[key])
-        with read_write(config):  # struct stays on: a key that is not there is an error
-            ConfigLoaderImpl._apply_overrides_to_config(values, config)
-            config.hydra.overrides.task = list(sweep_overrides)  # all of them, in order
+        try:
+            with read_write(config):  # struct stays on: a key that is not there is an error
+                for override in values:
+                    path = override.key_or_group
+                    if OmegaConf.select(config, path, default=_ABSENT) is _ABSENT:
+                        raise KeyError(path)
+                    OmegaConf.update(config, path, override.value(), merge=True)
+                config.hydra.overrides.task = sweep_overrides  # all of them, in order
+        except (KeyError, OmegaConfBaseException):
+            # Hydra composes it again, to fail with its own message
+            return self._loader.load_sweep_config(master_config, sweep_overrides)
         OmegaConf.copy_cache(from_config=master_config, to_config=config)
         return config
 
@@ -80,12 +99,7 @@ class ComposeOnce:
             or override.package is not None
             or override.is_sweep_override()
             or override.is_hydra_override()
+            or "/" in override.key_or_group  # a nested config group
         ):
             return None
-        key = override.key_or_group
-        return "choice" if key in groups or self._group_exists(key) else "value"
-
-    def _group_exists(self, key: str) -> bool:
-        if key not in self._groups:
-            self._groups[key] = self._loader.repository.group_exists(key)
-        return self._groups[key]
+        return "choice" if override.key_or_group in groups else "value"

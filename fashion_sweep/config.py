@@ -101,6 +101,7 @@ class TrackingConfig:
     # Set by the sweeper for each trial; not for the command line.
     parent_run_id: str | None = None
     trial: int | None = None
+    study: str | None = None  # the Optuna study the trial belongs to
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import socket
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_sweep import sqlite_wal
+from fashion_sweep.redaction import one_line, redact
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # note: set before the first download; its progress bars would bury the tutorial's lines
@@ -32,7 +32,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 sqlite_wal.enable()  # before MLflow opens mlflow.db
 # Set per trial by the sweeper and recorded as tags (and run name), not as params,
 # so the UI's compare view shows only what differs in substance.
-AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.run_name")
+AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.study", "tracking.run_name")
 KIND_TAG = "fashion_sweep.kind"  # "train" for a training run, "sweep" for a sweep's parent
 EXPERIMENT_KIND = "mlflow.experimentKind"
 YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -49,12 +49,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def redact(text: str) -> str:
-    """Hides the password of a URI: postgresql://me:secret@host/db -> me:***@host (also
-    in Hydra's logged overrides, which escape the colon as `\\:`)."""
-    return re.sub(r"(://[^/:@\s\\]+)(\\?:)[^@/\s]+@", r"\1\2***@", text)
 
 
 @functools.cache  # the code this process runs: as it was when the process started
@@ -97,11 +91,6 @@ def artifacts_of(run: mlflow.entities.Run) -> ArtifactRepository:
     """Where `run` keeps its artifacts, from the run as created: MLflow's own
     log_artifact(s) reads the whole run back from the store first."""
     return get_artifact_repository(run.info.artifact_uri, tracking_uri=mlflow.get_tracking_uri())
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
 
 
 @contextmanager
@@ -209,8 +198,10 @@ def open_sweep_run(
     try:
         if run_id is None:
             raise LookupError
-        client.get_run(run_id)
+        reopened = client.get_run(run_id)
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        if "failure_reason" in reopened.data.tags:  # why it stopped last time
+            client.delete_tag(run_id, "failure_reason")
     except (LookupError, mlflow.exceptions.MlflowException):
         run_id = client.create_run(
             experiment_id, run_name=f"sweep {study_name}", tags={KIND_TAG: "sweep"}
@@ -222,15 +213,15 @@ def open_sweep_run(
 def kill_trial_run(parent_run_id: str, trial: int) -> None:
     """Marks a cut-off trial's child run KILLED, if it had started one."""
     client = MlflowClient()
-    run_id = trial_run_id(parent_run_id, trial)
+    run_id = trial_run_id(mlflow.get_tracking_uri(), parent_run_id, trial)
     if run_id and client.get_run(run_id).info.status == "RUNNING":
         client.set_tag(run_id, "failure_reason", "interrupted: its sweep worker died")
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
-def trial_run_id(parent_run_id: str, trial: int) -> str | None:
+def trial_run_id(uri: str, parent_run_id: str, trial: int) -> str | None:
     """The child run that trial number `trial` of a sweep logged, if it got that far."""
-    client = MlflowClient()
+    client = MlflowClient(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs(
         [experiment_id],

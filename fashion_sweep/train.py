@@ -23,9 +23,12 @@ from torch import nn
 from fashion_sweep.config import CONF_DIR, ConfigError, register_configs, validate
 from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
 from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
+from fashion_sweep.redaction import mask_log_records
 
 # What a config's _target_ may name (Hydra 1.4 asks instantiate() for a whitelist).
 TARGETS = ["fashion_sweep.model.*", "torch.optim.*"]
+# What hydra.callbacks may name (conf/train.yaml, conf/sweep/optuna.yaml).
+CALLBACKS = ["fashion_sweep.redaction.RedactHydraFiles", "fashion_sweep.study.ReportToStudy"]
 SPLIT_TITLES = {"val": "Validation Error", "test": "Test Error"}
 
 
@@ -141,9 +144,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
 
 
 register_configs()
+mask_log_records()  # whatever logs a URI in this process (a launcher, a store) masks it
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train")
+@hydra.main(config_path=CONF_DIR, config_name="train", execution_whitelist=CALLBACKS)
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:

@@ -13,7 +13,7 @@ from fashion_sweep.config import ConfigError, validate
 from tests.conftest import CONF
 
 # groups that set Hydra's sweeper or launcher, and a key each sets, as it should start
-SWEEP_GROUPS = {"storage": "hydra.sweeper.storage.url", "launcher": "hydra.launcher._target_"}
+SWEEP_GROUPS = {"storage": "hydra.sweeper.storage", "launcher": "hydra.launcher._target_"}
 EXPECTED = {
     "postgres": "postgresql+psycopg://",
     "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",

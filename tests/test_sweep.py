@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import subprocess
-import sys
-import time
 import urllib.request
 from json import dumps, loads
 from pathlib import Path
@@ -17,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from tests.conftest import DATA, TINY, mlflow_server, run_cli
+from tests.conftest import TINY, mlflow_server, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -205,6 +202,7 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path, data_root
         ("data.batch_size=choice()", "empty choice is not legal"),
         ("optimizer.lr=interval(1,0.1)", "sweep parameter 'optimizer.lr'"),
         ("hydra.sweeper.direction=minimize", "set hydra.sweeper.direction=maximize"),
+        ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials must be >= 1, got 0"),
     ],
 )
 def test_bad_sweep_overrides_fail_before_any_trial(tmp_path, data_root, override, message):
@@ -213,61 +211,6 @@ def test_bad_sweep_overrides_fail_before_any_trial(tmp_path, data_root, override
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not list(tmp_path.glob("multirun/*/*/0"))
-
-
-def test_killed_sweep_resumes_to_the_requested_total(tmp_path, data_root):
-    args = [*TINY, "data.train_size=10000", "hydra.sweeper.n_trials=4"]
-    args += ["hydra.sweeper.study_name=resume"]
-    command = [sys.executable, "-m", "fashion_sweep.train", "-m", f"data.root={DATA}", *args]
-    proc = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-
-    def mid_trial() -> bool:  # one trial done, the next one's MLflow run started
-        try:
-            with sqlite3.connect(tmp_path / "optuna.db") as db:
-                states = {s for (s,) in db.execute("select state from trials")}
-            with sqlite3.connect(tmp_path / "mlflow.db") as db:
-                query = "select count(*) from runs where status = 'RUNNING' and name like '%trial%'"
-                started = db.execute(query).fetchone()[0] > 0
-        except sqlite3.Error:  # not created yet
-            return False
-        return {"COMPLETE", "RUNNING"} <= states and started
-
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            if mid_trial():
-                proc.kill()  # SIGKILL mid-trial: no cleanup of any kind runs
-                break
-        else:
-            pytest.fail("the sweep was never caught mid-trial")
-    finally:
-        proc.kill()
-        proc.wait()
-    before = optuna.load_study(study_name="resume", storage=storage).trials
-    completed_before = {t.number: t.params for t in before if t.state == TrialState.COMPLETE}
-    assert any(t.state == TrialState.RUNNING for t in before)
-
-    done = run_cli(tmp_path, "train", "-m", *args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "were cut off earlier: marked failed" in done.stderr + done.stdout
-    after = study(tmp_path, "resume").trials
-    assert not [t for t in after if t.state == TrialState.RUNNING]
-    counted = [t for t in after if not t.user_attrs.get("interrupted")]
-    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
-    for number, params in completed_before.items():  # nothing finished was lost or redone
-        assert after[number].params == params and after[number].state == TrialState.COMPLETE
-    interrupted = [t for t in after if t.user_attrs.get("interrupted")]
-    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
-    _, (parent,), children = runs(tmp_path)
-    assert parent.info.status == "FINISHED"
-    statuses = sorted(c.info.status for c in children)
-    assert "RUNNING" not in statuses and statuses.count("FINISHED") == 4
-    assert statuses.count("KILLED") == len(interrupted)
-    assert results(tmp_path)["finished"] == 4
 
 
 def test_joblib_launcher_runs_trials_in_parallel_without_losing_any(tmp_path, data_root):
@@ -293,5 +236,5 @@ def test_joblib_launcher_runs_trials_in_parallel_without_losing_any(tmp_path, da
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     # trials ran in joblib's worker processes, more than one, not in the sweep's own
     processes = {c.data.tags["process"] for c in children}
-    sweeper = {t.user_attrs["worker"] for t in trials}
+    sweeper = {t.user_attrs["worker"]["id"].rsplit(":", 1)[0] for t in trials}
     assert len(processes) >= 2 and not processes & sweeper, (processes, sweeper)

@@ -1,0 +1,175 @@
+"""The sweep's decisions, each a small function of the study's trials.
+
+What counts towards n_trials, what is stale, how many trials to ask for, whether a
+trial repeats one the study holds, what to run again. No launching, no stores: they
+take the trials (Optuna FrozenTrials) and return an answer, so tests can put a study
+in any state and ask (tests/test_schedule.py).
+
+A trial is one of:
+- counted: COMPLETE, PRUNED, or FAIL on its own (the job failed: user attr
+  `failure_reason`, e.g. a diverging loss);
+- cut off: FAIL with no `failure_reason`: the sweep stopped it (Ctrl-C), its worker
+  died, or it stepped aside before it ran (user attr `interrupted` says which where the
+  sweep knows). It does not count; one that ran is run again once, as a new trial
+  with user attr `retry_of`;
+- running or waiting (enqueued, to be run by whichever worker asks next).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import FrozenTrial, TrialState
+
+FAILURE = "failure_reason"  # user attr: why a trial failed on its own
+CUT_OFF = "interrupted"  # user attr: why the sweep cut a trial off, where it knows
+RETRY_OF = "retry_of"  # user attr: the cut-off trial this one runs again
+NOT_RUN = ("surplus", "duplicate")  # cut off before it ran: nothing to run again
+MAX_POINTS = 100_000  # a finite space larger than this is treated as infinite
+
+
+def cut_off(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and FAILURE not in trial.user_attrs
+
+
+def counts(trial: FrozenTrial) -> bool:
+    """Finished, and not cut off: it counts towards n_trials."""
+    return trial.state.is_finished() and not cut_off(trial)
+
+
+@dataclass
+class Tally:
+    counted: list[FrozenTrial] = field(default_factory=list)
+    failed: list[FrozenTrial] = field(default_factory=list)
+    running: list[FrozenTrial] = field(default_factory=list)
+
+
+def tally(trials: list[FrozenTrial]) -> Tally:
+    result = Tally()
+    for trial in trials:
+        if counts(trial):
+            result.counted.append(trial)
+            if trial.state == TrialState.FAIL:
+                result.failed.append(trial)
+        elif trial.state == TrialState.RUNNING:
+            result.running.append(trial)
+    return result
+
+
+def to_ask(state: Tally, n_trials: int, n_jobs: int) -> int:
+    """How many trials to ask for now: up to n_jobs, so that counted and running trials
+    do not exceed n_trials."""
+    return max(0, min(n_jobs, n_trials - len(state.counted) - len(state.running)))
+
+
+def too_many_failures(state: Tally, n_trials: int, max_failure_rate: float) -> str | None:
+    """Why the sweep must stop, if more trials failed than max_failure_rate allows."""
+    if len(state.failed) <= max_failure_rate * n_trials:
+        return None
+    return (
+        f"{len(state.failed)} trials failed, more than hydra.sweeper.max_failure_rate="
+        f"{max_failure_rate} of hydra.sweeper.n_trials={n_trials} allows"
+    )
+
+
+def stale(trial: FrozenTrial, alive: bool | None, now: datetime, grace_period: float) -> bool:
+    """A RUNNING trial to fail as crashed: its worker is provably gone (`alive` is what
+    workers.alive says of its `worker` attr), or it never had a worker and was asked
+    more than grace_period seconds ago (a worker killed right after asking).
+    A worker that cannot be judged here is left to its heartbeat."""
+    if trial.state != TrialState.RUNNING:
+        return False
+    if not isinstance(trial.user_attrs.get("worker"), dict):  # none yet (or a legacy one)
+        started = trial.datetime_start or now
+        return (now - started).total_seconds() > grace_period
+    return alive is False
+
+
+def surplus(number: int, trials: list[FrozenTrial], n_trials: int) -> bool:
+    """Workers asking at the same moment may overshoot n_trials: a trial whose number
+    ranks past n_trials among the counted and running ones steps aside."""
+    live = sorted(t.number for t in trials if counts(t) or t.state == TrialState.RUNNING)
+    return number not in live[:n_trials]
+
+
+def config(trial: FrozenTrial) -> tuple | None:
+    """The trial's parameter values as a key; an enqueued trial's are its fixed params."""
+    params = trial.params or trial.system_attrs.get("fixed_params")
+    return tuple(sorted(params.items())) if params else None
+
+
+def holds(trial: FrozenTrial) -> bool:
+    """The trial has its configuration: run, running, or to be run."""
+    return counts(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
+
+
+def duplicate(trial: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+    """Another trial, asked before this one or finished, holds the same configuration."""
+    key = config(trial)
+    return key is not None and any(
+        other.number != trial.number
+        and (other.number < trial.number or other.state.is_finished())
+        and holds(other)
+        and config(other) == key
+        for other in trials
+    )
+
+
+def points(space: dict[str, BaseDistribution]) -> list[dict[str, Any]] | None:
+    """Every configuration of a finite space, or None if it is not finite (or huge)."""
+    each = {name: values(distribution) for name, distribution in space.items()}
+    if any(v is None for v in each.values()) or math.prod(map(len, each.values())) > MAX_POINTS:
+        return None
+    return [dict(zip(each, combo, strict=True)) for combo in itertools.product(*each.values())]
+
+
+def values(distribution: BaseDistribution) -> list[Any] | None:
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return list(range(distribution.low, distribution.high + 1, distribution.step))
+    if isinstance(distribution, FloatDistribution) and distribution.step is not None:
+        count = round((distribution.high - distribution.low) / distribution.step) + 1
+        return [distribution.low + k * distribution.step for k in range(count)]
+    return None
+
+
+def unheld(space_points: list[dict[str, Any]], trials: list[FrozenTrial]) -> list[dict]:
+    """The configurations of a finite space that no trial holds."""
+    held = {config(t) for t in trials if holds(t)}
+    return [p for p in space_points if tuple(sorted(p.items())) not in held]
+
+
+def retries_due(trials: list[FrozenTrial], space: dict[str, BaseDistribution]) -> list:
+    """Cut-off trials that ran and are to run again: once each (a retry cut off in
+    turn is not retried), and only with a value for every parameter of the space."""
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    return [
+        t
+        for t in trials
+        if cut_off(t)
+        and t.user_attrs.get(CUT_OFF) not in NOT_RUN
+        and RETRY_OF not in t.user_attrs
+        and t.number not in retried
+        and set(t.params) == set(space)
+    ]
+
+
+def trial_seed(seed: int | None, number: int) -> int | None:
+    """The sampler's seed for trial `number` of a study seeded `seed`: the same for the
+    same trial in every process, different for every trial."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

@@ -1,0 +1,309 @@
+"""A sweep's Optuna study: its storage, its definition, its sampler, and its record.
+
+- `storage` opens the database with Optuna's heartbeats on, whatever the database
+  (SQLite too), so a trial whose worker dies is failed within a grace period.
+- `definition` is what the study's trials compute (search space, sampler and seed,
+  objective, the config's values); a study name is kept for one definition, and the
+  default name is derived from it.
+- `PerTrialSeed` seeds the sampler afresh for each trial from (seed, trial number), so
+  workers and resumes that start the same sampler never draw the same sequence.
+- `ReportToStudy` records each job's outcome in the study from the process that ran
+  it, as the job returns, so no signal arriving afterwards can lose it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from fashion_sweep import sqlite_wal
+from fashion_sweep.redaction import one_line, redact
+from fashion_sweep.schedule import CUT_OFF, FAILURE, trial_seed
+
+log = logging.getLogger(__name__)
+DEFINITION = "definition"  # study user attr
+# How trials run, not what they compute: left out of a study's definition, so a study
+# can move to other machines, devices or MLflow stores.
+RUNTIME_KEYS = (
+    "tracking",
+    "data.root",
+    "data.download",
+    "data.loader",
+    "data.num_workers",
+    "trainer.device",
+    "trainer.cuda_graph",
+    "trainer.log_interval",
+)
+# The storages this process opened, by URL (None: in memory), so jobs that run in the
+# sweep's own process record into the sweep's storage.
+_STORAGES: dict[str | None, Any] = {}
+
+
+class StudyError(Exception):
+    """A study that cannot be used as asked; the message says why."""
+
+
+def quiet(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call` without Optuna's notes on what we use knowingly: heartbeats are
+    experimental, and meant for study.optimize, which Hydra's launchers replace."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+        return call(*args, **kwargs)
+
+
+def storage(url: str | None, heartbeat_interval: int, grace_period: int, on_stale: Callable) -> Any:
+    """The study's database with heartbeats on; None keeps the study in memory."""
+    if url is None:
+        _STORAGES[None] = optuna.storages.InMemoryStorage()
+        return _STORAGES[None]
+    sqlite_wal.enable()
+    for attempt in range(5):
+        try:
+            opened = quiet(
+                optuna.storages.RDBStorage,
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=on_stale,
+            )
+            break
+        except Exception as error:
+            if not isinstance(error, sqlalchemy.exc.DatabaseError) or attempt == 4:
+                raise StudyError(f"storage {redact(url)}: {one_line(error)}") from None
+            # workers starting together on a new database race to create its tables;
+            # the loser finds them made a moment later
+            time.sleep(1 + attempt)
+    _STORAGES[url] = opened
+    return opened
+
+
+def open_study(
+    name: str, where: Any, sampler: BaseSampler, direction: str
+) -> tuple[optuna.Study, bool]:
+    """The study, and whether this process created it (the database decides the race)."""
+    try:
+        return optuna.create_study(
+            study_name=name, storage=where, sampler=sampler, direction=direction
+        ), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=where, sampler=sampler), False
+
+
+def definition(
+    config: DictConfig,
+    space: dict[str, BaseDistribution],
+    fixed: dict[str, Any],
+    sampler: DictConfig,
+    metric: str,
+    direction: str,
+) -> dict[str, Any]:
+    """What a study's trials compute: its objective, sampler (and seed), search space,
+    and the config's values outside the space (RUNTIME_KEYS left out)."""
+    task = OmegaConf.masked_copy(config, [k for k in config if k not in ("hydra", "tracking")])
+    values = _flatten(OmegaConf.to_container(task, resolve=True, enum_to_str=True))
+    searched = tuple(space)
+    values = {
+        key: value
+        for key, value in values.items()
+        if not _under(key, RUNTIME_KEYS) and not _under(key, searched)
+    }
+    values.update(fixed)
+    return {
+        "objective": f"{direction} {metric}",
+        "sampler": OmegaConf.to_container(sampler, resolve=True),
+        "space": {key: repr(d) for key, d in sorted(space.items())},
+        "config": {key: values[key] for key in sorted(values)},
+    }
+
+
+def default_name(defined: dict[str, Any]) -> str:
+    """The same definition, the same name: re-running a command continues its study."""
+    digest = hashlib.sha1(json.dumps(defined, sort_keys=True, default=str).encode())
+    return f"sweep-{digest.hexdigest()[:8]}"
+
+
+def differences(held: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """`key: study's value -> this command's` for each part of two definitions."""
+    ours, theirs = _flatten(asked), _flatten(held)
+    return [
+        f"{key}: {theirs.get(key, '(none)')} -> {ours.get(key, '(none)')}"
+        for key in sorted(set(ours) | set(theirs))
+        if ours.get(key) != theirs.get(key)
+    ]
+
+
+def check_definition(study: optuna.Study, defined: dict[str, Any], created: bool) -> None:
+    """Records the definition in a new study; refuses a study defined otherwise."""
+    if created:
+        study.set_user_attr(DEFINITION, defined)
+        return
+    held = study.user_attrs.get(DEFINITION)  # read from the storage each time
+    for _ in range(20):  # its creator records it a moment after creating it
+        if held is not None:
+            break
+        time.sleep(0.25)
+        held = study.user_attrs.get(DEFINITION)
+    if held is None:
+        log.warning(f"Study {study.study_name!r} has no definition on record: recording this one")
+        study.set_user_attr(DEFINITION, defined)
+        return
+    changed = differences(held, defined)
+    if changed:
+        raise StudyError(
+            f"hydra.sweeper.study_name={study.study_name} holds another sweep "
+            f"({'; '.join(changed)}): run that sweep's command, or name a new study"
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _under(key: str, roots: tuple[str, ...]) -> bool:
+    return any(key == root or key.startswith(f"{root}.") for root in roots)
+
+
+class PerTrialSeed(BaseSampler):
+    """The configured sampler, made afresh for each trial with the seed
+    schedule.trial_seed(seed, trial number): reproducible for a seed, and never the same
+    draws for two trials, whichever process or resume asks for them."""
+
+    def __init__(self, make: Callable[..., BaseSampler], seed: int | None) -> None:
+        self._make, self._seed = make, seed
+        self._sampler = make(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler = self._make(seed=trial_seed(self._seed, trial.number))
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: dict) -> dict:
+        return self._sampler.sample_relative(study, trial, space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: BaseDistribution
+    ) -> Any:
+        return self._sampler.sample_independent(study, trial, name, distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
+    ) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
+
+
+def tell(study: optuna.Study, trial: optuna.Trial | int, **result: Any) -> None:
+    """study.tell; raises ValueError or UpdateFinishedTrialError if the trial had ended."""
+    try:
+        quiet(study.tell, trial, **result)
+    except RuntimeError as error:
+        # the grid sampler calls study.stop() once the grid is done, which only works
+        # inside study.optimize(); the trial is told all the same
+        if "Study.stop" not in str(error):
+            raise
+
+
+def record(
+    study: optuna.Study, trial: optuna.Trial, outcome: float | BaseException, run_id: str | None
+) -> bool:
+    """Tells the study a trial's outcome: its value, or the error it failed with (user
+    attr `failure_reason`), with its MLflow run. False if the trial had already been
+    ended (cut off by the sweep, or found dead)."""
+    try:
+        if run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+        if isinstance(outcome, BaseException):
+            trial.set_user_attr(FAILURE, one_line(outcome))
+            tell(study, trial, state=TrialState.FAIL)
+        else:
+            tell(study, trial, values=float(outcome))
+    except (ValueError, UpdateFinishedTrialError):
+        return False
+    return True
+
+
+def cut_off(study: optuna.Study, trial: optuna.Trial, why: str) -> bool:
+    """Fails a trial that will not finish (user attr `interrupted`: why); False if it
+    had already ended."""
+    try:
+        trial.set_user_attr(CUT_OFF, why)
+        tell(study, trial, state=TrialState.FAIL)
+    except (ValueError, UpdateFinishedTrialError):
+        return False
+    return True
+
+
+def trial(url: str | None, name: str, number: int) -> tuple[optuna.Study, optuna.Trial] | None:
+    """Trial `number` of a study, to record its end from any process (no sampling);
+    None for a study in another process's memory."""
+    opened = _for_recording(url, name)
+    if opened is None:
+        return None
+    recording, where, study_id = opened
+    trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
+    return recording, optuna.trial.Trial(recording, trial_id)
+
+
+@functools.cache
+def _for_recording(url: str | None, name: str) -> tuple[optuna.Study, Any, int] | None:
+    where = _STORAGES.get(url)
+    if where is None:
+        if url is None:
+            return None  # in memory, in another process: the sweep records the outcome
+        sqlite_wal.enable()
+        where = optuna.storages.RDBStorage(url)
+    sampler = optuna.samplers.RandomSampler()  # constructing a Trial asks the sampler
+    recording = optuna.load_study(study_name=name, storage=where, sampler=sampler)
+    return recording, where, where.get_study_id_from_name(name)
+
+
+class ReportToStudy(Callback):
+    """Records each trial's outcome from the process that ran it, as its job returns
+    (conf/sweep/optuna.yaml lists it in hydra.callbacks). A job cut off by a signal is
+    left to the sweep, which marks it so."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        name, number = config.tracking.get("study"), config.tracking.get("trial")
+        if not name or number is None:
+            return
+        found = trial(config.hydra.sweeper.get("storage"), name, number)
+        if found is None:
+            return
+        run_id = None
+        try:
+            outcome = job_return.return_value  # re-raises the job's exception
+            run_id = getattr(outcome, "run_id", None)  # train.Objective
+        except Exception as error:
+            outcome = error
+            from fashion_sweep.tracking import trial_run_id
+
+            run_id = trial_run_id(config.tracking.uri, config.tracking.parent_run_id, number)
+        except BaseException:
+            return
+        if not record(*found, outcome, run_id):
+            log.warning(f"Trial {number} had been cut off before its result came; not recorded")

@@ -1,0 +1,230 @@
+"""A sweep on a bad day, with real processes and real stores: workers started together,
+Ctrl-C, kill -9 and a resume in a fresh PID namespace or under another hostname, a kill
+right after asking for a trial, a study name reused for another sweep."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from fashion_sweep import schedule
+from tests.conftest import DATA, TINY, run_cli
+
+pytestmark = pytest.mark.slow
+# a trial long enough to be caught in the middle: 10,000 images, 2 epochs
+LONG = ["data.train_size=10000", "trainer.epochs=2"]
+QUICK_DEATH = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+ROOT = os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fashion_sweep.train", "-m", f"data.root={DATA}", *TINY, *args]
+
+
+def start(cwd: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A sweep in its own session (a terminal's Ctrl-C reaches its whole group)."""
+    return subprocess.Popen(
+        [*prefix, *command(*args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def trials(cwd: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / 'optuna.db'}").trials
+    except (KeyError, ValueError, RuntimeError):  # not created yet
+        return []
+
+
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"never saw {what}")
+
+
+def runs(cwd: Path) -> dict:
+    """The sweep's MLflow runs: {"parent": run, trial number: run}."""
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    found = client.search_runs([experiment.experiment_id], max_results=1000)
+    by = {int(r.data.tags["trial"]): r for r in found if "trial" in r.data.tags}
+    (by["parent"],) = [r for r in found if r.data.tags["fashion_sweep.kind"] == "sweep"]
+    return by
+
+
+def configs(found: list) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in found]
+
+
+def check_resumed(cwd: Path, name: str, n_trials: int, cut: int) -> None:
+    """After a resume: n_trials counted and complete, no repeats, the cut-off trial's
+    configuration run again, every MLflow run ended as its trial did."""
+    after = trials(cwd, name)
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    counted = [t for t in after if schedule.counts(t)]
+    assert len(counted) == n_trials and all(t.state == TrialState.COMPLETE for t in counted)
+    assert len(set(configs(counted))) == n_trials  # no configuration ran twice
+    assert schedule.cut_off(after[cut])
+    (retry,) = [t for t in after if t.user_attrs.get("retry_of") == cut]
+    assert retry.params == after[cut].params and retry.state == TrialState.COMPLETE
+    mlflow = runs(cwd)
+    assert mlflow["parent"].info.status == "FINISHED"
+    assert "failure_reason" not in mlflow["parent"].data.tags  # from the interruption
+    assert mlflow[cut].info.status == "KILLED"
+    for t in counted:
+        assert mlflow[t.number].info.status == "FINISHED"
+        assert mlflow[t.number].info.run_id == t.user_attrs["mlflow_run_id"]
+
+
+def test_workers_started_together_draw_distinct_trials_into_their_own_folders(tmp_path, data_root):
+    args = ["hydra.sweeper.study_name=together", "hydra.sweeper.n_trials=4"]
+    procs = [start(tmp_path, *args) for _ in range(3)]  # the same second, the same folder
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(outputs)[-3000:]
+
+    found = trials(tmp_path, "together")
+    counted = [t for t in found if schedule.counts(t)]
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert len(set(configs(counted))) == 4
+    ran = [t for t in found if t.user_attrs.get("interrupted") not in schedule.NOT_RUN]
+    folders = sorted(tmp_path.glob("multirun/*/*/*/.hydra"))
+    numbers = [OmegaConf.load(f / "overrides.yaml") for f in folders]
+    numbers = [
+        int(next(o for o in lines if o.startswith("tracking.trial="))[15:]) for lines in numbers
+    ]
+    assert sorted(numbers) == sorted(t.number for t in ran)  # a folder each, none shared
+    assert [f.parent.name for f in folders] == [str(n) for n in numbers]
+    results = list(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
+    assert len(results) == 3  # each worker its own sweep folder
+    assert len({OmegaConf.load(r).best_trial for r in results}) == 1
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_ctrl_c_keeps_finished_trials_and_the_resume_runs_what_was_cut_off(
+    tmp_path, data_root, launcher
+):
+    args = [*LONG, "hydra.sweeper.study_name=ctrl-c", "hydra.sweeper.n_jobs=2"]
+    args += [f"hydra/launcher={launcher}"]
+    args += ["hydra.launcher.n_jobs=1"] if launcher == "joblib" else []  # one job after another
+    sweep = start(tmp_path, *args, "hydra.sweeper.n_trials=3")
+
+    def second_running() -> bool:
+        states = [t.state for t in trials(tmp_path, "ctrl-c")]
+        if states[:2] != [TrialState.COMPLETE, TrialState.RUNNING]:
+            return False
+        return runs(tmp_path).get(1) is not None  # its MLflow run has started
+
+    wait_for(second_running, "trial 0 done and trial 1 running")
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C in the sweep's terminal
+    output = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode != 0, output[-2000:]
+
+    before = trials(tmp_path, "ctrl-c")
+    assert before[0].state == TrialState.COMPLETE  # it returned: recorded as it was
+    assert before[1].state == TrialState.FAIL and before[1].user_attrs["interrupted"]
+    mlflow = runs(tmp_path)
+    assert mlflow[0].info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "model.pth" in {a.path for a in client.list_artifacts(mlflow[0].info.run_id)}
+    assert mlflow[1].info.status == "KILLED"
+    assert mlflow["parent"].info.status == "KILLED"
+
+    done = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Trial 1 was cut off: its configuration runs again" in done.stderr + done.stdout
+    check_resumed(tmp_path, "ctrl-c", n_trials=4, cut=1)
+    assert trials(tmp_path, "ctrl-c")[0].params == before[0].params
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root and unshare")
+@pytest.mark.parametrize(
+    "where",
+    [
+        # a restarted container: another PID namespace, where the dead worker's pid is
+        # someone else's (or ours)
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"],
+        # the same machine under another name
+        ["unshare", "--uts", "sh", "-c", 'hostname renamed && exec "$@"', "-"],
+    ],
+    ids=["fresh-pid-namespace", "another-hostname"],
+)
+def test_killed_sweep_resumes_anywhere_without_waiting_forever(tmp_path, data_root, where):
+    args = [*LONG, *QUICK_DEATH, "hydra.sweeper.study_name=killed", "hydra.sweeper.n_trials=2"]
+    sweep = start(tmp_path, *args)
+
+    def mid_trial() -> bool:
+        found = trials(tmp_path, "killed")
+        return bool(found) and found[0].state == TrialState.RUNNING and runs(tmp_path).get(0)
+
+    wait_for(mid_trial, "trial 0 running")
+    sweep.kill()  # kill -9: nothing of the sweep's own cleanup runs
+    sweep.communicate()
+    assert trials(tmp_path, "killed")[0].state == TrialState.RUNNING
+
+    resumed = subprocess.run(
+        [*where, *command(*args)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = resumed.stderr + resumed.stdout
+    assert "Trial 0 (worker " in said and "was cut off: marked failed" in said
+    check_resumed(tmp_path, "killed", n_trials=2, cut=0)
+
+
+def test_a_kill_right_after_asking_for_a_trial_does_not_stall_the_sweep(tmp_path, data_root):
+    args = [*QUICK_DEATH, "hydra.sweeper.study_name=orphan"]
+    first = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    asker = (  # a worker killed between study.ask() and anything else
+        "import os, signal, optuna\n"
+        "study = optuna.load_study(study_name='orphan', storage='sqlite:///optuna.db')\n"
+        "study.ask()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", asker], cwd=tmp_path, timeout=120)
+    assert trials(tmp_path, "orphan")[1].state == TrialState.RUNNING
+
+    started = time.monotonic()
+    done = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started < 120
+    found = trials(tmp_path, "orphan")
+    assert found[1].state == TrialState.FAIL and found[1].user_attrs["interrupted"] == "crashed"
+    assert sum(schedule.counts(t) for t in found) == 2
+    assert not [t for t in found if t.state == TrialState.RUNNING]
+
+
+def test_a_study_name_reused_for_another_sweep_is_refused_before_any_trial(tmp_path, data_root):
+    name = "hydra.sweeper.study_name=reused"
+    first = run_cli(tmp_path, "train", "-m", *TINY, name, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for change, named in [
+        ("model.width=64", "config.model.width: 512 -> 64"),
+        ("data.batch_size=choice(16,32)", "space.data.batch_size: CategoricalDistribution"),
+        ("hydra.sweeper.sampler.seed=1", "sampler.seed: 0 -> 1"),
+    ]:
+        refused = run_cli(tmp_path, "train", "-m", *TINY, name, change, "hydra.sweeper.n_trials=2")
+        assert refused.returncode != 0
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("hydra.sweeper.study_name=reused holds another sweep (")
+        assert named in last and "Traceback" not in refused.stderr
+    assert len(trials(tmp_path, "reused")) == 1
+    assert runs(tmp_path)["parent"].info.status == "FINISHED"

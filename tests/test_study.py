@@ -1,0 +1,113 @@
+"""What defines a study, how its sampler is seeded, how outcomes are recorded."""
+
+from __future__ import annotations
+
+import functools
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fashion_sweep import study
+from fashion_sweep.schedule import CUT_OFF, FAILURE
+
+SPACE = {
+    "optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1, log=True),
+    "data.batch_size": optuna.distributions.CategoricalDistribution([32, 64, 128, 256]),
+}
+
+
+@pytest.fixture(autouse=True)
+def quiet_optuna():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def define(compose):
+    """define(*overrides): the definition of the sweep `-m sweep=optuna *overrides`."""
+
+    def _define(*overrides: str, space=SPACE, fixed=None) -> dict:
+        cfg = compose("sweep=optuna", *overrides, hydra=True)
+        sampler = cfg.hydra.sweeper.sampler
+        return study.definition(cfg, space, fixed or {}, sampler, "val/accuracy", "maximize")
+
+    return _define
+
+
+def test_a_study_is_defined_by_what_its_trials_compute(define):
+    base = define()
+    assert base["objective"] == "maximize val/accuracy"
+    assert base["sampler"]["_target_"] == "optuna.samplers.TPESampler"
+    assert base["sampler"]["seed"] == 0
+    assert set(base["space"]) == set(SPACE)
+    assert base["config"]["model.width"] == 512 and base["config"]["data.val_size"] == 10000
+    assert "optimizer.lr" not in base["config"]  # searched, not fixed
+    assert not [k for k in base["config"] if k.startswith("tracking.") or k == "data.root"]
+    name = study.default_name(base)
+    changed = [
+        define("hydra.sweeper.sampler.seed=1"),
+        define("hydra/sweeper/sampler=random"),
+        define("model.width=64"),
+        define("trainer.epochs=2"),
+        define(space={"optimizer.lr": SPACE["optimizer.lr"]}, fixed={"data.batch_size": 64}),
+    ]
+    assert len({name, *map(study.default_name, changed)}) == 1 + len(changed)
+    # where and how it runs, and how many trials, leave the study as it is
+    same = [
+        define("data.root=/elsewhere", "tracking.uri=sqlite:///other.db", "trainer.device=cpu"),
+        define("hydra.sweeper.n_trials=5", "hydra.sweeper.n_jobs=4", "trainer.log_interval=7"),
+        define("hydra/launcher=joblib", "data.loader=torch"),
+    ]
+    assert {study.default_name(d) for d in same} == {name}
+
+
+def test_a_name_reused_for_another_sweep_is_refused_saying_what_differs(define):
+    held = optuna.create_study(study_name="mine", direction="maximize")
+    study.check_definition(held, define(), created=True)
+    study.check_definition(held, define("trainer.device=cpu"), created=False)  # the same
+    with pytest.raises(study.StudyError) as refused:
+        study.check_definition(held, define("model.width=64"), created=False)
+    assert str(refused.value) == (
+        "hydra.sweeper.study_name=mine holds another sweep (config.model.width: 512 -> 64): "
+        "run that sweep's command, or name a new study"
+    )
+    other = {**SPACE, "data.batch_size": optuna.distributions.CategoricalDistribution([16, 32])}
+    with pytest.raises(study.StudyError, match=r"space.data.batch_size: .*64, 128.* -> .*16"):
+        study.check_definition(held, define(space=other), created=False)
+
+
+def test_workers_and_resumes_never_draw_the_same_sequence(tmp_path):
+    """Two workers on one database each start the sampler with seed 0, as two processes
+    do; each trial's draws still depend on its number alone."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    make = functools.partial(optuna.samplers.TPESampler, n_startup_trials=10)
+
+    def worker():
+        sampler = study.PerTrialSeed(make, seed=0)
+        return optuna.create_study(
+            study_name="s", storage=storage, sampler=sampler, load_if_exists=True
+        )
+
+    a, b = worker(), worker()
+    drawn = [(w.ask(SPACE).params) for w in (a, b, a, b)]  # interleaved, as workers do
+    assert len({tuple(p.values()) for p in drawn}) == 4
+    alone = optuna.create_study(sampler=study.PerTrialSeed(make, seed=0))
+    assert [alone.ask(SPACE).params for _ in range(4)] == drawn  # reproducible by number
+    other = optuna.create_study(sampler=study.PerTrialSeed(make, seed=1))
+    assert other.ask(SPACE).params != drawn[0]
+
+
+def test_outcomes_are_recorded_once(tmp_path):
+    held = optuna.create_study(direction="maximize")
+    done, failed, late = held.ask(SPACE), held.ask(SPACE), held.ask(SPACE)
+    assert study.record(held, done, 0.75, "run-a")
+    assert study.record(held, failed, ValueError("bad\nmore"), "run-b")
+    assert study.cut_off(held, late, "interrupted")
+    assert not study.record(held, late, 0.5, "run-c")  # cut off first: stays so
+    assert not study.cut_off(held, done, "interrupted")  # recorded first: stays so
+    trials = held.trials
+    assert (trials[0].state, trials[0].value) == (TrialState.COMPLETE, 0.75)
+    assert trials[0].user_attrs["mlflow_run_id"] == "run-a"
+    assert trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs[FAILURE] == "ValueError: bad"
+    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs[CUT_OFF] == "interrupted"

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from fashion_sweep import schedule
 from tests.conftest import DATA, TINY, mlflow_server, run_cli
 
 pytestmark = [
@@ -55,12 +56,13 @@ def server(tmp_path_factory):
 
 
 def worker(cwd: Path, *args: str, host: str | None = None) -> subprocess.Popen:
-    """A sweep process; with `host`, in a UTS namespace of its own that calls itself so,
-    as a worker on another machine would."""
+    """A sweep process; with `host`, as a worker on another machine: a hostname and a
+    PID namespace of its own, so its pid tells this machine nothing."""
     cwd.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "fashion_sweep.train", "-m", f"data.root={DATA}", *args]
     if host:
-        command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "-", *command]
+        elsewhere = ["unshare", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc"]
+        command = [*elsewhere, "sh", "-c", f'hostname {host} && exec "$@"', "-", *command]
     return subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -68,6 +70,7 @@ def worker(cwd: Path, *args: str, host: str | None = None) -> subprocess.Popen:
 
 def kill_mid_trial(proc: subprocess.Popen, study: str, database: str, settle: float) -> None:
     """SIGKILLs `proc` once it has a RUNNING trial in the study, `settle` s into it."""
+    pids = {proc.pid, 1, 2}  # in a PID namespace of its own, the sweep is 1 or 2 there
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -76,9 +79,8 @@ def kill_mid_trial(proc: subprocess.Popen, study: str, database: str, settle: fl
                 trials = optuna.load_study(study_name=study, storage=url(database)).trials
             except KeyError:  # not created yet
                 continue
-            mine = f":{proc.pid}"
             if any(
-                t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(mine)
+                t.state == TrialState.RUNNING and t.user_attrs.get("worker", {}).get("pid") in pids
                 for t in trials
             ):
                 time.sleep(settle)
@@ -94,7 +96,7 @@ def shared_args(database: str, server: str, study: str, n_trials: int) -> list[s
     return [
         *TINY,
         "storage=postgres",
-        f"hydra.sweeper.storage.url={url(database)}",
+        f"hydra.sweeper.storage={url(database)}",
         "tracking=server",
         f"tracking.uri={server}",
         f"hydra.sweeper.study_name={study}",
@@ -121,11 +123,11 @@ def test_two_workers_share_one_study_and_one_server(tmp_path, server):
     )[-3000:]
 
     study = optuna.load_study(study_name="shared", storage=url(database))
-    counted = [t for t in study.trials if not t.user_attrs.get("interrupted")]
+    counted = [t for t in study.trials if schedule.counts(t)]
     assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
-    workers = {t.user_attrs["worker"] for t in counted}
+    workers = {t.user_attrs["worker"]["id"] for t in counted}
     assert len(workers) == 2, workers  # both processes ran trials
     results = [
         OmegaConf.load(next((tmp_path / name).glob("multirun/*/*/optimization_results.yaml")))
@@ -152,11 +154,11 @@ def test_killed_worker_leaves_a_failed_trial_and_the_other_finishes(tmp_path, se
 
     trials = optuna.load_study(study_name="killed", storage=url(database)).trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    counted = [t for t in trials if schedule.counts(t)]
     assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
     crashed = [t for t in trials if t.user_attrs.get("interrupted") == "crashed"]
     assert crashed and all(t.state == TrialState.FAIL for t in crashed)
-    assert all(t.user_attrs["worker"].endswith(f":{victim.pid}") for t in crashed)
+    assert all(t.user_attrs["worker"]["pid"] == victim.pid for t in crashed)
     (result,) = (tmp_path / "a").glob("multirun/*/*/optimization_results.yaml")
     runs = children(server, OmegaConf.load(result).parent_run_id)
     statuses = {int(r.data.tags["trial"]): r.info.status for r in runs}
@@ -170,16 +172,17 @@ def test_worker_lost_on_another_host_is_failed_by_heartbeat(tmp_path, server):
     at, so its trial is failed once its heartbeat is older than the grace period."""
     database = new_database()
     args = shared_args(database, server, "remote", 4) + ["data.train_size=4000"]
-    args += ["hydra.sweeper.storage.heartbeat_interval=1", "hydra.sweeper.storage.grace_period=4"]
+    args += ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4"]
     remote = worker(tmp_path / "b", *args, host="elsewhere")
     kill_mid_trial(remote, "remote", database, settle=2.0)  # its heartbeats have begun
     local = worker(tmp_path / "a", *args)
     output = local.communicate(timeout=600)[0]
     assert local.returncode == 0, output[-3000:]
     trials = optuna.load_study(study_name="remote", storage=url(database)).trials
-    crashed = [t for t in trials if t.user_attrs.get("interrupted") == "crashed"]
-    assert len(crashed) == 1 and crashed[0].user_attrs["worker"].startswith("elsewhere:")
-    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    crashed = [t for t in trials if schedule.cut_off(t)]
+    assert len(crashed) == 1 and crashed[0].user_attrs["worker"]["id"].startswith("elsewhere:")
+    assert [t.user_attrs.get("retry_of") for t in trials].count(crashed[0].number) == 1
+    counted = [t for t in trials if schedule.counts(t)]
     assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
@@ -195,7 +198,7 @@ def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):
         "-m",
         *TINY,
         "storage=postgres",
-        f"hydra.sweeper.storage.url={url(database, password)}",
+        f"hydra.sweeper.storage={url(database, password)}",
         f"tracking.uri=http://user:{token}@{host}",
         "tracking.experiment=secret",
         "hydra.sweeper.n_trials=2",
@@ -204,6 +207,11 @@ def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):
     assert done.returncode == 0, done.stderr[-3000:]
     assert password not in done.stdout + done.stderr
     assert token not in done.stdout + done.stderr
+    written = [p for p in tmp_path.glob("multirun/**/*") if p.is_file()]
+    assert [p.name for p in written if p.parent.name == ".hydra"]  # Hydra's record is there
+    assert [p.name for p in written if p.suffix == ".log"]  # and the jobs' logs
+    for path in written:  # .hydra/ files, logs, optimization_results.yaml
+        assert password not in path.read_text() and token not in path.read_text(), path
     client = MlflowClient(server)
     experiment = client.get_experiment_by_name("secret")
     runs = client.search_runs([experiment.experiment_id])

@@ -330,13 +330,14 @@ class Sweep:
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         make = instantiate(self.sweeper.sampler, _partial_=True, _execution_whitelist_=SAMPLERS)
-        if make.func is optuna.samplers.GridSampler:  # the grid sampler wants the space
+        kind = make.func
+        if kind is optuna.samplers.GridSampler:  # the grid sampler wants the space
             grid = {name: schedule.values(d) for name, d in self.space.items()}
             if any(v is None for v in grid.values()):
                 raise SweepError("the grid sampler needs a finite search space (choice, range)")
             make = functools.partial(make, grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
-        if make.func in SEQUENCES:
+        if kind in SEQUENCES:
             return make()
         return study.PerTrialSeed(make, self._seed())
 

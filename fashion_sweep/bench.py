@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -81,17 +80,7 @@ def sweep_overhead(
         command += [f"data.root={os.path.abspath(data_root)}", f"data.train_size={train_size}"]
         command += [f"trainer.epochs={epochs}", f"hydra.sweeper.n_trials={trials + 2}"]
         subprocess.run(command, cwd=tmp, check=True, capture_output=True)
-        with sqlite3.connect(Path(tmp, "optuna.db")) as db:
-            rows = db.execute("select datetime_start from trials order by number")
-            starts = [datetime.fromisoformat(start) for (start,) in rows]
-        with sqlite3.connect(Path(tmp, "mlflow.db")) as db:
-            loops = dict(
-                db.execute(
-                    "select cast(t.value as integer), sum(m.value) from metrics m join tags t"
-                    " on t.run_uuid = m.run_uuid and t.key = 'trial'"
-                    " where m.key in ('perf/epoch_seconds', 'perf/eval_seconds') group by t.value"
-                )
-            )
+        starts, loops = _trial_timings(tmp)
     measured = range(1, len(starts) - 1)
     costs = [(starts[n + 1] - starts[n]).total_seconds() for n in measured]
     overheads = [cost - loops[n] for cost, n in zip(costs, measured, strict=True)]
@@ -106,6 +95,27 @@ def sweep_overhead(
         "overhead_seconds_median": statistics.median(overheads),
         "overhead_fraction": (per_trial - in_loop) / per_trial,
     }
+
+
+def _trial_timings(cwd: str) -> tuple[list[datetime], dict[int, float]]:
+    """Each trial's start (from the study), and its loop's seconds (from its MLflow run)."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{Path(cwd, 'optuna.db')}")
+    starts = [t.datetime_start for t in study.trials]
+    client = MlflowClient(f"sqlite:///{Path(cwd, 'mlflow.db')}")
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    loops = {
+        int(run.data.tags["trial"]): sum(
+            m.value
+            for key in ("perf/epoch_seconds", "perf/eval_seconds")
+            for m in client.get_metric_history(run.info.run_id, key)
+        )
+        for run in client.search_runs([experiment.experiment_id], "tags.trial != ''")
+    }
+    return starts, loops
 
 
 def main(argv: list[str] | None = None) -> dict:

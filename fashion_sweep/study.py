@@ -52,6 +52,7 @@ RUNTIME_KEYS = (
 # The storages this process opened, by URL (None: in memory), so jobs that run in the
 # sweep's own process record into the sweep's storage.
 _STORAGES: dict[str | None, Any] = {}
+_ABSENT = object()
 
 
 class StudyError(Exception):
@@ -114,16 +115,25 @@ def definition(
     direction: str,
 ) -> dict[str, Any]:
     """What a study's trials compute: its objective, sampler (and seed), search space,
-    and the config's values outside the space (RUNTIME_KEYS left out)."""
+    and the trials' config outside the space (RUNTIME_KEYS left out). `fixed` are the
+    sweep's fixed values (`key=value` as parsed, strings), set into the config as
+    Hydra sets them into each trial's."""
+    groups = set(config.hydra.runtime.choices)
     task = OmegaConf.masked_copy(config, [k for k in config if k not in ("hydra", "tracking")])
+    extra = {}
+    for key, value in fixed.items():
+        if key in groups or _under(key, RUNTIME_KEYS):
+            continue  # a group's choice shows in its values; where it runs is not the study
+        if OmegaConf.select(task, key, default=_ABSENT) is _ABSENT:
+            extra[key] = value
+        else:
+            OmegaConf.update(task, key, value)  # typed by the schema: "64" -> 64
     values = _flatten(OmegaConf.to_container(task, resolve=True, enum_to_str=True))
-    searched = tuple(space)
     values = {
         key: value
-        for key, value in values.items()
-        if not _under(key, RUNTIME_KEYS) and not _under(key, searched)
+        for key, value in {**values, **extra}.items()
+        if not _under(key, RUNTIME_KEYS) and not _under(key, tuple(space))
     }
-    values.update(fixed)
     return {
         "objective": f"{direction} {metric}",
         "sampler": OmegaConf.to_container(sampler, resolve=True),

@@ -29,7 +29,12 @@ def define(compose):
     def _define(*overrides: str, space=SPACE, fixed=None) -> dict:
         cfg = compose("sweep=optuna", *overrides, hydra=True)
         sampler = cfg.hydra.sweeper.sampler
-        return study.definition(cfg, space, fixed or {}, sampler, "val/accuracy", "maximize")
+        # the sweep's fixed values: its task overrides, as the sweeper parses them
+        fixed = {
+            **{k: v for k, _, v in (o.partition("=") for o in overrides) if "hydra" not in k},
+            **(fixed or {}),
+        }
+        return study.definition(cfg, space, fixed, sampler, "val/accuracy", "maximize")
 
     return _define
 
@@ -49,7 +54,7 @@ def test_a_study_is_defined_by_what_its_trials_compute(define):
         define("hydra/sweeper/sampler=random"),
         define("model.width=64"),
         define("trainer.epochs=2"),
-        define(space={"optimizer.lr": SPACE["optimizer.lr"]}, fixed={"data.batch_size": 64}),
+        define(space={"optimizer.lr": SPACE["optimizer.lr"]}, fixed={"data.batch_size": "64"}),
     ]
     assert len({name, *map(study.default_name, changed)}) == 1 + len(changed)
     # where and how it runs, and how many trials, leave the study as it is

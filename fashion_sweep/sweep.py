@@ -33,7 +33,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep import schedule, study, tracking, workers
-from fashion_sweep.redaction import mask_log_records, redact
+from fashion_sweep.redaction import mask_log_records, one_line, redact
 from fashion_sweep.schedule import RETRY_OF
 from fashion_sweep.sweeper import StudySweeper, SweepError
 
@@ -186,24 +186,27 @@ class Sweep:
         overrides = [self._overrides(trial) for trial in asked]
         returns = self.sweeper.launcher.launch(overrides, initial_job_idx=self.job_idx)
         self.job_idx += len(returns)
-        states = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        ended = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         for trial, job in zip(asked, returns, strict=True):
-            if states[trial.number].state == TrialState.RUNNING:  # not recorded by its job
-                try:
-                    outcome = job.return_value  # re-raises the job's exception
-                except Exception as error:
-                    outcome = error
-                run_id = getattr(outcome, "run_id", None)
-                if isinstance(outcome, Exception):
-                    uri = self.config.tracking.uri
-                    run_id = tracking.trial_run_id(uri, self.parent, trial.number)
-                study.record(self.study, trial, outcome, run_id)
+            reason = ended[trial.number].user_attrs.get(schedule.FAILURE)
+            if ended[trial.number].state == TrialState.RUNNING:  # its job could not record it
+                reason = self._record(trial, job)
+            if reason:
+                log.warning(f"Trial {trial.number} failed: {reason}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
-            ended = self.study.get_trials(deepcopy=False)[trial.number]
-            if ended.state == TrialState.FAIL:
-                reason = ended.user_attrs.get(schedule.FAILURE, "cut off")
-                log.warning(f"Trial {trial.number} failed: {reason}")
+
+    def _record(self, trial: optuna.Trial, job: Any) -> str | None:
+        """Records a job's outcome here (a study in this process's memory, a job whose
+        process died); the reason it failed, if it did."""
+        try:
+            outcome = job.return_value  # re-raises the job's exception
+            run_id = getattr(outcome, "run_id", None)  # train.Objective
+        except Exception as error:
+            outcome = error
+            run_id = tracking.trial_run_id(self.config.tracking.uri, self.parent, trial.number)
+        study.record(self.study, trial, outcome, run_id)
+        return one_line(outcome) if isinstance(outcome, Exception) else None
 
     def _overrides(self, trial: optuna.Trial) -> tuple[str, ...]:
         """A trial's overrides: its values, the fixed ones, and its place in MLflow."""

@@ -147,23 +147,34 @@ def values(distribution: BaseDistribution) -> list[Any] | None:
 
 def unheld(space_points: list[dict[str, Any]], trials: list[FrozenTrial]) -> list[dict]:
     """The configurations of a finite space that no trial holds."""
-    held = {config(t) for t in trials if holds(t)}
+    names = set(space_points[0]) if space_points else set()
+    held = {
+        tuple(sorted((k, v) for k, v in key if k in names))
+        for key in (config(t) for t in trials if holds(t))
+        if key is not None
+    }
     return [p for p in space_points if tuple(sorted(p.items())) not in held]
 
 
-def retries_due(trials: list[FrozenTrial], space: dict[str, BaseDistribution]) -> list:
-    """Cut-off trials that ran and are to run again: once each (a retry cut off in
-    turn is not retried), and only with a value for every parameter of the space."""
+def retries_due(
+    trials: list[FrozenTrial], space: dict[str, BaseDistribution], n_trials: int
+) -> list[FrozenTrial]:
+    """Cut-off trials that ran, to run again: once each (a retry cut off in turn is not
+    retried), only with a value for every parameter of the space, and only as many as
+    n_trials leaves room for beside the counted, running and waiting trials."""
     retried = {t.user_attrs.get(RETRY_OF) for t in trials}
-    return [
+    due = [
         t
         for t in trials
         if cut_off(t)
         and t.user_attrs.get(CUT_OFF) not in NOT_RUN
         and RETRY_OF not in t.user_attrs
         and t.number not in retried
-        and set(t.params) == set(space)
+        and set(space) <= set(t.params)
+        and space
     ]
+    busy = sum(counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+    return due[: max(0, n_trials - busy)]
 
 
 def trial_seed(seed: int | None, number: int) -> int | None:

@@ -53,6 +53,8 @@ RUNTIME_KEYS = (
 # sweep's own process record into the sweep's storage.
 _STORAGES: dict[str | None, Any] = {}
 _ABSENT = object()
+# what a database says to a worker that lost the race to create its tables
+RACE_SIGNS = ("already exists", "duplicate key", "database is locked", "UNIQUE constraint")
 
 
 class StudyError(Exception):
@@ -85,10 +87,13 @@ def storage(url: str | None, heartbeat_interval: int, grace_period: int, on_stal
             )
             break
         except Exception as error:
-            if not isinstance(error, sqlalchemy.exc.DatabaseError) or attempt == 4:
-                raise StudyError(f"storage {redact(url)}: {one_line(error)}") from None
             # workers starting together on a new database race to create its tables;
-            # the loser finds them made a moment later
+            # the loser finds them made a moment later. Any other error is for good.
+            racing = isinstance(error, sqlalchemy.exc.DatabaseError) and any(
+                sign in str(error) for sign in RACE_SIGNS
+            )
+            if not racing or attempt == 4:
+                raise StudyError(f"storage {redact(url)}: {one_line(error)}") from None
             time.sleep(1 + attempt)
     _STORAGES[url] = opened
     return opened
@@ -122,6 +127,7 @@ def definition(
     task = OmegaConf.masked_copy(config, [k for k in config if k not in ("hydra", "tracking")])
     extra = {}
     for key, value in fixed.items():
+        key = key.lstrip("+")  # an added key (+key=value) is a key all the same
         if key in groups or _under(key, RUNTIME_KEYS):
             continue  # a group's choice shows in its values; where it runs is not the study
         if OmegaConf.select(task, key, default=_ABSENT) is _ABSENT:
@@ -130,7 +136,7 @@ def definition(
             OmegaConf.update(task, key, value)  # typed by the schema: "64" -> 64
     values = _flatten(OmegaConf.to_container(task, resolve=True, enum_to_str=True))
     values = {
-        key: value
+        key: redact(value) if isinstance(value, str) else value  # it is kept in the study
         for key, value in {**values, **extra}.items()
         if not _under(key, RUNTIME_KEYS) and not _under(key, tuple(space))
     }
@@ -239,16 +245,16 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, **result: Any) -> None:
 
 
 def record(
-    study: optuna.Study, trial: optuna.Trial, outcome: float | BaseException, run_id: str | None
+    study: optuna.Study, trial: optuna.Trial, outcome: float | str, run_id: str | None
 ) -> bool:
-    """Tells the study a trial's outcome: its value, or the error it failed with (user
-    attr `failure_reason`), with its MLflow run. False if the trial had already been
-    ended (cut off by the sweep, or found dead)."""
+    """Tells the study a trial's outcome: its value, or the reason it failed (user attr
+    `failure_reason`), with its MLflow run. False if the trial had already been ended
+    (cut off by the sweep, or found dead)."""
     try:
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
-        if isinstance(outcome, BaseException):
-            trial.set_user_attr(FAILURE, one_line(outcome))
+        if isinstance(outcome, str):
+            trial.set_user_attr(FAILURE, outcome)
             tell(study, trial, state=TrialState.FAIL)
         else:
             tell(study, trial, values=float(outcome))
@@ -309,7 +315,7 @@ class ReportToStudy(Callback):
             outcome = job_return.return_value  # re-raises the job's exception
             run_id = getattr(outcome, "run_id", None)  # train.Objective
         except Exception as error:
-            outcome = error
+            outcome = one_line(error)
             from fashion_sweep.tracking import trial_run_id
 
             run_id = trial_run_id(config.tracking.uri, config.tracking.parent_run_id, number)

@@ -92,13 +92,17 @@ class Sweep:
         self.beats = workers.Heartbeats(self._beat, self.sweeper.heartbeat_interval)
         try:
             self._loop()
+            self._finish(metric)
         except BaseException as error:
-            self._cut_off(self.pending, "interrupted")
+            for trial in list(self.pending):
+                try:
+                    self._settle(self.study, trial, "interrupted")
+                except Exception:  # MLflow out of reach: the study is what counts
+                    study.cut_off(self.study, trial, "interrupted")
             tracking.close_sweep_run(self.parent, error)
             raise
         finally:
             self.beats.stop()
-        self._finish(metric)
 
     def _loop(self) -> None:
         while True:
@@ -119,8 +123,8 @@ class Sweep:
                 return
 
     def _reap(self) -> list[FrozenTrial]:
-        """Fails the running trials whose workers are gone, queues again what was cut
-        off; the study's trials after that."""
+        """Ends the running trials whose workers are gone, queues again what was cut off
+        (as far as n_trials has room); the study's trials after that."""
         study.quiet(optuna.storages.fail_stale_trials, self.study)  # by heartbeat: _on_stale
         trials = self.study.get_trials(deepcopy=False)
         now, grace = datetime.now(), self.sweeper.grace_period
@@ -131,20 +135,41 @@ class Sweep:
         ]
         for trial in stale:
             found = study.trial(self.sweeper.storage, self.name, trial.number)
-            if found and study.cut_off(*found, "crashed"):
-                self._on_stale(self.study, trial)
-        due = schedule.retries_due(trials, self.space) if self.space else []
+            if found and self._settle(*found, "crashed"):
+                log.warning(self._gone(trial))
+        if stale:
+            trials = self.study.get_trials(deepcopy=False)
+        due = schedule.retries_due(trials, self.space, self.n_trials)
         for trial in due:
             self.study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
             log.info(f"Trial {trial.number} was cut off: its configuration runs again")
-        return self.study.get_trials(deepcopy=False) if stale or due else trials
+        return self.study.get_trials(deepcopy=False) if due else trials
+
+    def _settle(self, holder: optuna.Study, trial: optuna.Trial, why: str) -> bool:
+        """Ends a trial that will run no further. A job that ended its MLflow run but was
+        cut off before it recorded its outcome is recorded as its run ended; any other
+        trial is cut off (user attr `interrupted`), its MLflow run KILLED. True if it was
+        cut off here."""
+        uri = self.config.tracking.uri
+        run = tracking.trial_run(uri, self.parent, trial.number)
+        ended = tracking.ended_as(run, self.config.optimized_metric) if run else None
+        if ended is not None:
+            study.record(holder, trial, ended, run.info.run_id)
+            return False
+        if not study.cut_off(holder, trial, why):
+            return False
+        tracking.kill_run(uri, run)
+        return True
 
     def _on_stale(self, _: optuna.Study, trial: FrozenTrial) -> None:
-        """A trial failed here because its worker is gone (also Optuna's heartbeat
-        callback): its MLflow run is marked KILLED."""
+        """Optuna's callback for a trial it failed because its heartbeat stopped."""
+        log.warning(self._gone(trial))
+        uri = self.config.tracking.uri
+        tracking.kill_run(uri, tracking.trial_run(uri, self.parent, trial.number))
+
+    def _gone(self, trial: FrozenTrial) -> str:
         worker = workers.name(trial.user_attrs.get("worker"))
-        log.warning(f"Trial {trial.number} (worker {worker}) was cut off: marked failed")
-        tracking.kill_trial_run(self.parent, trial.number)
+        return f"Trial {trial.number} (worker {worker}) was cut off: marked failed"
 
     def _ask(self, wanted: int) -> list[optuna.Trial]:
         """Up to `wanted` new trials, each with this worker's heartbeat and name; a trial
@@ -203,10 +228,10 @@ class Sweep:
             outcome = job.return_value  # re-raises the job's exception
             run_id = getattr(outcome, "run_id", None)  # train.Objective
         except Exception as error:
-            outcome = error
+            outcome = one_line(error)
             run_id = tracking.trial_run_id(self.config.tracking.uri, self.parent, trial.number)
         study.record(self.study, trial, outcome, run_id)
-        return one_line(outcome) if isinstance(outcome, Exception) else None
+        return outcome if isinstance(outcome, str) else None
 
     def _overrides(self, trial: optuna.Trial) -> tuple[str, ...]:
         """A trial's overrides: its values, the fixed ones, and its place in MLflow."""
@@ -221,14 +246,11 @@ class Sweep:
         )
 
     def _cut_off(self, trials: list[optuna.Trial], why: str) -> None:
-        """Fails this worker's trials that will not finish (user attr `interrupted`),
-        and marks their MLflow runs KILLED."""
-        for trial in list(trials):
-            if study.cut_off(self.study, trial, why) and why not in schedule.NOT_RUN:
-                tracking.kill_trial_run(self.parent, trial.number)
+        """Steps aside this worker's trials that never ran (surplus, duplicate)."""
+        for trial in trials:
+            study.cut_off(self.study, trial, why)
             self.beats.discard(self._trial_id(trial.number))
-            if trial in self.pending:
-                self.pending.remove(trial)
+            self.pending.remove(trial)
 
     def _wait(self, running: list[FrozenTrial]) -> None:
         """Waits for other workers' trials, saying which, and until when at most."""

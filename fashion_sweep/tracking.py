@@ -210,16 +210,7 @@ def open_sweep_run(
     return run_id
 
 
-def kill_trial_run(parent_run_id: str, trial: int) -> None:
-    """Marks a cut-off trial's child run KILLED, if it had started one."""
-    client = MlflowClient()
-    run_id = trial_run_id(mlflow.get_tracking_uri(), parent_run_id, trial)
-    if run_id and client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, "failure_reason", "interrupted: its sweep worker died")
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-
-
-def trial_run_id(uri: str, parent_run_id: str, trial: int) -> str | None:
+def trial_run(uri: str, parent_run_id: str, trial: int) -> mlflow.entities.Run | None:
     """The child run that trial number `trial` of a sweep logged, if it got that far."""
     client = MlflowClient(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -228,7 +219,30 @@ def trial_run_id(uri: str, parent_run_id: str, trial: int) -> str | None:
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.trial = '{trial}'",
         max_results=1,
     )
-    return runs[0].info.run_id if runs else None
+    return runs[0] if runs else None
+
+
+def trial_run_id(uri: str, parent_run_id: str, trial: int) -> str | None:
+    run = trial_run(uri, parent_run_id, trial)
+    return run.info.run_id if run else None
+
+
+def ended_as(run: mlflow.entities.Run, metric: str) -> float | str | None:
+    """How a trial's run ended: the value of `metric` if it finished, the failure_reason
+    if it failed on its own, None if it did not end (running, killed)."""
+    if run.info.status == "FINISHED" and metric in run.data.metrics:
+        return run.data.metrics[metric]
+    if run.info.status == "FAILED" and "failure_reason" in run.data.tags:
+        return run.data.tags["failure_reason"]
+    return None
+
+
+def kill_run(uri: str, run: mlflow.entities.Run | None) -> None:
+    """Marks a cut-off trial's run KILLED, if it was still running."""
+    if run is not None and run.info.status == "RUNNING":
+        client = MlflowClient(uri)
+        client.set_tag(run.info.run_id, "failure_reason", "interrupted: its sweep worker died")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 def close_sweep_run(
@@ -254,6 +268,8 @@ def close_sweep_run(
             tags["best_run_id"] = best["run_id"]
         tags.update({f"best.{key}": str(value) for key, value in best["params"].items()})
         client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if "failure_reason" in client.get_run(run_id).data.tags:  # another worker's interruption
+        client.delete_tag(run_id, "failure_reason")
     for name, figure in (figures or {}).items():
         client.log_figure(run_id, figure, f"plots/{name}")
     client.set_tag(run_id, "mlflow.note.content", compare_note(run_id))

@@ -154,9 +154,14 @@ def test_cut_off_trials_that_ran_run_again_once(study):
     add(study, TrialState.WAITING, lr(0.4), retry_of=retried.number)
     again = add(study, TrialState.FAIL, lr(0.5), retry_of=99)  # a retry, cut off in turn
     add(study, TrialState.FAIL, {"optimizer.lr": 0.6})  # killed before it had every value
-    due = schedule.retries_due(study.trials, SPACE)
+    due = schedule.retries_due(study.trials, SPACE, n_trials=3)
     assert [t.number for t in due] == [crashed.number]
     assert again.number not in [t.number for t in due]
+    # only as many as n_trials has room for: here one waits already
+    assert schedule.retries_due(study.trials, SPACE, n_trials=1) == []
+    add(study, TrialState.FAIL, lr(0.7), interrupted="interrupted")
+    assert len(schedule.retries_due(study.trials, SPACE, n_trials=4)) == 2
+    assert len(schedule.retries_due(study.trials, SPACE, n_trials=3)) == 1
 
 
 def test_each_trial_draws_with_its_own_seed_the_same_in_every_process():

@@ -64,6 +64,8 @@ def test_a_study_is_defined_by_what_its_trials_compute(define):
         define("hydra/launcher=joblib", "data.loader=torch"),
     ]
     assert {study.default_name(d) for d in same} == {name}
+    added = define(fixed={"+mirror": "http://me:s3cret@example.invalid/x"})
+    assert added["config"]["mirror"] == "http://me:***@example.invalid/x"  # kept in the study
 
 
 def test_a_name_reused_for_another_sweep_is_refused_saying_what_differs(define):
@@ -106,7 +108,7 @@ def test_outcomes_are_recorded_once(tmp_path):
     held = optuna.create_study(direction="maximize")
     done, failed, late = held.ask(SPACE), held.ask(SPACE), held.ask(SPACE)
     assert study.record(held, done, 0.75, "run-a")
-    assert study.record(held, failed, ValueError("bad\nmore"), "run-b")
+    assert study.record(held, failed, "ValueError: bad", "run-b")
     assert study.cut_off(held, late, "interrupted")
     assert not study.record(held, late, 0.5, "run-c")  # cut off first: stays so
     assert not study.cut_off(held, done, "interrupted")  # recorded first: stays so

@@ -189,26 +189,53 @@ def test_killed_sweep_resumes_anywhere_without_waiting_forever(tmp_path, data_ro
     check_resumed(tmp_path, "killed", n_trials=2, cut=0)
 
 
-def test_a_kill_right_after_asking_for_a_trial_does_not_stall_the_sweep(tmp_path, data_root):
+WORKER_DIES = """
+import os, signal, sys
+import optuna
+from mlflow.tracking import MlflowClient
+from fashion_sweep import workers
+
+study = optuna.load_study(study_name="orphan", storage="sqlite:///optuna.db")
+study.ask()  # killed right after asking: no worker, no heartbeat, no values
+space = study.trials[0].distributions
+trial = study.ask(space)  # a trial that ran to the end of its MLflow run ...
+trial.set_user_attr("worker", workers.me())
+client = MlflowClient("sqlite:///mlflow.db")
+parent = study.user_attrs["mlflow_parent_run_id"]
+run = client.create_run(
+    client.get_run(parent).info.experiment_id,
+    tags={"mlflow.parentRunId": parent, "trial": str(trial.number), "fashion_sweep.kind": "train"},
+)
+client.log_metric(run.info.run_id, "val/accuracy", 0.625)
+client.set_terminated(run.info.run_id, "FINISHED")
+print(run.info.run_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # ... and was killed before recording it
+"""
+
+
+def test_a_worker_killed_after_asking_or_after_its_run_does_not_stall_or_lose_it(
+    tmp_path, data_root
+):
     args = [*QUICK_DEATH, "hydra.sweeper.study_name=orphan"]
     first = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    asker = (  # a worker killed between study.ask() and anything else
-        "import os, signal, optuna\n"
-        "study = optuna.load_study(study_name='orphan', storage='sqlite:///optuna.db')\n"
-        "study.ask()\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    died = subprocess.run(
+        [sys.executable, "-c", WORKER_DIES], cwd=tmp_path, capture_output=True, text=True
     )
-    subprocess.run([sys.executable, "-c", asker], cwd=tmp_path, timeout=120)
-    assert trials(tmp_path, "orphan")[1].state == TrialState.RUNNING
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    run_id = died.stdout.strip()
+    assert [t.state for t in trials(tmp_path, "orphan")[1:]] == [TrialState.RUNNING] * 2
 
     started = time.monotonic()
-    done = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=2")
+    done = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=3")
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - started < 120
     found = trials(tmp_path, "orphan")
     assert found[1].state == TrialState.FAIL and found[1].user_attrs["interrupted"] == "crashed"
-    assert sum(schedule.counts(t) for t in found) == 2
+    assert (found[2].state, found[2].value) == (TrialState.COMPLETE, 0.625)  # as its run ended
+    assert found[2].user_attrs["mlflow_run_id"] == run_id
+    assert not [t for t in found if "retry_of" in t.user_attrs]
+    assert sum(schedule.counts(t) for t in found) == 3 and len(found) == 4
     assert not [t for t in found if t.state == TrialState.RUNNING]
 
 

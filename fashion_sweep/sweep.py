@@ -187,10 +187,10 @@ class Sweep:
             trials = self.study.get_trials(deepcopy=False)
             frozen = next(t for t in trials if t.number == trial.number)
             if schedule.surplus(trial.number, trials, self.n_trials):
-                self._cut_off([trial], "surplus")
+                self._step_aside(trial, "surplus")
                 break
             if schedule.duplicate(frozen, trials) and self._redraw(trials, trial.number):
-                self._cut_off([trial], "duplicate")
+                self._step_aside(trial, "duplicate")
                 continue
             asked.append(trial)
         return asked
@@ -245,12 +245,11 @@ class Sweep:
             f"tracking.run_name='{self.name} trial {trial.number}'",
         )
 
-    def _cut_off(self, trials: list[optuna.Trial], why: str) -> None:
-        """Steps aside this worker's trials that never ran (surplus, duplicate)."""
-        for trial in trials:
-            study.cut_off(self.study, trial, why)
-            self.beats.discard(self._trial_id(trial.number))
-            self.pending.remove(trial)
+    def _step_aside(self, trial: optuna.Trial, why: str) -> None:
+        """Cuts off a trial of this worker's that never ran (surplus, duplicate)."""
+        study.cut_off(self.study, trial, why)
+        self.beats.discard(self._trial_id(trial.number))
+        self.pending.remove(trial)
 
     def _wait(self, running: list[FrozenTrial]) -> None:
         """Waits for other workers' trials, saying which, and until when at most."""

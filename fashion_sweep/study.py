@@ -118,8 +118,10 @@ def definition(
     sampler: DictConfig,
     metric: str,
     direction: str,
+    extender: str | None = None,
 ) -> dict[str, Any]:
-    """What a study's trials compute: its objective, sampler (and seed), search space,
+    """What a study's trials compute: its objective, sampler (and seed), search space
+    (and the function that extends it, hydra.sweeper.custom_search_space, if any),
     and the trials' config outside the space (RUNTIME_KEYS left out). `fixed` are the
     sweep's fixed values (`key=value` as parsed, strings), set into the config as
     Hydra sets them into each trial's."""
@@ -144,6 +146,7 @@ def definition(
         "objective": f"{direction} {metric}",
         "sampler": OmegaConf.to_container(sampler, resolve=True),
         "space": {key: repr(d) for key, d in sorted(space.items())},
+        **({"custom_search_space": extender} if extender else {}),
         "config": {key: values[key] for key in sorted(values)},
     }
 

@@ -63,11 +63,18 @@ class Sweep:
         self.space, fixed, self.fixed_overrides = self._search_space(params + self.arguments)
         self.fixed = fixed
         self.points = schedule.points(self.space)
+        self.extend = self._extender()
         sampler = self._sampler()
         metric = self.config.optimized_metric
         direction = self._direction(metric)
         defined = study.definition(
-            self.config, self.space, fixed, self.sweeper.sampler, metric, direction
+            self.config,
+            self.space,
+            fixed,
+            self.sweeper.sampler,
+            metric,
+            direction,
+            self.sweeper.custom_search_space,
         )
         self.name = self.sweeper.study_name or study.default_name(defined)
         url = self.sweeper.storage
@@ -182,8 +189,8 @@ class Sweep:
             self.pending.append(trial)
             self.beats.add(self._trial_id(trial.number))  # a sign of life, then a name
             trial.set_user_attr("worker", workers.me())
-            if self.sweeper.custom_search_space:
-                self._extender()(self.config, trial)
+            if self.extend is not None:
+                self.extend(self.config, trial)
             trials = self.study.get_trials(deepcopy=False)
             frozen = next(t for t in trials if t.number == trial.number)
             if schedule.surplus(trial.number, trials, self.n_trials):
@@ -365,12 +372,19 @@ class Sweep:
             return make()
         return study.PerTrialSeed(make, self._seed())
 
+    def _extender(self) -> Any:
+        """hydra-optuna-sweeper's custom_search_space: a function the sweep's config names
+        to suggest more parameters per trial; None if there is none."""
+        name = self.sweeper.custom_search_space
+        if not name:
+            return None
+        try:  # the sweep's own config names it, as the plugin lets it
+            return instantiate({"_target_": name, "_partial_": True}, _execution_whitelist_=name)
+        except Exception as error:
+            raise SweepError(f"hydra.sweeper.custom_search_space={name}: {error}") from None
+
     def _seed(self) -> int | None:
         return self.sweeper.sampler.get("seed")
-
-    @functools.cache  # noqa: B019 (one Sweep per process)
-    def _extender(self) -> Any:
-        return instantiate({"_target_": self.sweeper.custom_search_space, "_partial_": True})
 
     def _trial_id(self, number: int) -> int:
         if number not in self.ids:

@@ -7,6 +7,7 @@ type cannot say (lr > 0, a subset no larger than its split) is checked by valida
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -121,6 +122,18 @@ class PredictConfig:
     tracking: Any = MISSING
     run_id: str = "latest"  # a run id, `latest`, or `best` (the last sweep's best trial)
     index: int = 0  # which test image
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}"""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def register_configs() -> None:

@@ -32,6 +32,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep import sqlite_wal
+from fashion_sweep.config import flatten
 from fashion_sweep.redaction import one_line, redact
 from fashion_sweep.schedule import CUT_OFF, FAILURE, trial_seed
 
@@ -136,7 +137,7 @@ def definition(
             extra[key] = value
         else:
             OmegaConf.update(task, key, value)  # typed by the schema: "64" -> 64
-    values = _flatten(OmegaConf.to_container(task, resolve=True, enum_to_str=True))
+    values = flatten(OmegaConf.to_container(task, resolve=True, enum_to_str=True))
     values = {
         key: redact(value) if isinstance(value, str) else value  # it is kept in the study
         for key, value in {**values, **extra}.items()
@@ -159,7 +160,7 @@ def default_name(defined: dict[str, Any]) -> str:
 
 def differences(held: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     """`key: study's value -> this command's` for each part of two definitions."""
-    ours, theirs = _flatten(asked), _flatten(held)
+    ours, theirs = flatten(asked), flatten(held)
     return [
         f"{key}: {theirs.get(key, '(none)')} -> {ours.get(key, '(none)')}"
         for key in sorted(set(ours) | set(theirs))
@@ -188,15 +189,6 @@ def check_definition(study: optuna.Study, defined: dict[str, Any], created: bool
             f"hydra.sweeper.study_name={study.study_name} holds another sweep "
             f"({'; '.join(changed)}): run that sweep's command, or name a new study"
         )
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
 
 
 def _under(key: str, roots: tuple[str, ...]) -> bool:
@@ -301,6 +293,22 @@ def _for_recording(url: str | None, name: str) -> tuple[optuna.Study, Any, int] 
     return recording, where, where.get_study_id_from_name(name)
 
 
+def outcome_of(
+    job: Any, uri: str, parent_run_id: str, number: int
+) -> tuple[float | str, str | None] | None:
+    """A job's outcome (its value, or why it failed) and its MLflow run; None for a job
+    cut off by a signal, which the sweep marks."""
+    try:
+        outcome = job.return_value  # re-raises the job's exception
+    except Exception as error:
+        from fashion_sweep.tracking import trial_run_id  # a failed job's run: look it up
+
+        return one_line(error), trial_run_id(uri, parent_run_id, number)
+    except BaseException:
+        return None
+    return outcome, getattr(outcome, "run_id", None)  # train.Objective carries it
+
+
 class ReportToStudy(Callback):
     """Records each trial's outcome from the process that ran it, as its job returns
     (conf/sweep/optuna.yaml lists it in hydra.callbacks). A job cut off by a signal is
@@ -313,16 +321,9 @@ class ReportToStudy(Callback):
         found = trial(config.hydra.sweeper.get("storage"), name, number)
         if found is None:
             return
-        run_id = None
-        try:
-            outcome = job_return.return_value  # re-raises the job's exception
-            run_id = getattr(outcome, "run_id", None)  # train.Objective
-        except Exception as error:
-            outcome = one_line(error)
-            from fashion_sweep.tracking import trial_run_id
-
-            run_id = trial_run_id(config.tracking.uri, config.tracking.parent_run_id, number)
-        except BaseException:
+        ended = outcome_of(job_return, config.tracking.uri, config.tracking.parent_run_id, number)
+        if ended is None:
             return
+        outcome, run_id = ended
         if not record(*found, outcome, run_id):
             log.warning(f"Trial {number} had been cut off before its result came; not recorded")

@@ -33,7 +33,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep import schedule, study, tracking, workers
-from fashion_sweep.redaction import mask_log_records, one_line, redact
+from fashion_sweep.redaction import mask_log_records, redact
 from fashion_sweep.schedule import RETRY_OF
 from fashion_sweep.sweeper import StudySweeper, SweepError
 
@@ -231,12 +231,10 @@ class Sweep:
     def _record(self, trial: optuna.Trial, job: Any) -> str | None:
         """Records a job's outcome here (a study in this process's memory, a job whose
         process died); the reason it failed, if it did."""
-        try:
-            outcome = job.return_value  # re-raises the job's exception
-            run_id = getattr(outcome, "run_id", None)  # train.Objective
-        except Exception as error:
-            outcome = one_line(error)
-            run_id = tracking.trial_run_id(self.config.tracking.uri, self.parent, trial.number)
+        ended = study.outcome_of(job, self.config.tracking.uri, self.parent, trial.number)
+        if ended is None:
+            return None
+        outcome, run_id = ended
         study.record(self.study, trial, outcome, run_id)
         return outcome if isinstance(outcome, str) else None
 

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_sweep import sqlite_wal
+from fashion_sweep.config import flatten
 from fashion_sweep.redaction import one_line, redact
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -37,18 +38,6 @@ KIND_TAG = "fashion_sweep.kind"  # "train" for a training run, "sweep" for a swe
 EXPERIMENT_KIND = "mlflow.experimentKind"
 YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _EXPERIMENT_IDS: dict[tuple[str, str, str], str] = {}  # see use_experiment
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}"""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 @functools.cache  # the code this process runs: as it was when the process started

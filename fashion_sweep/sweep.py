@@ -32,7 +32,7 @@ from omegaconf import OmegaConf, read_write
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from fashion_sweep import schedule, study, tracking, workers
+from fashion_sweep import schedule, signals, study, tracking, workers
 from fashion_sweep.redaction import mask_log_records, redact
 from fashion_sweep.schedule import RETRY_OF
 from fashion_sweep.sweeper import StudySweeper, SweepError
@@ -40,6 +40,7 @@ from fashion_sweep.sweeper import StudySweeper, SweepError
 log = logging.getLogger(__name__)
 PARENT_RUN = "mlflow_parent_run_id"  # study user attr
 POLL_SECONDS = 2.0  # how often a worker with nothing to run looks at the others' trials
+DEAD_WORKER = "interrupted: its sweep worker died"  # failure_reason of a crashed trial's run
 SAY_EVERY = 30.0  # seconds between the lines saying what a waiting worker waits for
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 # Samplers whose seed fixes one sequence of points that trials take by number or by what
@@ -101,11 +102,12 @@ class Sweep:
             self._loop()
             self._finish(metric)
         except BaseException as error:
+            why = signals.reason(error)  # Ctrl-C, SIGTERM, SIGHUP, or an error here
             for trial in list(self.pending):
                 try:
-                    self._settle(self.study, trial, "interrupted")
+                    self._settle(self.study, trial, why)
                 except Exception:  # MLflow out of reach: the study is what counts
-                    study.cut_off(self.study, trial, "interrupted")
+                    study.cut_off(self.study, trial, why)
             tracking.close_sweep_run(self.parent, error)
             raise
         finally:
@@ -165,14 +167,14 @@ class Sweep:
             return False
         if not study.cut_off(holder, trial, why):
             return False
-        tracking.kill_run(uri, run)
+        tracking.kill_run(uri, run, DEAD_WORKER if why == "crashed" else why)
         return True
 
     def _on_stale(self, _: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's callback for a trial it failed because its heartbeat stopped."""
         log.warning(self._gone(trial))
         uri = self.config.tracking.uri
-        tracking.kill_run(uri, tracking.trial_run(uri, self.parent, trial.number))
+        tracking.kill_run(uri, tracking.trial_run(uri, self.parent, trial.number), DEAD_WORKER)
 
     def _gone(self, trial: FrozenTrial) -> str:
         worker = workers.name(trial.user_attrs.get("worker"))

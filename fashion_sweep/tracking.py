@@ -21,7 +21,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_sweep import sqlite_wal
+from fashion_sweep import signals, sqlite_wal
 from fashion_sweep.config import flatten
 from fashion_sweep.redaction import one_line, redact
 
@@ -111,8 +111,8 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
                 Path(tmp, name).write_text(redact(text))
             artifacts_of(run).log_artifacts(tmp)
         yield run.info.run_id
-    except KeyboardInterrupt:
-        mlflow.set_tag("failure_reason", "interrupted")
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
+        mlflow.set_tag("failure_reason", signals.reason(stop))
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as error:
@@ -226,11 +226,11 @@ def ended_as(run: mlflow.entities.Run, metric: str) -> float | str | None:
     return None
 
 
-def kill_run(uri: str, run: mlflow.entities.Run | None) -> None:
+def kill_run(uri: str, run: mlflow.entities.Run | None, why: str) -> None:
     """Marks a cut-off trial's run KILLED, if it was still running."""
     if run is not None and run.info.status == "RUNNING":
         client = MlflowClient(uri)
-        client.set_tag(run.info.run_id, "failure_reason", "interrupted: its sweep worker died")
+        client.set_tag(run.info.run_id, "failure_reason", why)
         client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
@@ -246,7 +246,8 @@ def close_sweep_run(
     client = MlflowClient()
     if error is not None:
         killed = isinstance(error, KeyboardInterrupt)
-        client.set_tag(run_id, "failure_reason", "interrupted" if killed else one_line(error))
+        why = signals.reason(error) if killed else one_line(error)
+        client.set_tag(run_id, "failure_reason", why)
         status = RunStatus.KILLED if killed else RunStatus.FAILED
         client.set_terminated(run_id, RunStatus.to_string(status))
         return

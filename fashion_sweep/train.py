@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import sys
@@ -20,10 +21,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from fashion_sweep import signals
 from fashion_sweep.config import CONF_DIR, ConfigError, register_configs, validate
 from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
 from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
 from fashion_sweep.redaction import mask_log_records
+from fashion_sweep.signals import interrupts
 
 # What a config's _target_ may name (Hydra 1.4 asks instantiate() for a whitelist).
 TARGETS = ["fashion_sweep.model.*", "torch.optim.*"]
@@ -151,7 +154,8 @@ mask_log_records()  # whatever logs a URI in this process (a launcher, a store) 
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
-        metrics, run_id = train(cfg, list(hydra_cfg.overrides.task))
+        with interrupts():  # also in a launcher's worker process (joblib)
+            metrics, run_id = train(cfg, list(hydra_cfg.overrides.task))
         return Objective(metrics[cfg.optimized_metric], run_id)
     except (ConfigError, DataError, DivergedError) as error:
         if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -177,4 +181,10 @@ if __name__ == "__main__":
     # pickle the task function by reference (a __main__ function is pickled by value)
     from fashion_sweep.train import main as entry_point
 
-    entry_point()
+    try:
+        with interrupts():  # the sweep's own work between trials too
+            entry_point()
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the runs are ended
+        with contextlib.suppress(OSError):  # no terminal left (SIGHUP)
+            print(f"error: {signals.reason(stop)}", file=sys.stderr)
+        signals.exit_like(stop)

@@ -7,13 +7,17 @@ type cannot say (lr > 0, a subset no larger than its split) is checked by valida
 
 from __future__ import annotations
 
+import inspect
+import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig
 
 # Absolute, so Hydra finds it however the entry point was imported (see train.py).
@@ -24,7 +28,14 @@ METRICS = {"train/loss", "val/loss", "val/accuracy", "test/loss", "test/accuracy
 
 
 class ConfigError(ValueError):
-    """A config value that composes but cannot be run; the message names the key."""
+    """A config value that composes but cannot be run; the message names the key.
+
+    `keys` are the config keys it is about: given, or the message's first word."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        found = re.match(r"[\w.]+", message)
+        self.keys = keys or ((found.group(),) if found else ())
 
 
 class Device(str, Enum):
@@ -150,22 +161,71 @@ def register_configs() -> None:
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig, replace=True)
 
 
-def _check(ok: bool, message: str) -> None:
+SEEDS = 2**64  # torch's generators take seeds below this
+# Config groups whose keys are their schema's fields (the rest: their _target_'s arguments)
+SCHEMAS = {"data": DataConfig, "trainer": TrainerConfig, "tracking": TrackingConfig}
+SET_BY_TRAIN = {"params"}  # what train() passes to the optimizer itself
+
+
+def _check(ok: bool, message: str, *keys: str) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise ConfigError(message, keys)
+
+
+def _number(node: DictConfig, key: str, low: float, strict: bool = False) -> None:
+    value = node[key]
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    relation = ">" if strict else ">="
+    path = f"{node._get_full_key(key)}"
+    _check(ok, f"{path} must be a finite number {relation} {low:g}, got {value}")
+
+
+def _known_keys(cfg: DictConfig) -> None:
+    """A key added with `+` (`+optimizer.foo=1`) must be one the code reads: a field of
+    the group's schema, or an argument of the class its _target_ names."""
+    for group, schema in SCHEMAS.items():
+        extra = sorted(set(cfg[group]) - {f.name for f in fields(schema)})
+        _check(not extra, f"{group}.{extra[0] if extra else ''} is not a key of {group}")
+    for group in ("model", "optimizer"):
+        target = cfg[group]._target_
+        try:
+            accepted = inspect.signature(get_class(target)).parameters
+        except Exception:  # not importable: instantiate() says so
+            continue
+        if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            continue
+        names = set(accepted) - SET_BY_TRAIN
+        for key in cfg[group]:
+            _check(
+                key == "_target_" or key in names,
+                f"{group}.{key} is not an argument of {target} "
+                f"(it takes: {', '.join(sorted(names))})",
+            )
 
 
 def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
     data, opt, trainer = cfg.data, cfg.optimizer, cfg.trainer
-    _check(opt.lr > 0, f"optimizer.lr must be > 0, got {opt.lr}")
+    _known_keys(cfg)
+    _number(opt, "lr", 0, strict=True)
     for key in ("momentum", "weight_decay", "eps"):
         if key in opt:
-            _check(opt[key] >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
+            _number(opt, key, 0)
+    _check(
+        not opt.get("nesterov") or opt.get("momentum", 0) > 0,
+        f"optimizer.nesterov=true needs optimizer.momentum > 0, got {opt.get('momentum')}",
+        "optimizer.nesterov",
+        "optimizer.momentum",
+    )
     if "betas" in opt:
         _check(
             len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
             f"optimizer.betas must be two numbers in [0, 1), got {list(opt.betas)}",
+        )
+    for node, key in ((trainer, "seed"), (data, "split_seed")):
+        _check(
+            0 <= node[key] < SEEDS,
+            f"{node._get_full_key(key)} must be in [0, 2**64), got {node[key]}",
         )
     _check(cfg.model.width > 0, f"model.width must be > 0, got {cfg.model.width}")
     _check(cfg.model.depth >= 0, f"model.depth must be >= 0, got {cfg.model.depth}")
@@ -199,4 +259,6 @@ def validate(cfg: DictConfig) -> None:
     _check(
         not metric.startswith("val/") or data.val_size > 0,
         f"optimized_metric={metric} needs a validation split: set data.val_size > 0",
+        "optimized_metric",
+        "data.val_size",
     )

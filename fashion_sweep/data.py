@@ -8,10 +8,13 @@ from it, which removes the per-image PIL work and the host-to-device copies.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import math
+import os
 import shutil
+import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,23 +43,43 @@ class DataError(RuntimeError):
 
 
 def prepare_raw(root: str | Path, download: bool = False) -> Path:
-    """Makes sure <root>/FashionMNIST/raw/ holds the four idx files, whole."""
+    """Makes sure <root>/FashionMNIST/raw/ holds the four idx files, whole. Any number
+    of processes may do this at once on a fresh root."""
     raw = Path(root) / "FashionMNIST" / "raw"
     if download:
-        from torchvision import datasets
-
-        datasets.FashionMNIST(str(root), train=True, download=True)
-        datasets.FashionMNIST(str(root), train=False, download=True)
+        _download(root)
     for name, size in RAW_FILES.items():
         path = raw / name
-        if not path.exists():
-            _unpack_debian_copy(name, path)
-        if path.stat().st_size != size:
+        try:
+            if not path.exists():
+                _unpack_debian_copy(name, path)
+            found = path.stat().st_size
+        except OSError as error:  # not a folder, not writable, a full disk
             raise DataError(
-                f"{path} is truncated or damaged ({path.stat().st_size} bytes, expected "
+                f"data.root={root}: cannot write {path} ({error.strerror or error}): "
+                f"point data.root at a writable folder, or unpack the four files there "
+                f"yourself; to get them, {HOW_TO_GET}"
+            ) from None
+        if found != size:
+            raise DataError(
+                f"{path} is truncated or damaged ({found} bytes, expected "
                 f"{size}): delete it and run again to unpack it afresh, or {HOW_TO_GET}"
             )
     return raw
+
+
+def _download(root: str | Path) -> None:
+    from torchvision import datasets
+
+    try:
+        datasets.FashionMNIST(str(root), train=True, download=True)
+        datasets.FashionMNIST(str(root), train=False, download=True)
+    except Exception as error:  # offline, a proxy, a server that is down
+        reason = " ".join(str(error).split())[:300]
+        raise DataError(
+            f"data.download=true: the download failed ({type(error).__name__}: {reason}); "
+            f"offline, set data.download=false and {HOW_TO_GET.split(', or ')[0]}"
+        ) from None
 
 
 def _unpack_debian_copy(name: str, path: Path) -> None:
@@ -64,11 +87,25 @@ def _unpack_debian_copy(name: str, path: Path) -> None:
     if not source.exists():
         raise DataError(f"FashionMNIST not found: no {path} and no {source}; {HOW_TO_GET}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    # note: unpack beside the target, then rename, so an interrupted run leaves no half file
-    with gzip.open(source, "rb") as src, open(partial, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    partial.replace(path)
+    # note: each process unpacks into a file of its own beside the target, then renames
+    # it into place: an interrupted run leaves no half file, and processes unpacking at
+    # once on a fresh root each rename a whole copy (the last one stays)
+    fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it, not mkstemp's 0600
+        with gzip.open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_splits(

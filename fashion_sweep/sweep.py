@@ -63,6 +63,7 @@ class Sweep:
         params = [f"{k}={v}" for k, v in (self.sweeper.params or {}).items()]
         self.space, fixed, self.fixed_overrides = self._search_space(params + self.arguments)
         self.fixed = fixed
+        self._preflight()
         self.points = schedule.points(self.space)
         self.extend = self._extender()
         sampler = self._sampler()
@@ -112,6 +113,27 @@ class Sweep:
             raise
         finally:
             self.beats.stop()
+
+    def _preflight(self) -> None:
+        """A trial's config, checked before any store opens (fashion_sweep.train.preflight,
+        which also sets up the MLflow store and the data on first use): a value no trial
+        can run with is refused now, not trial after trial. What depends on the trial's
+        own values (a learning rate the space allows) is left to the trial."""
+        from fashion_sweep.data import DataError
+        from fashion_sweep.train import ConfigError, preflight
+
+        point = {name: _some_value(d) for name, d in self.space.items()}
+        lines = [f"{k}={v}" for k, v in {**point, **self.fixed}.items()]
+        try:
+            config = self.sweeper.compose.load_sweep_config(
+                self.config, [*lines, *self.fixed_overrides]
+            )
+            preflight(config)
+        except ConfigError as error:
+            if not set(error.keys) & set(self.space):
+                raise SweepError(str(error)) from None
+        except (DataError, HydraException) as error:
+            raise SweepError(str(error).splitlines()[0]) from None
 
     def _loop(self) -> None:
         while True:
@@ -441,6 +463,12 @@ class Sweep:
                 f"set hydra.sweeper.direction={expected}"
             )
         return direction
+
+
+def _some_value(distribution: BaseDistribution) -> Any:
+    """A value the search space holds: its first choice, or its low end."""
+    choices = getattr(distribution, "choices", None)
+    return choices[0] if choices else distribution.low
 
 
 def _exists(config: Any, key: str) -> bool:

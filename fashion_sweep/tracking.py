@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -21,7 +22,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_sweep import signals, sqlite_wal
+from fashion_sweep import signals, sqlite_wal, stores
 from fashion_sweep.config import flatten
 from fashion_sweep.redaction import one_line, redact
 
@@ -51,29 +52,56 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def use_experiment(uri: str, experiment: str) -> str:
-    """Points MLflow at `uri` and returns the experiment's id, creating it if needed.
-    The id is looked up once per process (a sweep's trials share it)."""
+def use_experiment(uri: str, experiment: str, create: bool = True) -> str:
+    """Points MLflow at `uri` and returns the experiment's id, creating it if needed
+    (with create=False, a store or experiment that is not there is a LookupError).
+    The address is checked first (fashion_sweep/stores.py) and the id looked up once
+    per process (a sweep's trials share it); what fails is a StoreError in one line."""
     mlflow.set_tracking_uri(uri)
     key = (uri, experiment, os.getcwd())  # a relative sqlite:/// URI names a file here
     if key not in _EXPERIMENT_IDS:
-        _EXPERIMENT_IDS[key] = _experiment_id(experiment)
+        try:
+            stores.check("tracking.uri", uri, must_exist=not create)
+        except stores.StoreError as error:
+            raise (error if create else LookupError(str(error))) from None
+        with stores.first_use(uri):
+            try:
+                _EXPERIMENT_IDS[key] = _experiment_id(uri, experiment, create)
+            except (LookupError, stores.StoreError):
+                raise
+            except Exception as error:  # the store's own: a bad URL, a refusal, a schema
+                raise stores.StoreError(f"tracking.uri={redact(uri)}: {one_line(error)}") from None
     return _EXPERIMENT_IDS[key]
 
 
-def _experiment_id(experiment: str) -> str:
+def _experiment_id(uri: str, experiment: str, create: bool) -> str:
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
+    if not create:
+        raise LookupError(f"no experiment {experiment!r} in {redact(uri)}")
     try:
         # the UI then opens on the runs table (model training), not on GenAI traces
         return client.create_experiment(
-            experiment, tags={EXPERIMENT_KIND: "custom_model_development"}
+            experiment,
+            artifact_location=artifact_location(uri, experiment),
+            tags={EXPERIMENT_KIND: "custom_model_development"},
         )
     except mlflow.exceptions.MlflowException:
         # another process created it first
         return client.get_experiment_by_name(experiment).experiment_id
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its runs' artifacts: beside a SQLite store, in
+    `mlruns/<experiment>/` (MLflow's default is ./mlruns of whichever folder the
+    process runs in); a server or another database: MLflow's choice."""
+    path = stores.sqlite_path(uri)
+    if path is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return str(path.resolve().parent / "mlruns" / slug)
 
 
 def artifacts_of(run: mlflow.entities.Run) -> ArtifactRepository:
@@ -136,32 +164,70 @@ def log_state_dict(model: torch.nn.Module) -> None:
 
 
 def resolve_run_id(uri: str, experiment: str, run_id: str) -> str:
-    """A run id as given, or `latest` (newest finished training run), or `best`
-    (the newest sweep's best trial); a sweep's parent id also leads to its best trial."""
-    experiment_id = use_experiment(uri, experiment)
+    """A run id as given, or `latest` (the newest finished training run with a model),
+    or `best` (the newest sweep's best trial); a sweep's parent id also leads to its
+    best trial. The run must have its model.pth. Opens the store read-only: a store or
+    run that is not there is a LookupError."""
+    experiment_id = use_experiment(uri, experiment, create=False)
     client = MlflowClient()
-    if run_id in ("latest", "best"):
-        kind = "train" if run_id == "latest" else "sweep"
+    if run_id == "latest":
+        return _newest_with_model(client, experiment_id, experiment)
+    if run_id == "best":
         runs = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{KIND_TAG}` = '{kind}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{KIND_TAG}` = 'sweep' and attributes.status = 'FINISHED'",
             order_by=["attributes.end_time DESC"],
             max_results=1,
         )
         if not runs:
-            raise LookupError(f"run_id={run_id}: no finished {kind} run in {experiment!r}")
+            raise LookupError(f"run_id=best: no finished sweep in {experiment!r}")
         run = runs[0]
     else:
         try:
             run = client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
-            raise LookupError(f"run_id={run_id}: no such run in {uri}") from None
+            raise LookupError(f"run_id={run_id}: no such run in {redact(uri)}") from None
     if run.data.tags.get(KIND_TAG) == "sweep":
         best = run.data.tags.get("best_run_id")
         if not best:
             raise LookupError(f"sweep run {run.info.run_id} has no best_run_id tag yet")
-        return best
+        run = client.get_run(best)
+    if not _has_model(client, run):
+        raise LookupError(f"run {run.info.run_id} has no model.pth: {_why_no_model(run)}")
     return run.info.run_id
+
+
+def _has_model(client: MlflowClient, run: mlflow.entities.Run) -> bool:
+    return any(a.path == "model.pth" for a in client.list_artifacts(run.info.run_id))
+
+
+def _why_no_model(run: mlflow.entities.Run) -> str:
+    if run.data.params.get("tracking.log_model") == "False":
+        return "it ran with tracking.log_model=false"
+    if run.info.status != "FINISHED":
+        reason = run.data.tags.get("failure_reason")
+        return f"it is {run.info.status}" + (f" ({reason})" if reason else "")
+    return "it was not logged"
+
+
+def _newest_with_model(client: MlflowClient, experiment_id: str, experiment: str) -> str:
+    """The newest FINISHED training run that has a model.pth (a run with
+    tracking.log_model=false has none)."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{KIND_TAG}` = 'train' and attributes.status = 'FINISHED'",
+            order_by=["attributes.end_time DESC"],
+            max_results=100,
+            page_token=token,
+        )
+        for run in page:
+            if _has_model(client, run):
+                return run.info.run_id
+        token = page.token
+        if not token:
+            raise LookupError(f"run_id=latest: no finished run with a model in {experiment!r}")
 
 
 def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import sys
 import time
 from inspect import signature
@@ -15,13 +16,19 @@ from typing import Any, NamedTuple
 
 import hydra
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
 from fashion_sweep import signals
+from fashion_sweep.compose import ComposeOnce
 from fashion_sweep.config import CONF_DIR, ConfigError, register_configs, validate
 from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
 from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
@@ -31,7 +38,11 @@ from fashion_sweep.signals import interrupts
 # What a config's _target_ may name (Hydra 1.4 asks instantiate() for a whitelist).
 TARGETS = ["fashion_sweep.model.*", "torch.optim.*"]
 # What hydra.callbacks may name (conf/train.yaml, conf/sweep/optuna.yaml).
-CALLBACKS = ["fashion_sweep.redaction.RedactHydraFiles", "fashion_sweep.study.ReportToStudy"]
+CALLBACKS = [
+    "fashion_sweep.redaction.RedactHydraFiles",
+    "fashion_sweep.study.ReportToStudy",
+    "fashion_sweep.train.CheckJobs",
+]
 SPLIT_TITLES = {"val": "Validation Error", "test": "Test Error"}
 
 
@@ -73,20 +84,37 @@ class Objective(float):
         return (Objective, (float(self), self.run_id))
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
-    """Seed, data, model, optimizer, a tracked run of the epoch loop."""
+def check(cfg: DictConfig) -> torch.device:
+    """The config's values, and the device they name; raises ConfigError."""
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.cuda_graph and device.type != "cuda":
         raise ConfigError(f"trainer.cuda_graph=true needs CUDA, but this run is on {device}")
+    return device
+
+
+def preflight(cfg: DictConfig) -> torch.device:
+    """What a run needs, checked before it starts, in order: the config's values, the
+    device, the MLflow store (reached, and set up on first use), the data (unpacked on
+    first use). Raises ConfigError, StoreError or DataError in one line."""
+    device = check(cfg)
     # note: imported after the checks, so bad input fails without waiting for mlflow
+    from fashion_sweep.tracking import use_experiment
+
+    use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    prepare_raw(cfg.data.root, cfg.data.download)
+    return device
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
+    """Seed, data, model, optimizer, a tracked run of the epoch loop."""
+    device = preflight(cfg)
     from fashion_sweep.predict import predict_one
     from fashion_sweep.tracking import log_epoch, log_state_dict, tracked_run
 
     print(f"Using {device} device")
 
     data = cfg.data
-    prepare_raw(data.root, data.download)
     splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
     loaders = make_loaders(
         splits,
@@ -106,13 +134,16 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
         cfg.trainer.cuda_graph
         and "capturable" in signature(get_class(cfg.optimizer._target_)).parameters
     )
-    optimizer = instantiate(
-        cfg.optimizer,
-        params=model.parameters(),
-        _convert_="all",
-        _execution_whitelist_=TARGETS,
-        **({"capturable": True} if capturable else {}),
-    )
+    try:
+        optimizer = instantiate(
+            cfg.optimizer,
+            params=model.parameters(),
+            _convert_="all",
+            _execution_whitelist_=TARGETS,
+            **({"capturable": True} if capturable else {}),
+        )
+    except (InstantiationException, TypeError, ValueError) as error:  # torch refuses them
+        raise ConfigError(f"optimizer: {str(error).splitlines()[0]}", ("optimizer",)) from None
     step = TrainStep(model, loss_fn, optimizer, cuda_graph=cfg.trainer.cuda_graph)
 
     with tracked_run(cfg, {"device": str(device)}, overrides or []) as run_id:
@@ -144,6 +175,51 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
         predicted, actual = predict_one(model, splits["test"], 0)
         print(f'Predicted: "{predicted}", Actual: "{actual}"')
     return Trained(metrics, run_id)
+
+
+class CheckJobs(Callback):
+    """A plain multirun (`-m optimizer.lr=0,0.1`, Hydra's basic sweeper) checks every
+    job's config as a run would (preflight) before the first job starts, and refuses
+    a bad one in one line (exit status 2); Optuna sweeps check theirs in
+    fashion_sweep/sweep.py."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.hydra.sweeper._target_.endswith(".BasicSweeper"):
+            return
+        loader = ComposeOnce(GlobalHydra.instance().config_loader())
+        params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+        parser = OverridesParser.create()
+        parsed = parser.parse_overrides([*params, *config.hydra.overrides.task])
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+        jobs = _jobs(parsed)
+        try:
+            configs = [loader.load_sweep_config(config, job) for job in jobs]
+        except Exception:  # a key that is not there, ...: Hydra's sweeper says so itself
+            return
+        for step in (check, preflight):  # every job's values first, then store and data
+            for number, (job, run) in enumerate(zip(jobs, configs, strict=True)):
+                try:
+                    step(run)
+                except (ConfigError, DataError) as error:
+                    which = " ".join(line for line in job if line.split("=")[0] in swept)
+                    # note: Hydra turns a callback's exceptions into warnings: exit here
+                    print(f"error: job {number} ({which}): {error}", file=sys.stderr)
+                    sys.exit(2)
+
+
+def _jobs(parsed: list[Override]) -> list[list[str]]:
+    """The jobs of a plain multirun, in the basic sweeper's order: every combination of
+    the comma-separated values (a later override of a key replaces an earlier one)."""
+    lines: dict[str, list[str]] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_discrete_sweep():
+            lines[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        elif override.is_sweep_override():
+            return []  # ranges and intervals: the sweeper refuses them itself
+        else:
+            lines[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*lines.values())]
 
 
 register_configs()

@@ -118,17 +118,30 @@ def _trial_timings(cwd: str) -> tuple[list[datetime], dict[int, float]]:
     return starts, loops
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per path")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--train-size", type=int, default=None, help="first N images")
+    parser.add_argument("--epochs", type=_at_least(1), default=3, help="timed epochs per path")
+    parser.add_argument("--batch-size", type=_at_least(1), default=64)
+    parser.add_argument("--train-size", type=_at_least(1), default=None, help="first N images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--sweep-overhead", type=int, default=0, metavar="TRIALS")
-    parser.add_argument("--sweep-epochs", type=int, default=1, help="epochs per sweep trial")
+    parser.add_argument("--sweep-overhead", type=_at_least(0), default=0, metavar="TRIALS")
+    parser.add_argument(
+        "--sweep-epochs", type=_at_least(1), default=1, help="epochs per sweep trial"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

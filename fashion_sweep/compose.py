@@ -103,3 +103,22 @@ class ComposeOnce:
         ):
             return None
         return "choice" if override.key_or_group in groups else "value"
+
+
+def plain(line: str) -> str:
+    """An override as a user would type it: `tracking.uri=sqlite\\:////x.db` (the
+    escaped form Hydra and the Optuna sweeper write) as `tracking.uri=sqlite:////x.db`,
+    where that parses to the same value; any other line as it is."""
+    if "\\" not in line:
+        return line
+    try:
+        (override,) = _parser().parse_overrides([line])
+        value = override.value()
+        if not isinstance(value, str) or override.is_sweep_override():
+            return line
+        key = line.split("=", 1)[0]
+        simpler = f"{key}={value}"
+        (again,) = _parser().parse_overrides([simpler])
+        return simpler if again.value() == value else line
+    except Exception:  # not an override this grammar reads: keep it
+        return line

@@ -63,10 +63,10 @@ class Sweep:
         params = [f"{k}={v}" for k, v in (self.sweeper.params or {}).items()]
         self.space, fixed, self.fixed_overrides = self._search_space(params + self.arguments)
         self.fixed = fixed
-        self._preflight()
         self.points = schedule.points(self.space)
         self.extend = self._extender()
         sampler = self._sampler()
+        self._preflight()
         metric = self.config.optimized_metric
         direction = self._direction(metric)
         defined = study.definition(
@@ -382,7 +382,10 @@ class Sweep:
         return str(path)
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
-        make = instantiate(self.sweeper.sampler, _partial_=True, _execution_whitelist_=SAMPLERS)
+        try:
+            make = instantiate(self.sweeper.sampler, _partial_=True, _execution_whitelist_=SAMPLERS)
+        except HydraException as error:
+            raise SweepError(f"hydra.sweeper.sampler: {str(error).splitlines()[0]}") from None
         kind = make.func
         if kind is optuna.samplers.GridSampler:  # the grid sampler wants the space
             grid = {name: schedule.values(d) for name, d in self.space.items()}
@@ -390,8 +393,12 @@ class Sweep:
                 raise SweepError("the grid sampler needs a finite search space (choice, range)")
             make = functools.partial(make, grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+        try:
+            first = make()  # its arguments, checked here, before any store opens
+        except (TypeError, ValueError) as error:
+            raise SweepError(f"hydra.sweeper.sampler: {str(error).splitlines()[0]}") from None
         if kind in SEQUENCES:
-            return make()
+            return first
         return study.PerTrialSeed(make, self._seed())
 
     def _extender(self) -> Any:

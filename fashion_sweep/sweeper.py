@@ -88,6 +88,7 @@ class StudySweeper(Sweeper):
 
     def check(self) -> None:
         """The sweeper's own numbers, before anything is opened."""
+        seed = self.sampler.get("seed")  # numpy's generators, under Optuna's samplers
         checks = [
             (self.n_trials >= 1, f"hydra.sweeper.n_trials must be >= 1, got {self.n_trials}"),
             (self.n_jobs >= 1, f"hydra.sweeper.n_jobs must be >= 1, got {self.n_jobs}"),
@@ -103,6 +104,10 @@ class StudySweeper(Sweeper):
                 self.grace_period > self.heartbeat_interval,
                 f"hydra.sweeper.grace_period must be more than heartbeat_interval "
                 f"({self.heartbeat_interval}), got {self.grace_period}",
+            ),
+            (
+                seed is None or (isinstance(seed, int) and 0 <= seed < 2**32),
+                f"hydra.sweeper.sampler.seed must be in [0, 2**32) or null, got {seed}",
             ),
             (
                 self.storage is None or isinstance(self.storage, str),

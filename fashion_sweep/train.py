@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fashion_sweep import signals
-from fashion_sweep.compose import ComposeOnce
+from fashion_sweep.compose import ComposeOnce, plain
 from fashion_sweep.config import CONF_DIR, ConfigError, register_configs, validate
 from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
 from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
@@ -231,7 +231,7 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         with interrupts():  # also in a launcher's worker process (joblib)
-            metrics, run_id = train(cfg, list(hydra_cfg.overrides.task))
+            metrics, run_id = train(cfg, [plain(o) for o in hydra_cfg.overrides.task])
         return Objective(metrics[cfg.optimized_metric], run_id)
     except (ConfigError, DataError, DivergedError) as error:
         if hydra_cfg.mode == RunMode.MULTIRUN:

@@ -87,6 +87,11 @@ class Objective(float):
 def check(cfg: DictConfig) -> torch.device:
     """The config's values, and the device they name; raises ConfigError."""
     validate(cfg)
+    try:  # what torch refuses in combination (nesterov with dampening), on one tensor
+        probe = torch.zeros(1, requires_grad=True)
+        instantiate(cfg.optimizer, params=[probe], _convert_="all", _execution_whitelist_=TARGETS)
+    except (InstantiationException, TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer: {str(error).splitlines()[0]}", ("optimizer",)) from None
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.cuda_graph and device.type != "cuda":
         raise ConfigError(f"trainer.cuda_graph=true needs CUDA, but this run is on {device}")
@@ -95,14 +100,14 @@ def check(cfg: DictConfig) -> torch.device:
 
 def preflight(cfg: DictConfig) -> torch.device:
     """What a run needs, checked before it starts, in order: the config's values, the
-    device, the MLflow store (reached, and set up on first use), the data (unpacked on
-    first use). Raises ConfigError, StoreError or DataError in one line."""
+    device, the data files (unpacked on first use), the MLflow store (reached, and set
+    up on first use). Raises ConfigError, DataError or StoreError in one line."""
     device = check(cfg)
+    prepare_raw(cfg.data.root, cfg.data.download)
     # note: imported after the checks, so bad input fails without waiting for mlflow
     from fashion_sweep.tracking import use_experiment
 
     use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    prepare_raw(cfg.data.root, cfg.data.download)
     return device
 
 
@@ -134,16 +139,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
         cfg.trainer.cuda_graph
         and "capturable" in signature(get_class(cfg.optimizer._target_)).parameters
     )
-    try:
-        optimizer = instantiate(
-            cfg.optimizer,
-            params=model.parameters(),
-            _convert_="all",
-            _execution_whitelist_=TARGETS,
-            **({"capturable": True} if capturable else {}),
-        )
-    except (InstantiationException, TypeError, ValueError) as error:  # torch refuses them
-        raise ConfigError(f"optimizer: {str(error).splitlines()[0]}", ("optimizer",)) from None
+    optimizer = instantiate(
+        cfg.optimizer,
+        params=model.parameters(),
+        _convert_="all",
+        _execution_whitelist_=TARGETS,
+        **({"capturable": True} if capturable else {}),
+    )
     step = TrainStep(model, loss_fn, optimizer, cuda_graph=cfg.trainer.cuda_graph)
 
     with tracked_run(cfg, {"device": str(device)}, overrides or []) as run_id:

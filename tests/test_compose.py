@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from fashion_sweep.compose import ComposeOnce
+from fashion_sweep.compose import ComposeOnce, plain
 from fashion_sweep.config import register_configs
 from tests.conftest import CONF
 
@@ -110,3 +110,16 @@ def test_survives_pickling_to_a_worker_process(loader):
     overrides = trial("0.3", 32, 0)
     ours = once.load_sweep_config(master, overrides)
     assert as_yaml(ours) == as_yaml(hydra_loader.load_sweep_config(master, overrides))
+
+
+@pytest.mark.parametrize(
+    "line, typed",
+    [
+        (r"tracking.uri=sqlite\:////tmp/x.db", "tracking.uri=sqlite:////tmp/x.db"),
+        (r"tracking.uri=http://me\:***@host\:5000", "tracking.uri=http://me:***@host:5000"),
+        ("optimizer.lr=0.1", "optimizer.lr=0.1"),
+        (r"tracking.run_name=a\,b", r"tracking.run_name=a\,b"),  # unescaped: a sweep
+    ],
+)
+def test_overrides_are_recorded_as_a_user_types_them(line, typed):
+    assert plain(line) == typed

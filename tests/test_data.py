@@ -53,3 +53,40 @@ def test_validation_split_is_seeded_and_disjoint_from_training(data_root):
     assert not set(a["val"].indices) & set(a["train"].indices)
     labels = a["val"].dataset.targets[a["val"].indices]
     assert labels.bincount().min() > 400  # a random draw covers all ten classes
+
+
+def _prepare(root: str) -> int:
+    prepare_raw(root)
+    return 0
+
+
+def test_processes_preparing_a_fresh_root_at_once_all_succeed(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert pool.map(_prepare, [str(tmp_path)] * 4) == [0, 0, 0, 0]
+    raw = tmp_path / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(data.RAW_FILES)  # no leftovers
+    assert {(raw / n).stat().st_size for n in data.RAW_FILES} == set(data.RAW_FILES.values())
+    assert (raw / "t10k-labels-idx1-ubyte").stat().st_mode & 0o044  # readable by others
+
+
+def test_a_root_that_cannot_hold_the_files_is_refused_with_how_to_fix(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError) as caught:
+        prepare_raw(tmp_path / "file")
+    message = str(caught.value)
+    assert message.startswith(f"data.root={tmp_path / 'file'}: cannot write")
+    assert "Not a directory" in message and "writable folder" in message
+
+
+def test_a_download_that_fails_says_how_to_get_the_data(tmp_path, monkeypatch):
+    from tests.conftest import free_port
+
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(proxy, f"http://127.0.0.1:{free_port()}")  # refuses: offline
+    with pytest.raises(DataError) as caught:
+        prepare_raw(tmp_path, download=True)
+    message = str(caught.value)
+    assert message.startswith("data.download=true: the download failed")
+    assert "set data.download=false" in message and "\n" not in message

@@ -140,7 +140,7 @@ BAD = [
     ("optimizer.lrr=0.1", "optimizer.lrr"),
     ("data.batch_size=big", "data.batch_size"),
     ("optimizer=rmsprop", "optimizer/rmsprop"),
-    ("optimizer.lr=0", "optimizer.lr must be > 0"),
+    ("optimizer.lr=0", "optimizer.lr must be a finite number > 0"),
     ("data.batch_size=0", "data.batch_size must be > 0"),
     ("data.test_size=20000", "data.test_size"),
 ]

@@ -1,0 +1,260 @@
+"""Runs on a bad day, with real processes and stores: signals that end them, first use
+by many at once, stores that cannot be reached, predict on runs without a model, values
+that cannot run, and where artifacts land."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import DATA, TINY, free_port, run_cli
+
+pytestmark = pytest.mark.slow
+QUICK = ["data.train_size=64", "data.test_size=64", "trainer.epochs=1"]
+ENDING = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
+
+
+def start(cwd: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """The train command in its own session, its output in a file."""
+    log = cwd / f"out-{time.monotonic_ns()}.txt"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fashion_sweep.train", f"data.root={DATA}", *args],
+        cwd=cwd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    return process, log
+
+
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"never saw {what}")
+
+
+def all_runs(cwd: Path, name: str = "mlflow.db") -> list:
+    client = MlflowClient(f"sqlite:///{cwd / name}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=1000) if experiments else []
+
+
+@pytest.mark.parametrize("signum", ENDING, ids=lambda s: signal.Signals(s).name)
+def test_a_signal_ends_a_run_killed_with_its_reason_and_the_conventional_status(
+    tmp_path, data_root, signum
+):
+    run, log = start(tmp_path, "data.train_size=2000", "trainer.epochs=300")
+    wait_for(lambda: "Epoch 2\n" in log.read_text(), "the second epoch")
+    run.send_signal(signum)
+    assert run.wait(timeout=60) == -signum  # the shell shows 128 + signum
+    name = signal.Signals(signum).name
+    expected = "interrupted" if signum == signal.SIGINT else f"interrupted: {name}"
+    assert log.read_text().strip().splitlines()[-1] == f"error: {expected}"
+    (found,) = all_runs(tmp_path)
+    assert found.info.status == "KILLED"
+    assert found.data.tags["failure_reason"] == expected
+    assert found.data.metrics["train/loss"] > 0  # what it logged is kept
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_sweep_stopped_by_sigterm_leaves_nothing_running_and_keeps_what_finished(
+    tmp_path, data_root, launcher
+):
+    """SIGTERM to the sweep's process alone, as `docker stop` or `kill` send it."""
+    args = [*TINY, "data.train_size=10000", "trainer.epochs=2", f"hydra/launcher={launcher}"]
+    args += ["hydra.launcher.n_jobs=1"] if launcher == "joblib" else []
+    sweep, log = start(tmp_path, "-m", *args, "hydra.sweeper.study_name=term")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def second_running() -> bool:
+        try:
+            trials = optuna.load_study(study_name="term", storage=storage).trials
+        except (KeyError, ValueError, RuntimeError):
+            return False
+        states = [t.state for t in trials]
+        return states[:2] == [TrialState.COMPLETE, TrialState.RUNNING] and any(
+            r.data.tags.get("trial") == "1" for r in all_runs(tmp_path)
+        )
+
+    wait_for(second_running, "trial 0 done and trial 1 running")
+    os.kill(sweep.pid, signal.SIGTERM)
+    assert sweep.wait(timeout=120) == -signal.SIGTERM, log.read_text()[-3000:]
+    trials = optuna.load_study(study_name="term", storage=storage).trials
+    assert trials[0].state == TrialState.COMPLETE
+    assert trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs["interrupted"] == "interrupted: SIGTERM"
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    runs = {r.data.tags.get("trial", "parent"): r for r in all_runs(tmp_path)}
+    assert runs["0"].info.status == "FINISHED"
+    assert runs["1"].info.status == "KILLED" and runs["parent"].info.status == "KILLED"
+    assert runs["parent"].data.tags["failure_reason"] == "interrupted: SIGTERM"
+    assert "interrupted" in runs["1"].data.tags["failure_reason"]
+
+
+def test_runs_started_together_on_a_fresh_data_root_and_store_all_succeed(tmp_path, data_root):
+    root = tmp_path / "fresh-data"
+    procs = [start(tmp_path, f"data.root={root}", *QUICK)[0] for _ in range(4)]
+    codes = [p.wait(timeout=300) for p in procs]
+    outputs = [log.read_text() for log in tmp_path.glob("out-*.txt")]
+    assert codes == [0, 0, 0, 0], "\n".join(o[-1500:] for o in outputs)
+    found = all_runs(tmp_path)
+    assert len(found) == 4 and {r.info.status for r in found} == {"FINISHED"}
+    assert not list((root / "FashionMNIST" / "raw").glob("*partial*"))
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_before_the_data(cli, tmp_path):
+    port = free_port()
+    started = time.monotonic()
+    done = cli("train", *QUICK, f"tracking.uri=http://me:secret@127.0.0.1:{port}")
+    took = time.monotonic() - started
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: tracking.uri=http://me:***@127.0.0.1:{port} cannot be reached (Connection "
+        "refused): start it (`make server` for a tracking server) or point tracking.uri at "
+        "one that runs"
+    )
+    assert "Using" not in done.stdout  # nothing was loaded
+    assert took < 60, took  # MLflow's own retries took 263 s (the 2-core start-up is ~10)
+    garbage = cli("train", *QUICK, "tracking.uri=garbage")
+    assert garbage.returncode == 2
+    (line,) = garbage.stderr.strip().splitlines()
+    assert line.startswith("error: tracking.uri=garbage is not a store address")
+
+
+def test_predict_wants_a_run_with_a_model_and_never_makes_a_store(cli, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli("train", *QUICK, f"tracking.uri={store}").returncode == 0
+    (with_model,) = all_runs(tmp_path)
+    done = cli("train", *QUICK, f"tracking.uri={store}", "tracking.log_model=false")
+    assert done.returncode == 0
+    killed, log = start(
+        tmp_path, f"tracking.uri={store}", "data.train_size=2000", "trainer.epochs=300"
+    )
+    wait_for(lambda: "Epoch 1\n" in log.read_text(), "the first epoch")
+    killed.send_signal(signal.SIGTERM)
+    assert killed.wait(timeout=60) == -signal.SIGTERM
+    by_status = {r.info.status: r for r in all_runs(tmp_path)}
+    no_model = [r for r in all_runs(tmp_path) if r.info.run_id != with_model.info.run_id]
+    assert len(no_model) == 2 and "KILLED" in by_status
+
+    latest = cli("predict", "run_id=latest", f"tracking.uri={store}")
+    assert latest.returncode == 0, latest.stderr
+    assert latest.stdout.startswith(f"MLflow run {with_model.info.run_id},")  # older, has one
+    killed_id = by_status["KILLED"].info.run_id
+    refused = cli("predict", f"run_id={killed_id}", f"tracking.uri={store}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"error: run {killed_id} has no model.pth: it is KILLED (interrupted: SIGTERM)"
+    )
+    (unlogged,) = [r for r in no_model if r.info.status == "FINISHED"]
+    refused = cli("predict", f"run_id={unlogged.info.run_id}", f"tracking.uri={store}")
+    assert refused.stderr.strip().endswith("it ran with tracking.log_model=false")
+
+    typo = tmp_path / "mlfow.db"
+    refused = cli("predict", f"tracking.uri=sqlite:///{typo}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"error: tracking.uri=sqlite:///{typo}: there is no MLflow store at {typo}"
+    )
+    assert not typo.exists()
+
+
+BAD = [
+    ("optimizer.lr=inf", "error: optimizer.lr must be a finite number > 0, got inf"),
+    ("optimizer.nesterov=true", "error: optimizer.nesterov=true needs optimizer.momentum > 0"),
+    ("trainer.seed=18446744073709551616", "error: trainer.seed must be in [0, 2**64)"),
+    ("+optimizer.foo=1", "error: optimizer.foo is not an argument of torch.optim.SGD"),
+]
+
+
+@pytest.mark.parametrize("override, line", BAD, ids=[b[0] for b in BAD])
+def test_values_torch_cannot_run_are_one_line_before_any_work(cli, tmp_path, override, line):
+    done = cli("train", *QUICK, override, f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
+    assert done.returncode == 2
+    (first,) = done.stderr.strip().splitlines()
+    assert first.startswith(line), done.stderr
+    assert "Using" not in done.stdout and not (tmp_path / "m.db").exists()
+
+
+def test_torch_refusing_a_combination_is_one_line_and_no_run(cli, tmp_path):
+    store = tmp_path / "m.db"
+    args = ["+optimizer.dampening=0.5", "optimizer.nesterov=true", "optimizer.momentum=0.9"]
+    done = cli("train", *QUICK, *args, f"tracking.uri=sqlite:///{store}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: optimizer: Nesterov momentum requires a momentum and zero dampening"
+    ]
+    assert not store.exists()  # refused before the store is opened
+
+
+def test_a_plain_multirun_checks_every_job_before_the_first(cli, tmp_path):
+    done = cli(
+        "train", "-m", *QUICK, "optimizer.lr=0.1,0", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: job 1 (optimizer.lr=0): optimizer.lr must be a finite number > 0, got 0.0"
+    )
+    assert "Traceback" not in done.stderr and "Epoch 1" not in done.stdout
+    assert not (tmp_path / "m.db").exists()  # the values are checked before the store
+
+
+def test_a_sweep_refuses_a_fixed_value_no_trial_can_run_with_before_any_trial(cli, tmp_path):
+    done = cli("train", "-m", *TINY, "optimizer.nesterov=true")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "optimizer.nesterov=true needs optimizer.momentum > 0, got 0.0"
+    )
+    assert not (tmp_path / "optuna.db").exists()
+    # ...but a value that only some points of the space make bad is each trial's own
+    space = ["optimizer.momentum=choice(0.0,0.9)", "optimizer.nesterov=true"]
+    done = cli(
+        "train", "-m", *TINY, *space, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=1"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_artifacts_live_beside_a_sqlite_store_wherever_it_runs(cli, tmp_path):
+    elsewhere = tmp_path / "store"
+    done = cli("train", *QUICK, f"tracking.uri=sqlite:///{elsewhere}/mlflow.db")
+    assert done.returncode == 0, done.stderr
+    (run,) = all_runs(elsewhere)
+    assert run.info.artifact_uri.startswith(str(elsewhere / "mlruns" / "fashion_sweep"))
+    assert (Path(run.info.artifact_uri) / "model.pth").is_file()
+    assert not (tmp_path / "mlruns").exists()  # not in the folder it ran from
+    assert "tracking.uri=sqlite:///" in run.data.tags["overrides"]
+
+
+def test_bench_refuses_zero_epochs_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "fashion_sweep.bench", "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("argument --epochs: must be >= 1, got 0")
+
+
+def test_overrides_escaped_by_the_sweeper_are_recorded_as_typed(tmp_path, data_root):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_cli(
+        tmp_path, "train", "-m", *TINY, "hydra.sweeper.n_trials=1", f"tracking.uri={store}"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (trial,) = [r for r in all_runs(tmp_path) if "trial" in r.data.tags]
+    assert f"tracking.uri={store}" in trial.data.tags["overrides"]
+    assert "\\" not in trial.data.tags["overrides"]

@@ -1,0 +1,66 @@
+"""SIGTERM and SIGHUP raise like Ctrl-C inside `interrupts()`, and only there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fashion_sweep import signals
+from fashion_sweep.signals import Terminated, interrupts
+
+
+@pytest.mark.parametrize("signum", signals.TERMINATING, ids=lambda s: signal.Signals(s).name)
+def test_a_terminating_signal_raises_a_keyboard_interrupt_naming_it(signum):
+    before = signal.getsignal(signum)
+    with pytest.raises(KeyboardInterrupt) as caught, interrupts():
+        os.kill(os.getpid(), signum)
+    assert isinstance(caught.value, Terminated) and caught.value.signum == signum
+    assert signals.reason(caught.value) == f"interrupted: {signal.Signals(signum).name}"
+    assert signal.getsignal(signum) is before  # restored when the block ends
+
+
+def test_ctrl_c_keeps_its_reason_and_nesting_restores_once():
+    assert signals.reason(KeyboardInterrupt()) == "interrupted"
+    with interrupts():
+        with interrupts():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is signals._raise  # the outer block's
+    assert signal.getsignal(signal.SIGTERM) is not signals._raise
+
+
+CHILD = """
+import os, signal, sys, time
+from fashion_sweep import signals
+try:
+    with signals.interrupts():
+        try:
+            print("ready", flush=True)
+            time.sleep(30)
+        finally:
+            if sys.argv[1] != "SIGINT":  # a second one during the clean-up...
+                os.kill(os.getpid(), signal.Signals[sys.argv[1]])
+            print("cleaned up", flush=True)  # ...does not stop it
+except KeyboardInterrupt as stop:
+    signals.exit_like(stop)
+"""
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: signal.Signals(s).name
+)
+def test_the_process_ends_by_the_signal_after_its_clean_up(signum):
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, signal.Signals(signum).name],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signum)
+    out = child.communicate(timeout=30)[0]
+    assert "cleaned up" in out
+    assert child.returncode == -signum  # a shell shows 128 + signum: 143, 129, 130

@@ -1,0 +1,65 @@
+"""A store's address is checked in one line before any work, and a fresh SQLite store
+is set up by one process at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fashion_sweep import stores
+from fashion_sweep.stores import StoreError
+from tests.conftest import free_port
+
+
+def refused(uri: str) -> str:
+    start = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        stores.check("tracking.uri", uri)
+    assert time.monotonic() - start < stores.CONNECT_SECONDS + 1
+    return str(caught.value)
+
+
+def test_a_server_that_does_not_answer_is_named_at_once_with_its_password_masked():
+    port = free_port()  # nothing listens there
+    message = refused(f"http://me:secret@127.0.0.1:{port}")
+    assert message.startswith(f"tracking.uri=http://me:***@127.0.0.1:{port} cannot be reached")
+    assert "refused" in message and "secret" not in message and "\n" not in message
+    db = refused(f"postgresql+psycopg://sweeper@127.0.0.1:{port}/mlflow")
+    assert "cannot be reached" in db
+
+
+@pytest.mark.parametrize("uri", ["garbage", "mlruns", "/tmp/mlflow.db", "C:/runs"])
+def test_a_plain_path_is_not_a_store_address(uri):
+    assert "is not a store address: give sqlite:///" in refused(uri)
+
+
+def test_sqlite_folders_are_made_or_refused_and_a_read_only_open_needs_the_file(tmp_path):
+    stores.check("tracking.uri", f"sqlite:///{tmp_path}/new/mlflow.db")
+    assert (tmp_path / "new").is_dir()  # where the store will be
+    (tmp_path / "file").write_text("")
+    assert "cannot make its folder" in refused(f"sqlite:///{tmp_path}/file/mlflow.db")
+    with pytest.raises(StoreError, match="there is no MLflow store at"):
+        stores.check("tracking.uri", f"sqlite:///{tmp_path}/mlfow.db", must_exist=True)
+    assert not (tmp_path / "mlfow.db").exists()
+    stores.check("tracking.uri", "sqlite://")  # in memory: nothing to check
+
+
+def test_first_use_of_a_sqlite_store_is_one_process_at_a_time(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    order = []
+
+    def second() -> None:
+        with stores.first_use(uri):
+            order.append("second")
+
+    with stores.first_use(uri):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.3)
+        order.append("first done")
+    waiting.join(5)
+    assert order == ["first done", "second"]
+    with stores.first_use("http://127.0.0.1:5000"):  # not a file: nothing to lock
+        pass

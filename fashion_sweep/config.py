@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 # Absolute, so Hydra finds it however the entry point was imported (see train.py).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -172,17 +172,18 @@ def _check(ok: bool, message: str, *keys: str) -> None:
         raise ConfigError(message, keys)
 
 
-def _number(node: DictConfig, key: str, low: float, strict: bool = False) -> None:
-    value = node[key]
+def _number(cfg: DictConfig, path: str, low: float, strict: bool = False) -> None:
+    value = OmegaConf.select(cfg, path)
     ok = math.isfinite(value) and (value > low if strict else value >= low)
     relation = ">" if strict else ">="
-    path = f"{node._get_full_key(key)}"
     _check(ok, f"{path} must be a finite number {relation} {low:g}, got {value}")
 
 
 def _known_keys(cfg: DictConfig) -> None:
     """A key added with `+` (`+optimizer.foo=1`) must be one the code reads: a field of
     the group's schema, or an argument of the class its _target_ names."""
+    top = sorted(set(cfg) - {f.name for f in fields(TrainConfig)} - {"hydra"})
+    _check(not top, f"{top[0] if top else ''} is not a key of the config")
     for group, schema in SCHEMAS.items():
         extra = sorted(set(cfg[group]) - {f.name for f in fields(schema)})
         _check(not extra, f"{group}.{extra[0] if extra else ''} is not a key of {group}")
@@ -207,10 +208,10 @@ def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
     data, opt, trainer = cfg.data, cfg.optimizer, cfg.trainer
     _known_keys(cfg)
-    _number(opt, "lr", 0, strict=True)
+    _number(cfg, "optimizer.lr", 0, strict=True)
     for key in ("momentum", "weight_decay", "eps"):
         if key in opt:
-            _number(opt, key, 0)
+            _number(cfg, f"optimizer.{key}", 0)
     _check(
         not opt.get("nesterov") or opt.get("momentum", 0) > 0,
         f"optimizer.nesterov=true needs optimizer.momentum > 0, got {opt.get('momentum')}",
@@ -222,11 +223,9 @@ def validate(cfg: DictConfig) -> None:
             len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
             f"optimizer.betas must be two numbers in [0, 1), got {list(opt.betas)}",
         )
-    for node, key in ((trainer, "seed"), (data, "split_seed")):
-        _check(
-            0 <= node[key] < SEEDS,
-            f"{node._get_full_key(key)} must be in [0, 2**64), got {node[key]}",
-        )
+    for path in ("trainer.seed", "data.split_seed"):
+        seed = OmegaConf.select(cfg, path)
+        _check(0 <= seed < SEEDS, f"{path} must be in [0, 2**64), got {seed}")
     _check(cfg.model.width > 0, f"model.width must be > 0, got {cfg.model.width}")
     _check(cfg.model.depth >= 0, f"model.depth must be >= 0, got {cfg.model.depth}")
     _check(data.batch_size > 0, f"data.batch_size must be > 0, got {data.batch_size}")

@@ -103,6 +103,10 @@ def _unpack_debian_copy(name: str, path: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else set and set back."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

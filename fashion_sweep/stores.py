@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
+import sqlite3
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,7 +28,11 @@ from urllib.parse import urlsplit
 from fashion_sweep.config import ConfigError
 from fashion_sweep.redaction import redact
 
+log = logging.getLogger(__name__)
 CONNECT_SECONDS = 5.0
+FIRST_USE_SECONDS = 120.0  # a fresh store's migrations take seconds; a holder this long is stuck
+SQLITE_HEADER = b"SQLite format 3\x00"
+DATABRICKS = ("databricks", "databricks-uc", "uc")
 PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 FORMS = (
     "sqlite:///<file>.db, a database URL (postgresql://user@host/db) "
@@ -40,54 +49,110 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url  # note: only for SQLite addresses
+    from sqlalchemy.exc import ArgumentError
 
-    database = make_url(uri).database
+    try:
+        database = make_url(uri).database
+    except ArgumentError as error:
+        raise ValueError(str(error)) from None
     return Path(database) if database and database != ":memory:" else None
 
 
 def check(key: str, uri: str, must_exist: bool = False) -> None:
-    """Refuses an address that is not a store's, a SQLite file in a folder that cannot
-    hold it (or, with must_exist, that is not there), a host that does not answer."""
+    """Refuses, in one line and within seconds, an address that is not a store's, a
+    SQLite file that is not a database (or, with must_exist, holds no MLflow store), a
+    folder that cannot hold one, and a server or database that does not answer or let
+    us in."""
     shown = f"{key}={redact(uri)}"
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        port = parts.port or PORTS.get(parts.scheme.split("+")[0])
+        if parts.scheme == "sqlite":
+            return _check_sqlite(shown, sqlite_path(uri), must_exist)
+    except StoreError:
+        raise
+    except ValueError as error:  # not a URL: a bad port, a bracket, SQLAlchemy's parse
+        raise StoreError(f"{shown} cannot be read as an address ({error}): give {FORMS}") from None
+    if uri in DATABRICKS or parts.scheme.startswith("databricks"):
+        return  # the library's own checks
     if len(parts.scheme) < 2:  # a plain path (or a Windows drive letter)
         raise StoreError(f"{shown} is not a store address: give {FORMS}")
-    if parts.scheme == "sqlite":
-        path = sqlite_path(uri)
-        if path is None:
-            return
-        if must_exist and not path.is_file():
-            raise StoreError(f"{shown}: there is no MLflow store at {path.resolve()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise StoreError(f"{shown}: cannot make its folder ({error.strerror})") from None
-        if not os.access(path.parent, os.W_OK):
-            raise StoreError(f"{shown}: its folder {path.parent.resolve()} is not writable")
-        return
-    if not parts.hostname:
-        return  # databricks, a socket path, ...: the library's own checks
-    scheme = parts.scheme.split("+")[0]
-    try:
-        port = parts.port or PORTS.get(scheme)
-    except ValueError:
-        raise StoreError(f"{shown}: the port is not a number") from None
-    if port is None:
-        return
+    if not parts.hostname or port is None:
+        return  # a socket path, a scheme of a plugin: the library's own checks
+    what = f"start it (`make server` for a tracking server) or point {key} at one that runs"
     try:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_SECONDS).close()
     except OSError as error:
         why = error.strerror or type(error).__name__  # e.g. "Connection refused", "timed out"
-        raise StoreError(
-            f"{shown} cannot be reached ({why}): start it (`make server` for a tracking "
-            f"server) or point {key} at one that runs"
-        ) from None
+        raise StoreError(f"{shown} cannot be reached ({why}): {what}") from None
+    if parts.scheme in ("http", "https"):
+        _check_server(shown, f"{parts.scheme}://{parts.hostname}:{port}{parts.path}", what)
+    else:
+        _check_login(shown, uri)
+
+
+def _check_sqlite(shown: str, path: Path | None, must_exist: bool) -> None:
+    if path is None:
+        return  # in memory
+    if must_exist:  # read only: the file must hold MLflow's tables
+        if not path.is_file():
+            raise StoreError(f"{shown}: there is no MLflow store at {path.resolve()}")
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            ) as db:
+                found = db.execute(
+                    "select 1 from sqlite_master where type = 'table' and name = 'experiments'"
+                ).fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"{shown}: {path.resolve()} cannot be read ({error})") from None
+        if not found:
+            raise StoreError(f"{shown}: {path.resolve()} holds no MLflow store")
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StoreError(f"{shown}: cannot make its folder ({error.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"{shown}: its folder {path.parent.resolve()} is not writable")
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as file:
+            if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise StoreError(f"{shown}: {path.resolve()} is not a SQLite database")
+
+
+def _check_server(shown: str, url: str, what: str) -> None:
+    """A tracking server answers (any HTTP status will do: it is there)."""
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=CONNECT_SECONDS).close()
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as error:
+        why = getattr(error, "reason", None) or error
+        raise StoreError(f"{shown} does not answer ({why}): {what}") from None
+
+
+def _check_login(shown: str, uri: str) -> None:
+    """A database lets us in, once: MLflow would retry a refused login for minutes."""
+    from sqlalchemy import create_engine
+
+    timeout = {"connect_timeout": int(CONNECT_SECONDS)} if uri.startswith("postgresql") else {}
+    try:
+        engine = create_engine(uri, connect_args=timeout)
+        try:
+            engine.connect().close()
+        finally:
+            engine.dispose()
+    except Exception as error:  # a refused login, a missing driver, no such database
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())[:300]
+        raise StoreError(f"{shown}: cannot connect ({type(error).__name__}: {reason})") from None
 
 
 @contextlib.contextmanager
 def first_use(uri: str) -> Iterator[None]:
     """Holds the lock of the folder of a SQLite store while the block runs, so only one
-    process at a time creates or migrates its tables; other stores pass through."""
+    process at a time creates or migrates its tables; other stores pass through. Waits
+    at most FIRST_USE_SECONDS, saying so after a few."""
     path = sqlite_path(uri)
     if path is None:
         yield
@@ -98,8 +163,30 @@ def first_use(uri: str) -> Iterator[None]:
         yield  # check() reports what is wrong with the folder
         return
     try:
-        with contextlib.suppress(OSError):  # a file system without locks: as before
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd, path)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, path: Path) -> None:
+    start = time.monotonic()
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:
+            return  # a file system without locks: as before
+        waited = time.monotonic() - start
+        if waited > FIRST_USE_SECONDS:
+            raise StoreError(
+                f"another process has been setting up the MLflow store {path.resolve()} "
+                f"for {FIRST_USE_SECONDS:.0f} s: is it stopped? (see `fuser {path.parent}`)"
+            )
+        if waited > 5 and not said:
+            log.warning(f"Waiting for another process setting up the MLflow store {path}")
+            said = True
+        time.sleep(0.05)

@@ -128,12 +128,15 @@ class Sweep:
             config = self.sweeper.compose.load_sweep_config(
                 self.config, [*lines, *self.fixed_overrides]
             )
+        except HydraException:
+            return  # this point does not compose (a group's own keys): each trial says so
+        try:
             preflight(config)
         except ConfigError as error:
-            if not set(error.keys) & set(self.space):
+            if not _related(error.keys, self.space):
                 raise SweepError(str(error)) from None
-        except (DataError, HydraException) as error:
-            raise SweepError(str(error).splitlines()[0]) from None
+        except DataError as error:
+            raise SweepError(str(error)) from None
 
     def _loop(self) -> None:
         while True:
@@ -470,6 +473,17 @@ class Sweep:
                 f"set hydra.sweeper.direction={expected}"
             )
         return direction
+
+
+def _related(keys: tuple[str, ...], space: dict[str, BaseDistribution]) -> bool:
+    """Whether an error about `keys` may depend on the searched values: a key of the
+    space, inside one (`optimizer` for `optimizer=choice(sgd,adam)`), or holding one."""
+    searched = [name.lstrip("+~") for name in space]
+    return any(
+        key == name or key.startswith(f"{name}.") or name.startswith(f"{key}.")
+        for key in keys
+        for name in searched
+    )
 
 
 def _some_value(distribution: BaseDistribution) -> Any:

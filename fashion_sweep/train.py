@@ -98,16 +98,20 @@ def check(cfg: DictConfig) -> torch.device:
     return device
 
 
-def preflight(cfg: DictConfig) -> torch.device:
-    """What a run needs, checked before it starts, in order: the config's values, the
-    device, the data files (unpacked on first use), the MLflow store (reached, and set
-    up on first use). Raises ConfigError, DataError or StoreError in one line."""
-    device = check(cfg)
+def prepare(cfg: DictConfig) -> None:
+    """The data files (unpacked on first use), then the MLflow store (reached, and set
+    up on first use). Raises DataError or StoreError in one line."""
     prepare_raw(cfg.data.root, cfg.data.download)
     # note: imported after the checks, so bad input fails without waiting for mlflow
     from fashion_sweep.tracking import use_experiment
 
     use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+
+
+def preflight(cfg: DictConfig) -> torch.device:
+    """What a run needs, checked before it starts: check(), then prepare()."""
+    device = check(cfg)
+    prepare(cfg)
     return device
 
 
@@ -181,7 +185,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
 
 class CheckJobs(Callback):
     """A plain multirun (`-m optimizer.lr=0,0.1`, Hydra's basic sweeper) checks every
-    job's config as a run would (preflight) before the first job starts, and refuses
+    job's config as a run would (check, prepare) before the first job starts, and refuses
     a bad one in one line (exit status 2); Optuna sweeps check theirs in
     fashion_sweep/sweep.py."""
 
@@ -198,7 +202,7 @@ class CheckJobs(Callback):
             configs = [loader.load_sweep_config(config, job) for job in jobs]
         except Exception:  # a key that is not there, ...: Hydra's sweeper says so itself
             return
-        for step in (check, preflight):  # every job's values first, then store and data
+        for step in (check, prepare):  # every job's values first, then data and store
             for number, (job, run) in enumerate(zip(jobs, configs, strict=True)):
                 try:
                     step(run)

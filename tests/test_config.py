@@ -145,6 +145,7 @@ def test_composition_rejects_and_names_the_key(compose, override, error, named):
         ("+model.bar=2", "model.bar is not an argument of fashion_sweep.model.NeuralNetwork"),
         ("+data.foo=1", "data.foo is not a key of data"),
         ("+trainer.foo=1", "trainer.foo is not a key of trainer"),
+        ("+foo=1", "foo is not a key of the config"),
     ],
 )
 def test_validate_rejects_values_and_names_the_key(compose, override, named):

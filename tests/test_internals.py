@@ -52,3 +52,22 @@ def test_a_partial_sampler_from_hydra_names_its_class():
     )
     assert made.func is optuna.samplers.GridSampler
     assert isinstance(made({"x": [1, 2]}, seed=3), optuna.samplers.GridSampler)
+
+
+def test_a_sweeps_pre_check_leaves_to_the_trials_what_the_space_may_change():
+    """fashion_sweep.sweep._related: an error about a key the space searches, inside or
+    holding one, may depend on the trial's values; any other refuses the sweep."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from fashion_sweep.sweep import _related
+
+    space = {
+        "optimizer.momentum": FloatDistribution(0, 0.9),
+        "+optimizer.dampening": CategoricalDistribution([0.0, 0.5]),
+        "model": CategoricalDistribution(["mlp"]),
+    }
+    for keys in [("optimizer.momentum",), ("optimizer.dampening",), ("optimizer",)]:
+        assert _related(keys, space), keys
+    assert _related(("model.width",), space)  # inside a searched group
+    assert not _related(("optimizer.lr",), space)
+    assert not _related(("trainer.seed", "data.split_seed"), space)

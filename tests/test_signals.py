@@ -64,3 +64,25 @@ def test_the_process_ends_by_the_signal_after_its_clean_up(signum):
     out = child.communicate(timeout=30)[0]
     assert "cleaned up" in out
     assert child.returncode == -signum  # a shell shows 128 + signum: 143, 129, 130
+
+
+def test_a_signal_the_process_was_started_to_ignore_stays_ignored():
+    """`nohup` ignores SIGHUP: a closed terminal must not end the run."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD.replace("time.sleep(30)", "time.sleep(1)"), "SIGINT"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGHUP)
+    assert child.communicate(timeout=30)[0] == "cleaned up\n"
+    assert child.returncode == 0
+
+
+def test_terminated_crosses_a_process_boundary():
+    """A launcher's worker process sends its exception to the sweep's, pickled."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(Terminated(signal.SIGTERM)))
+    assert isinstance(back, Terminated) and back.signum == signal.SIGTERM

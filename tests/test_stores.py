@@ -3,6 +3,10 @@ is set up by one process at a time."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import sqlite3
 import threading
 import time
 
@@ -46,7 +50,44 @@ def test_sqlite_folders_are_made_or_refused_and_a_read_only_open_needs_the_file(
     stores.check("tracking.uri", "sqlite://")  # in memory: nothing to check
 
 
-def test_first_use_of_a_sqlite_store_is_one_process_at_a_time(tmp_path):
+def test_a_server_that_takes_the_connection_but_never_answers_is_named(monkeypatch):
+    monkeypatch.setattr(stores, "CONNECT_SECONDS", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        message = refused(f"http://127.0.0.1:{port}")
+    assert message.startswith(f"tracking.uri=http://127.0.0.1:{port} does not answer (timed out)")
+
+
+@pytest.mark.parametrize(
+    "uri, why",
+    [
+        ("sqlite:mlflow.db", "Could not parse SQLAlchemy URL"),
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+    ],
+)
+def test_an_address_that_cannot_be_read_is_one_line(uri, why):
+    message = refused(uri)
+    assert message.startswith(f"tracking.uri={uri} cannot be read as an address ({why}")
+
+
+def test_a_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
+    text = tmp_path / "notes.db"
+    text.write_text("not a database")
+    assert refused(f"sqlite:///{text}").endswith(f"{text} is not a SQLite database")
+    other = tmp_path / "optuna.db"
+    sqlite3.connect(other).execute("create table studies (id)").connection.commit()
+    with pytest.raises(StoreError, match=f"{other} holds no MLflow store"):
+        stores.check("tracking.uri", f"sqlite:///{other}", must_exist=True)
+    with sqlite3.connect(other) as db:  # read only: nothing was added
+        assert db.execute("select name from sqlite_master").fetchall() == [("studies",)]
+
+
+def test_first_use_of_a_sqlite_store_is_one_opener_at_a_time(tmp_path):
+    """flock locks belong to an open file: two openers in one process exclude each other
+    as two processes do."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     order = []
 
@@ -63,3 +104,18 @@ def test_first_use_of_a_sqlite_store_is_one_process_at_a_time(tmp_path):
     assert order == ["first done", "second"]
     with stores.first_use("http://127.0.0.1:5000"):  # not a file: nothing to lock
         pass
+
+
+def test_a_first_use_held_too_long_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setattr(stores, "FIRST_USE_SECONDS", 0.3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    holder = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a stopped process that holds it
+    try:
+        with (
+            pytest.raises(StoreError, match="another process has been setting up"),
+            stores.first_use(uri),
+        ):
+            pass
+    finally:
+        os.close(holder)

@@ -33,6 +33,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 FAILURE = "failure_reason"  # user attr: why a trial failed on its own
+PRUNED = "pruned"  # user attr of a PRUNED trial (and tag of its MLflow run): its last epoch
 CUT_OFF = "interrupted"  # user attr: why the sweep cut a trial off, where it knows
 RETRY_OF = "retry_of"  # user attr: the cut-off trial this one runs again
 NOT_RUN = ("surplus", "duplicate")  # cut off before it ran: nothing to run again

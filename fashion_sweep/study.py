@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fashion_sweep import sqlite_wal
 from fashion_sweep.config import flatten
 from fashion_sweep.redaction import one_line, redact
-from fashion_sweep.schedule import CUT_OFF, FAILURE, trial_seed
+from fashion_sweep.schedule import CUT_OFF, FAILURE, PRUNED, trial_seed
 
 log = logging.getLogger(__name__)
 DEFINITION = "definition"  # study user attr
@@ -120,9 +120,11 @@ def definition(
     metric: str,
     direction: str,
     extender: str | None = None,
+    pruner: DictConfig | None = None,
 ) -> dict[str, Any]:
-    """What a study's trials compute: its objective, sampler (and seed), search space
-    (and the function that extends it, hydra.sweeper.custom_search_space, if any),
+    """What a study's trials compute: its objective, sampler (and seed), pruner (where
+    there is one), search space (and the function that extends it,
+    hydra.sweeper.custom_search_space, if any),
     and the trials' config outside the space (RUNTIME_KEYS left out). `fixed` are the
     sweep's fixed values (`key=value` as parsed, strings), set into the config as
     Hydra sets them into each trial's."""
@@ -146,6 +148,7 @@ def definition(
     return {
         "objective": f"{direction} {metric}",
         "sampler": OmegaConf.to_container(sampler, resolve=True),
+        **({"pruner": OmegaConf.to_container(pruner, resolve=True)} if pruner else {}),
         "space": {key: repr(d) for key, d in sorted(space.items())},
         **({"custom_search_space": extender} if extender else {}),
         "config": {key: values[key] for key in sorted(values)},
@@ -240,17 +243,26 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, **result: Any) -> None:
 
 
 def record(
-    study: optuna.Study, trial: optuna.Trial, outcome: float | str, run_id: str | None
+    study: optuna.Study,
+    trial: optuna.Trial,
+    outcome: float | str,
+    run_id: str | None,
+    pruned: int | None = None,
 ) -> bool:
-    """Tells the study a trial's outcome: its value, or the reason it failed (user attr
-    `failure_reason`), with its MLflow run. False if the trial had already been ended
-    (cut off by the sweep, or found dead)."""
+    """Tells the study a trial's outcome: its value, the reason it failed (user attr
+    `failure_reason`), or that it was pruned after epoch `pruned` (PRUNED, user attr
+    `pruned`; a train.Objective says so itself), with its MLflow run. False if the
+    trial had already been ended (cut off by the sweep, or found dead)."""
+    pruned = pruned or getattr(outcome, "pruned", None)
     try:
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
         if isinstance(outcome, str):
             trial.set_user_attr(FAILURE, outcome)
             tell(study, trial, state=TrialState.FAIL)
+        elif pruned:
+            trial.set_user_attr(PRUNED, pruned)
+            tell(study, trial, state=TrialState.PRUNED)
         else:
             tell(study, trial, values=float(outcome))
     except (ValueError, UpdateFinishedTrialError):
@@ -307,6 +319,35 @@ def outcome_of(
     except BaseException:
         return None
     return outcome, getattr(outcome, "run_id", None)  # train.Objective carries it
+
+
+@functools.cache  # per process: a worker's trials share the study and its storage
+def _for_pruning(url: str, name: str, spec: str) -> tuple[optuna.Study, Any, int]:
+    from hydra.utils import instantiate
+
+    pruner = instantiate(json.loads(spec), _execution_whitelist_=["optuna.pruners.*"])
+    sqlite_wal.enable()
+    where = _STORAGES.get(url) or optuna.storages.RDBStorage(url)
+    sampler = optuna.samplers.RandomSampler()  # constructing a Trial asks the sampler
+    study = optuna.load_study(study_name=name, storage=where, sampler=sampler, pruner=pruner)
+    return study, where, where.get_study_id_from_name(name)
+
+
+class Pruning:
+    """A trial's side of pruning, in the process that trains it: each epoch's value of
+    the optimized metric goes to its Optuna trial (intermediate values, step = epoch),
+    and the study's pruner says whether to stop there."""
+
+    def __init__(self, url: str, name: str, number: int, pruner: DictConfig) -> None:
+        spec = json.dumps(OmegaConf.to_container(pruner, resolve=True), sort_keys=True)
+        study, where, study_id = _for_pruning(url, name, spec)
+        trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
+        self.trial = optuna.trial.Trial(study, trial_id)
+
+    def __call__(self, epoch: int, value: float) -> bool:
+        """Reports `value` for `epoch`; True if the trial should stop after it."""
+        self.trial.report(value, step=epoch)
+        return self.trial.should_prune()
 
 
 class ReportToStudy(Callback):

@@ -77,6 +77,7 @@ class Sweep:
             metric,
             direction,
             self.sweeper.custom_search_space,
+            self.sweeper.pruner if self.sweeper.prunes else None,
         )
         self.name = self.sweeper.study_name or study.default_name(defined)
         url = self.sweeper.storage
@@ -188,7 +189,8 @@ class Sweep:
         run = tracking.trial_run(uri, self.parent, trial.number)
         ended = tracking.ended_as(run, self.config.optimized_metric) if run else None
         if ended is not None:
-            study.record(holder, trial, ended, run.info.run_id)
+            pruned = run.data.tags.get(schedule.PRUNED)
+            study.record(holder, trial, ended, run.info.run_id, int(pruned) if pruned else None)
             return False
         if not study.cut_off(holder, trial, why):
             return False
@@ -252,6 +254,8 @@ class Sweep:
                 reason = self._record(trial, job)
             if reason:
                 log.warning(f"Trial {trial.number} failed: {reason}")
+            elif pruned := getattr(_value(job), "pruned", None):
+                log.info(f"Trial {trial.number} pruned after epoch {pruned}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
 
@@ -330,6 +334,7 @@ class Sweep:
             "complete": sum(t.state == TrialState.COMPLETE for t in state.counted),
             "failed": len(state.failed),
             "cut_off": sum(schedule.cut_off(t) for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
             "parent_run_id": self.parent,
         }
         if results["complete"]:
@@ -475,6 +480,14 @@ class Sweep:
         return direction
 
 
+def _value(job: Any) -> Any:
+    """What a job returned, or None where it raised."""
+    try:
+        return job.return_value
+    except BaseException:
+        return None
+
+
 def _related(keys: tuple[str, ...], space: dict[str, BaseDistribution]) -> bool:
     """Whether an error about `keys` may depend on the searched values: a key of the
     space, inside one (`optimizer` for `optimizer=choice(sgd,adam)`), or holding one."""
@@ -510,6 +523,8 @@ def plots(handle: optuna.Study) -> dict[str, Any]:
     complete = handle.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = sorted({p for t in complete for p in t.params})
     wanted = {"optimization_history.png": lambda: vis.plot_optimization_history(handle)}
+    if any(t.intermediate_values for t in handle.get_trials(deepcopy=False)):  # a pruner
+        wanted["intermediate_values.png"] = lambda: vis.plot_intermediate_values(handle)
     if len(complete) >= 2 and names:
         wanted["param_importances.png"] = lambda: vis.plot_param_importances(handle)
     if len(names) >= 2:

@@ -19,14 +19,63 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from fashion_sweep.compose import ComposeOnce
 
 
 @dataclass
+class PrunerConf:
+    _target_: str = "optuna.pruners.NopPruner"  # none: every trial runs all its epochs
+
+
+@dataclass
+class MedianPrunerConf(PrunerConf):
+    """Stops a trial whose value at an epoch is worse than the median of the trials
+    before it at that epoch."""
+
+    _target_: str = "optuna.pruners.MedianPruner"
+    n_startup_trials: int = 5  # trials that run in full before any is pruned
+    n_warmup_steps: int = 0  # epochs of a trial never pruned after (0: from epoch 1 on)
+    interval_steps: int = 1  # epochs between checks
+    n_min_trials: int = 1  # trials that must have reached an epoch to compare with
+
+
+@dataclass
+class SuccessiveHalvingPrunerConf(PrunerConf):
+    _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
+    min_resource: int | str = "auto"  # epochs before the first rung; auto: from trials
+    reduction_factor: int = 4  # 1 in this many trials goes on at each rung
+    min_early_stopping_rate: int = 0
+    bootstrap_count: int = 0
+
+
+@dataclass
+class HyperbandPrunerConf(PrunerConf):
+    _target_: str = "optuna.pruners.HyperbandPruner"
+    min_resource: int = 1  # epochs
+    max_resource: int | str = "auto"  # epochs; auto: trainer.epochs, as trials report
+    reduction_factor: int = 3
+    bootstrap_count: int = 0
+
+
+PRUNERS = {
+    "none": PrunerConf,
+    "median": MedianPrunerConf,
+    "successive_halving": SuccessiveHalvingPrunerConf,
+    "hyperband": HyperbandPrunerConf,
+}
+
+
+@dataclass
 class StudySweeperConf(OptunaSweeperConf):
     _target_: str = "fashion_sweep.sweeper.StudySweeper"
+    defaults: list[Any] = dataclasses.field(
+        default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}]
+    )
+    # hydra/sweeper/pruner=median|successive_halving|hyperband stops hopeless trials
+    # after an epoch (README, Pruning); none runs every trial in full
+    pruner: Any = MISSING
     # Each worker records a heartbeat per running trial every heartbeat_interval
     # seconds; a trial silent for grace_period seconds is failed (crashed) and run again.
     heartbeat_interval: int = 10
@@ -36,6 +85,10 @@ class StudySweeperConf(OptunaSweeperConf):
 ConfigStore.instance().store(
     group="hydra/sweeper", name="study", node=StudySweeperConf, provider="fashion_sweep"
 )
+for _name, _node in PRUNERS.items():
+    ConfigStore.instance().store(
+        group="hydra/sweeper/pruner", name=_name, node=_node, provider="fashion_sweep"
+    )
 
 
 class SweepError(CompactHydraException):
@@ -56,6 +109,7 @@ class StudySweeper(Sweeper):
         params: DictConfig | None,
         heartbeat_interval: int,
         grace_period: int,
+        pruner: DictConfig | None = None,
     ) -> None:
         self.sampler = sampler
         self.direction = direction
@@ -68,6 +122,7 @@ class StudySweeper(Sweeper):
         self.params = params
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
+        self.pruner = pruner
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -117,3 +172,37 @@ class StudySweeper(Sweeper):
         for ok, message in checks:
             if not ok:
                 raise SweepError(message)
+        self.make_pruner()
+
+    @property
+    def prunes(self) -> bool:
+        return bool(self.pruner) and self.pruner._target_ != PrunerConf._target_
+
+    def make_pruner(self) -> Any:
+        """The configured Optuna pruner; its arguments checked, in one line."""
+        from hydra.utils import instantiate
+
+        if self.prunes and self.storage is None:
+            raise SweepError(
+                "hydra.sweeper.pruner needs a study its trials can reach: set "
+                "hydra.sweeper.storage to a database (sqlite:///optuna.db), not null"
+            )
+        if self.pruner._target_ == HyperbandPrunerConf._target_:  # Optuna checks these late
+            low, high = self.pruner.min_resource, self.pruner.max_resource
+            for ok, what in (
+                (low >= 1, f"min_resource must be >= 1, got {low}"),
+                (
+                    high == "auto" or (isinstance(high, int) and high >= low),
+                    f"max_resource must be 'auto' or >= min_resource, got {high}",
+                ),
+                (
+                    self.pruner.reduction_factor >= 2,
+                    f"reduction_factor must be >= 2, got {self.pruner.reduction_factor}",
+                ),
+            ):
+                if not ok:
+                    raise SweepError(f"hydra.sweeper.pruner: {what}")
+        try:
+            return instantiate(self.pruner, _execution_whitelist_=["optuna.pruners.*"])
+        except Exception as error:
+            raise SweepError(f"hydra.sweeper.pruner: {str(error).splitlines()[0]}") from None

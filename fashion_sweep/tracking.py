@@ -155,6 +155,11 @@ def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
+def mark_pruned(epoch: int) -> None:
+    """Tags the active run as a trial its sweep's pruner stopped after `epoch`."""
+    mlflow.set_tag("pruned", str(epoch))
+
+
 def log_state_dict(model: torch.nn.Module) -> None:
     """The tutorial's torch.save(model.state_dict(), "model.pth"), as a run artifact."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,7 @@ import gc
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from fnmatch import fnmatch
 from inspect import signature
 from typing import Any, NamedTuple
@@ -43,6 +44,7 @@ CALLBACKS = [
     "fashion_sweep.study.ReportToStudy",
     "fashion_sweep.train.CheckJobs",
 ]
+NO_PRUNER = "optuna.pruners.NopPruner"
 SPLIT_TITLES = {"val": "Validation Error", "test": "Test Error"}
 
 
@@ -67,6 +69,7 @@ def resolve_device(name: str) -> torch.device:
 class Trained(NamedTuple):
     metrics: dict[str, float]  # the last epoch's: `train/loss`, `test/accuracy`, ...
     run_id: str  # the MLflow run that logged them
+    pruned: int | None = None  # the epoch a sweep's pruner stopped it after, if it did
 
 
 class Objective(float):
@@ -74,14 +77,15 @@ class Objective(float):
     MLflow run that has the rest, so the sweeper links trial and run without a search."""
 
     run_id: str
+    pruned: int | None  # the epoch the trial was pruned after (its study records PRUNED)
 
-    def __new__(cls, value: float, run_id: str) -> Objective:
+    def __new__(cls, value: float, run_id: str, pruned: int | None = None) -> Objective:
         self = super().__new__(cls, value)
-        self.run_id = run_id
+        self.run_id, self.pruned = run_id, pruned
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:  # to launchers that pickle the result
-        return (Objective, (float(self), self.run_id))
+        return (Objective, (float(self), self.run_id, self.pruned))
 
 
 def check(cfg: DictConfig) -> torch.device:
@@ -117,11 +121,16 @@ def preflight(cfg: DictConfig) -> torch.device:
     return device
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
-    """Seed, data, model, optimizer, a tracked run of the epoch loop."""
+def train(
+    cfg: DictConfig,
+    overrides: list[str] | None = None,
+    prune: Callable[[int, float], bool] | None = None,
+) -> Trained:
+    """Seed, data, model, optimizer, a tracked run of the epoch loop. In a sweep with a
+    pruner, `prune(epoch, value of optimized_metric)` after each epoch may stop it."""
     device = preflight(cfg)
     from fashion_sweep.predict import predict_one
-    from fashion_sweep.tracking import log_epoch, log_state_dict, tracked_run
+    from fashion_sweep.tracking import log_epoch, log_state_dict, mark_pruned, tracked_run
 
     print(f"Using {device} device")
 
@@ -154,6 +163,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
     )
     step = TrainStep(model, loss_fn, optimizer, cuda_graph=cfg.trainer.cuda_graph)
 
+    pruned = None
     with tracked_run(cfg, {"device": str(device)}, overrides or []) as run_id:
         for epoch in range(1, cfg.trainer.epochs + 1):
             print(f"Epoch {epoch}\n-------------------------------")
@@ -176,13 +186,18 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
             metrics["perf/epoch_seconds"] = seconds
             metrics["perf/samples_per_second"] = len(loaders["train"].dataset) / seconds
             log_epoch(metrics, epoch)
+            if prune is not None and prune(epoch, metrics[cfg.optimized_metric]):
+                pruned = epoch
+                mark_pruned(epoch)
+                print(f"Pruned after epoch {epoch}: its {cfg.optimized_metric} is behind")
+                break
         print("Done!")
         if cfg.tracking.log_model:
             log_state_dict(model)
             print(f"Saved PyTorch Model State to model.pth in MLflow run {run_id}")
         predicted, actual = predict_one(model, splits["test"], 0)
         print(f'Predicted: "{predicted}", Actual: "{actual}"')
-    return Trained(metrics, run_id)
+    return Trained(metrics, run_id, pruned)
 
 
 class CheckJobs(Callback):
@@ -239,8 +254,9 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         with interrupts():  # also in a launcher's worker process (joblib)
-            metrics, run_id = train(cfg, [plain(o) for o in hydra_cfg.overrides.task])
-        return Objective(metrics[cfg.optimized_metric], run_id)
+            overrides = [plain(o) for o in hydra_cfg.overrides.task]
+            metrics, run_id, pruned = train(cfg, overrides, pruning(cfg, hydra_cfg))
+        return Objective(metrics[cfg.optimized_metric], run_id, pruned)
     except (ConfigError, DataError, DivergedError) as error:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
@@ -249,6 +265,17 @@ def main(cfg: DictConfig) -> float:
     finally:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             settle_heap()
+
+
+def pruning(cfg: DictConfig, hydra_cfg: DictConfig) -> Callable[[int, float], bool] | None:
+    """A trial's link to its study's pruner, where its sweep has one (fashion_sweep/
+    sweeper.py, hydra.sweeper.pruner); None for a single run, which imports no Optuna."""
+    pruner = hydra_cfg.sweeper.get("pruner") if hydra_cfg.mode == RunMode.MULTIRUN else None
+    if not pruner or pruner._target_ == NO_PRUNER or cfg.tracking.trial is None:
+        return None
+    from fashion_sweep.study import Pruning
+
+    return Pruning(hydra_cfg.sweeper.storage, cfg.tracking.study, cfg.tracking.trial, pruner)
 
 
 @functools.cache

@@ -1,0 +1,117 @@
+"""Pruning, with real subprocess sweeps on a data subset: hopeless trials stop after an
+epoch, PRUNED in the study, FINISHED and tagged in MLflow, counted, kept on resume."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from tests.conftest import DATA, run_cli
+
+pytestmark = pytest.mark.slow
+# 3 epochs on 2,000 images; a learning rate of 1e-6 stays at chance, 0.3 learns
+LOSERS = (1e-6, 2e-6)
+SPACE = [
+    "sweep=optuna",
+    "data.train_size=2000",
+    "data.val_size=500",
+    "data.test_size=200",
+    "trainer.epochs=3",
+    "data.batch_size=64",
+    f"optimizer.lr=choice(0.3,{LOSERS[0]},{LOSERS[1]})",
+    "hydra/sweeper/pruner=median",
+    "hydra.sweeper.pruner.n_startup_trials=1",  # after one finished trial, compare
+    "hydra.sweeper.study_name=pruned",
+]
+
+
+def sweep(cwd: Path, *args: str):
+    done = run_cli(cwd, "train", "-m", *SPACE, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def trials(cwd: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{cwd / 'optuna.db'}"
+    ran = optuna.load_study(study_name="pruned", storage=storage).trials
+    return [t for t in ran if t.state != TrialState.FAIL]  # not the draws that stepped aside
+
+
+def check_pruned(cwd: Path, n_trials: int) -> list[optuna.trial.FrozenTrial]:
+    """What a user sees of the pruned trials: in the study, in MLflow, in the results."""
+    found = trials(cwd)
+    assert len(found) == n_trials
+    first = min(found, key=lambda t: t.number)
+    assert first.state == TrialState.COMPLETE  # the pruner's startup trial runs in full
+    pruned = [t for t in found if t.state == TrialState.PRUNED]
+    assert pruned, [(t.number, t.state, t.params) for t in found]
+    for trial in found:  # a loser after the first trial is pruned at its first epoch
+        if trial.params["optimizer.lr"] in LOSERS and trial is not first:
+            assert trial.state == TrialState.PRUNED and trial.user_attrs["pruned"] == 1
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    for trial in found:
+        epochs = sorted(trial.intermediate_values)
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert [m.step for m in history] == epochs  # one value per epoch it ran
+        assert [m.value for m in history] == [trial.intermediate_values[e] for e in epochs]
+        if trial.state == TrialState.PRUNED:
+            assert run.data.tags["pruned"] == str(epochs[-1]) == str(trial.user_attrs["pruned"])
+            assert epochs[-1] < 3
+        else:
+            assert "pruned" not in run.data.tags and epochs == [1, 2, 3]
+    results = [OmegaConf.load(p) for p in cwd.glob("multirun/*/*/optimization_results.yaml")]
+    assert results[-1].pruned == len(pruned)
+    parent = client.get_run(results[-1].parent_run_id)
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/intermediate_values.png" in plots
+    return found
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(tmp_path, data_root, launcher):
+    args = ["hydra.sweeper.n_trials=3"]
+    if launcher == "joblib":  # each trial in a worker process, reporting to the shared study
+        args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    done = sweep(tmp_path, *args)
+    assert "pruned after epoch 1" in done.stdout + done.stderr
+    before = check_pruned(tmp_path, n_trials=3)
+    if launcher == "basic":  # the same command again: nothing runs, nothing changes
+        sweep(tmp_path, *args)
+        after = check_pruned(tmp_path, n_trials=3)
+        assert [(t.number, t.state) for t in after] == [(t.number, t.state) for t in before]
+
+
+def test_a_pruner_without_a_shared_study_is_refused_before_the_first_trial(tmp_path, data_root):
+    done = run_cli(tmp_path, "train", "-m", *SPACE, "hydra.sweeper.storage=null")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "hydra.sweeper.pruner needs a study its trials can reach: set "
+        "hydra.sweeper.storage to a database (sqlite:///optuna.db), not null"
+    )
+    assert not list(tmp_path.glob("multirun/*/*/0"))
+
+
+def test_a_single_run_imports_no_optuna(tmp_path, data_root):
+    import subprocess
+
+    script = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('optuna' in sys.modules))\n"
+        f"sys.argv = ['train', 'data.root={DATA}', 'data.train_size=64', "
+        "'data.test_size=64', 'trainer.epochs=1']\n"
+        "runpy.run_module('fashion_sweep.train', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert "Pruned" not in done.stdout

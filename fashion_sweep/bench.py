@@ -6,7 +6,10 @@ tutorial path and the test accuracy, as a table and as JSON. Needs torch and
 torchvision only (no Hydra, no MLflow), so it runs on a bare GPU machine.
 
 `--sweep-overhead N` also runs a real sweep of N + 2 trials (a subprocess of the train
-command) and reports what a trial costs beyond its training loop.
+command) and reports what a trial costs beyond its training loop. `--pruning N` runs
+the preset's seeded sweep of N trials twice, without a pruner and with the recommended
+one (README, Pruning), and reports the epochs trained, the wall time and the best
+val/accuracy of each.
 """
 
 from __future__ import annotations
@@ -97,6 +100,54 @@ def sweep_overhead(
     }
 
 
+# The pruner the README recommends, as the overrides that select it (README, Pruning).
+RECOMMENDED_PRUNER = ["hydra/sweeper/pruner=hyperband"]
+
+
+def pruning(
+    data_root: str,
+    trials: int,
+    train_size: int,
+    epochs: int,
+    pruner: list[str] | None = None,
+) -> list[dict]:
+    """The same seeded sweep (the preset's space and sampler seed) without a pruner and
+    with `pruner`, one after the other: wall time, epochs trained (counted from the
+    trials' MLflow runs) and the best val/accuracy of each."""
+    rows = []
+    for name, extra in (("none", []), ("pruned", pruner or RECOMMENDED_PRUNER)):
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, "-m", "fashion_sweep.train", "-m", "sweep=optuna"]
+            command += [f"data.root={os.path.abspath(data_root)}"]
+            command += [f"data.train_size={train_size}", f"trainer.epochs={epochs}"]
+            command += [f"hydra.sweeper.n_trials={trials}", *extra]
+            start = time.perf_counter()
+            subprocess.run(command, cwd=tmp, check=True, capture_output=True)
+            wall = time.perf_counter() - start
+            rows.append({"pruner": name, "overrides": extra, "wall_seconds": wall, **_epochs(tmp)})
+    return rows
+
+
+def _epochs(cwd: str) -> dict:
+    """Epochs trained over a sweep's trials, how many were pruned, its best value."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{Path(cwd, 'optuna.db')}")
+    client = MlflowClient(f"sqlite:///{Path(cwd, 'mlflow.db')}")
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    runs = client.search_runs([experiment.experiment_id], "tags.trial != ''", max_results=1000)
+    return {
+        "trials": len(runs),
+        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
+        "epochs_trained": sum(
+            len(client.get_metric_history(run.info.run_id, "train/loss")) for run in runs
+        ),
+        "best_val_accuracy": study.best_value,
+    }
+
+
 def _trial_timings(cwd: str) -> tuple[list[datetime], dict[int, float]]:
     """Each trial's start (from the study), and its loop's seconds (from its MLflow run)."""
     import optuna
@@ -142,6 +193,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--sweep-epochs", type=_at_least(1), default=1, help="epochs per sweep trial"
     )
+    parser.add_argument(
+        "--pruning",
+        type=_at_least(0),
+        default=0,
+        metavar="TRIALS",
+        help="also run a seeded sweep of TRIALS trials without and with the recommended pruner",
+    )
+    parser.add_argument("--pruning-epochs", type=_at_least(1), default=5)
+    parser.add_argument("--pruning-train-size", type=_at_least(1), default=10_000)
+    parser.add_argument(
+        "--pruner", nargs="*", default=None, help="overrides that select the pruner to compare"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -180,6 +243,20 @@ def main(argv: list[str] | None = None) -> dict:
             f"loop (train + eval), overhead {s['overhead_seconds_per_trial']:.3f} s "
             f"({100 * s['overhead_fraction']:.1f}%; median {s['overhead_seconds_median']:.3f} s)"
         )
+    if args.pruning:
+        report["pruning"] = pruning(
+            args.data_root, args.pruning, args.pruning_train_size, args.pruning_epochs, args.pruner
+        )
+        print(
+            f"\nsweep of {args.pruning} trials, {args.pruning_epochs} epochs on "
+            f"{args.pruning_train_size} images each, without and with a pruner:"
+        )
+        print(f"{'pruner':<10}{'epochs':>8}{'pruned':>8}{'wall s':>9}{'best val acc':>14}")
+        for row in report["pruning"]:
+            print(
+                f"{row['pruner']:<10}{row['epochs_trained']:>8}{row['pruned']:>8}"
+                f"{row['wall_seconds']:>9.1f}{row['best_val_accuracy']:>14.4f}"
+            )
     print("\n" + json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -75,11 +75,13 @@ def check_pruned(cwd: Path, n_trials: int) -> list[optuna.trial.FrozenTrial]:
     return found
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit-local"])
 def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(tmp_path, data_root, launcher):
     args = ["hydra.sweeper.n_trials=3"]
     if launcher == "joblib":  # each trial in a worker process, reporting to the shared study
         args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    if launcher == "submitit-local":  # each trial a job of submitit's, as on a cluster
+        args += ["launcher=local"]
     done = sweep(tmp_path, *args)
     assert "pruned after epoch 1" in done.stdout + done.stderr
     before = check_pruned(tmp_path, n_trials=3)

@@ -81,7 +81,7 @@ def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(tmp_path, data_r
     if launcher == "joblib":  # each trial in a worker process, reporting to the shared study
         args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     if launcher == "submitit-local":  # each trial a job of submitit's, as on a cluster
-        args += ["launcher=local"]
+        args += ["launcher=local", "hydra.sweeper.n_jobs=1"]  # one after another, as above
     done = sweep(tmp_path, *args)
     assert "pruned after epoch 1" in done.stdout + done.stderr
     before = check_pruned(tmp_path, n_trials=3)

@@ -42,7 +42,7 @@ def logged(tmp_path_factory, data_root):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose("train", [f"data.root={data_root}", f"tracking.uri={store}", *SMALL])
-    metrics, _ = train(cfg, ["trainer.epochs=2"])
+    metrics = train(cfg, ["trainer.epochs=2"]).metrics
     client, run = only_run(store)
     return cfg, metrics, client, run
 
@@ -95,11 +95,11 @@ def test_logged_model_reproduces_logged_accuracy(logged, data_root, tmp_path):
 def test_same_seed_same_metrics_and_validation_split(compose, store, logged):
     _, first, _, _ = logged
     cfg = compose(*SMALL, f"tracking.uri={store}", "trainer.device=cpu")
-    again, _ = train(cfg)
+    again = train(cfg).metrics
     assert {k: v for k, v in again.items() if k not in PERF} == {
         k: v for k, v in first.items() if k not in PERF
     }
-    with_val, _ = train(compose(*SMALL, f"tracking.uri={store}", "data.val_size=500"))
+    with_val = train(compose(*SMALL, f"tracking.uri={store}", "data.val_size=500")).metrics
     assert {"val/loss", "val/accuracy"} <= set(with_val)
 
 

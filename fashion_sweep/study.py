@@ -101,15 +101,19 @@ def storage(url: str | None, heartbeat_interval: int, grace_period: int, on_stal
 
 
 def open_study(
-    name: str, where: Any, sampler: BaseSampler, direction: str
+    name: str, where: Any, sampler: BaseSampler, direction: str, pruner: Any = None
 ) -> tuple[optuna.Study, bool]:
-    """The study, and whether this process created it (the database decides the race)."""
+    """The study, and whether this process created it (the database decides the race).
+    The pruner decides nothing here (each trial asks its own, study.Pruning); the
+    sampler reads it (TPE keeps Hyperband's brackets apart)."""
     try:
         return optuna.create_study(
-            study_name=name, storage=where, sampler=sampler, direction=direction
+            study_name=name, storage=where, sampler=sampler, direction=direction, pruner=pruner
         ), True
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=name, storage=where, sampler=sampler), False
+        return optuna.load_study(
+            study_name=name, storage=where, sampler=sampler, pruner=pruner
+        ), False
 
 
 def definition(
@@ -344,10 +348,11 @@ class Pruning:
         trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
         self.trial = optuna.trial.Trial(study, trial_id)
 
-    def __call__(self, epoch: int, value: float) -> bool:
-        """Reports `value` for `epoch`; True if the trial should stop after it."""
+    def __call__(self, epoch: int, value: float, last: bool = False) -> bool:
+        """Reports `value` for `epoch`; True if the trial should stop after it (never
+        after its `last` epoch: it trained in full, so it is complete)."""
         self.trial.report(value, step=epoch)
-        return self.trial.should_prune()
+        return not last and self.trial.should_prune()
 
 
 class ReportToStudy(Callback):

@@ -85,7 +85,10 @@ class Sweep:
             self.where = study.storage(
                 url, self.sweeper.heartbeat_interval, self.sweeper.grace_period, self._on_stale
             )
-            self.study, created = study.open_study(self.name, self.where, sampler, direction)
+            pruner = self.sweeper.make_pruner()  # TPE samples Hyperband's brackets apart
+            self.study, created = study.open_study(
+                self.name, self.where, sampler, direction, pruner
+            )
             study.check_definition(self.study, defined, created)
         except study.StudyError as error:
             raise SweepError(str(error)) from None
@@ -254,7 +257,7 @@ class Sweep:
                 reason = self._record(trial, job)
             if reason:
                 log.warning(f"Trial {trial.number} failed: {reason}")
-            elif pruned := getattr(_value(job), "pruned", None):
+            elif pruned := ended[trial.number].user_attrs.get(schedule.PRUNED):
                 log.info(f"Trial {trial.number} pruned after epoch {pruned}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
@@ -478,14 +481,6 @@ class Sweep:
                 f"set hydra.sweeper.direction={expected}"
             )
         return direction
-
-
-def _value(job: Any) -> Any:
-    """What a job returned, or None where it raised."""
-    try:
-        return job.return_value
-    except BaseException:
-        return None
 
 
 def _related(keys: tuple[str, ...], space: dict[str, BaseDistribution]) -> bool:

@@ -182,6 +182,8 @@ class StudySweeper(Sweeper):
         """The configured Optuna pruner; its arguments checked, in one line."""
         from hydra.utils import instantiate
 
+        if not self.pruner:
+            return None
         if self.prunes and self.storage is None:
             raise SweepError(
                 "hydra.sweeper.pruner needs a study its trials can reach: set "

@@ -124,10 +124,11 @@ def preflight(cfg: DictConfig) -> torch.device:
 def train(
     cfg: DictConfig,
     overrides: list[str] | None = None,
-    prune: Callable[[int, float], bool] | None = None,
+    prune: Callable[[int, float, bool], bool] | None = None,
 ) -> Trained:
     """Seed, data, model, optimizer, a tracked run of the epoch loop. In a sweep with a
-    pruner, `prune(epoch, value of optimized_metric)` after each epoch may stop it."""
+    pruner, `prune(epoch, value of optimized_metric, last)` after each epoch may stop it
+    (not after its last: a trial that trained in full is complete)."""
     device = preflight(cfg)
     from fashion_sweep.predict import predict_one
     from fashion_sweep.tracking import log_epoch, log_state_dict, mark_pruned, tracked_run
@@ -186,7 +187,8 @@ def train(
             metrics["perf/epoch_seconds"] = seconds
             metrics["perf/samples_per_second"] = len(loaders["train"].dataset) / seconds
             log_epoch(metrics, epoch)
-            if prune is not None and prune(epoch, metrics[cfg.optimized_metric]):
+            last = epoch == cfg.trainer.epochs  # a trial that trained in full is complete
+            if prune is not None and prune(epoch, metrics[cfg.optimized_metric], last):
                 pruned = epoch
                 mark_pruned(epoch)
                 print(f"Pruned after epoch {epoch}: its {cfg.optimized_metric} is behind")
@@ -267,7 +269,7 @@ def main(cfg: DictConfig) -> float:
             settle_heap()
 
 
-def pruning(cfg: DictConfig, hydra_cfg: DictConfig) -> Callable[[int, float], bool] | None:
+def pruning(cfg: DictConfig, hydra_cfg: DictConfig) -> Callable[[int, float, bool], bool] | None:
     """A trial's link to its study's pruner, where its sweep has one (fashion_sweep/
     sweeper.py, hydra.sweeper.pruner); None for a single run, which imports no Optuna."""
     pruner = hydra_cfg.sweeper.get("pruner") if hydra_cfg.mode == RunMode.MULTIRUN else None

@@ -171,10 +171,12 @@ def test_worker_lost_on_another_host_is_failed_by_heartbeat(tmp_path, server):
     """A worker "elsewhere" (its own hostname) that dies mid-trial: no process to look
     at, so its trial is failed once its heartbeat is older than the grace period."""
     database = new_database()
-    args = shared_args(database, server, "remote", 4) + ["data.train_size=4000"]
+    # trials of 2 epochs on 10,000 images (seconds each), so the kill lands inside one
+    args = shared_args(database, server, "remote", 4) + ["data.train_size=10000"]
+    args += ["trainer.epochs=2"]
     args += ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4"]
     remote = worker(tmp_path / "b", *args, host="elsewhere")
-    kill_mid_trial(remote, "remote", database, settle=2.0)  # its heartbeats have begun
+    kill_mid_trial(remote, "remote", database, settle=1.0)  # its heartbeats have begun
     local = worker(tmp_path / "a", *args)
     output = local.communicate(timeout=600)[0]
     assert local.returncode == 0, output[-3000:]

@@ -85,6 +85,16 @@ def cli(tmp_path, data_root):
     return lambda module, *args, **kw: run_cli(tmp_path, module, *args, **kw)
 
 
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    """Polls `condition` until it holds; fails the test naming `what` after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"never saw {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from fashion_sweep import schedule
-from tests.conftest import DATA, TINY, run_cli
+from tests.conftest import DATA, TINY, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 # a trial long enough to be caught in the middle: 10,000 images, 2 epochs
@@ -50,15 +50,6 @@ def trials(cwd: Path, name: str) -> list[optuna.trial.FrozenTrial]:
         return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / 'optuna.db'}").trials
     except (KeyError, ValueError, RuntimeError):  # not created yet
         return []
-
-
-def wait_for(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"never saw {what}")
 
 
 def runs(cwd: Path) -> dict:

@@ -20,7 +20,7 @@ from fashion_sweep.predict import predict
 from fashion_sweep.signals import Terminated
 from fashion_sweep.tracking import tracked_run
 from fashion_sweep.train import train
-from tests.conftest import DATA, TINY, free_port
+from tests.conftest import DATA, TINY, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 QUICK = ["data.train_size=64", "data.test_size=64", "trainer.epochs=1"]
@@ -39,15 +39,6 @@ def start(cwd: Path, *args: str) -> tuple[subprocess.Popen, Path]:
         start_new_session=True,
     )
     return process, log
-
-
-def wait_for(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"never saw {what}")
 
 
 def all_runs(cwd: Path, name: str = "mlflow.db") -> list:

@@ -69,24 +69,32 @@ def worker(cwd: Path, *args: str, host: str | None = None) -> subprocess.Popen:
 
 
 def kill_mid_trial(proc: subprocess.Popen, study: str, database: str, settle: float) -> None:
-    """SIGKILLs `proc` once it has a RUNNING trial in the study, `settle` s into it."""
+    """SIGKILLs `proc` `settle` s into one of its trials, once that trial is seen still
+    RUNNING after the wait (a trial that ended in the meantime is passed over)."""
     pids = {proc.pid, 1, 2}  # in a PID namespace of its own, the sweep is 1 or 2 there
+
+    def running() -> set[int]:
+        try:
+            trials = optuna.load_study(study_name=study, storage=url(database)).trials
+        except KeyError:  # not created yet
+            return set()
+        return {
+            t.number
+            for t in trials
+            if t.state == TrialState.RUNNING and t.user_attrs.get("worker", {}).get("pid") in pids
+        }
+
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
             time.sleep(0.5)
-            try:
-                trials = optuna.load_study(study_name=study, storage=url(database)).trials
-            except KeyError:  # not created yet
-                continue
-            if any(
-                t.state == TrialState.RUNNING and t.user_attrs.get("worker", {}).get("pid") in pids
-                for t in trials
-            ):
+            seen = running()
+            if seen:
                 time.sleep(settle)
-                proc.kill()
-                return
-        pytest.fail(f"worker {proc.pid} never started a trial")
+                if seen & running():
+                    proc.kill()
+                    return
+        pytest.fail(f"worker {proc.pid} never stayed {settle} s in a trial")
     finally:
         proc.kill()
         proc.communicate()
@@ -146,7 +154,9 @@ def test_two_workers_share_one_study_and_one_server(tmp_path, server):
 
 def test_killed_worker_leaves_a_failed_trial_and_the_other_finishes(tmp_path, server):
     database = new_database()
-    args = shared_args(database, server, "killed", 6) + ["data.train_size=4000"]
+    # trials of 2 epochs on 10,000 images (seconds each), so the kill lands inside one
+    args = shared_args(database, server, "killed", 6) + ["data.train_size=10000"]
+    args += ["trainer.epochs=2"]
     survivor, victim = worker(tmp_path / "a", *args), worker(tmp_path / "b", *args)
     kill_mid_trial(victim, "killed", database, settle=1.0)  # its MLflow run has started
     output = survivor.communicate(timeout=600)[0]

@@ -44,7 +44,7 @@ CALLS = [
     ("fashion_sweep.train", "predict_one"),
     ("fashion_sweep.tracking", "use_experiment"),
     ("fashion_sweep.tracking", "trial_run_id"),
-    ("fashion_sweep.tracking", "log_state_dict"),
+    ("fashion_sweep.tracking", "log_artifact"),
     ("fashion_sweep.tracking", "artifacts_of"),
     ("mlflow", "start_run"),
     ("mlflow", "log_params"),

@@ -2,14 +2,17 @@
 
 Runs each path in this process on the same data and seed, and prints per path the
 seconds per training epoch (median), samples per second, the speed-up over the
-tutorial path and the test accuracy, as a table and as JSON. Needs torch and
+tutorial path, the test accuracy, and the seconds one evaluation of the test split
+takes (and as a fraction of an epoch), as a table and as JSON. Needs torch and
 torchvision only (no Hydra, no MLflow), so it runs on a bare GPU machine.
 
 `--sweep-overhead N` also runs a real sweep of N + 2 trials (a subprocess of the train
 command) and reports what a trial costs beyond its training loop. `--pruning N` runs
 the preset's seeded sweep of N trials twice, without a pruner and with the recommended
 one (README, Pruning), and reports the epochs trained, the wall time and the best
-val/accuracy of each.
+val/accuracy of each. `--fixed-cost N` times a single run's command N times against
+the bare `import torch, torchvision`, and splits its wall time into training,
+evaluation and the fixed cost (start-up, MLflow, the model file).
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ def run_path(
         with redirect_stdout(StringIO()):  # the progress lines are not the benchmark
             train_one_epoch(loaders["train"], step, device)
         seconds.append(time.perf_counter() - start)  # train_one_epoch ends on a sync
-    result = evaluate(loaders["test"], model, loss_fn, device)
+    start = time.perf_counter()
+    result = evaluate(loaders["test"], model, loss_fn, device)  # ends on a sync (.item())
+    eval_seconds = time.perf_counter() - start
     epoch = statistics.median(seconds)
     return {
         "path": name,
@@ -63,6 +68,8 @@ def run_path(
         "test_accuracy": result["accuracy"],
         "test_loss": result["loss"],
         "train_seconds_total": sum(seconds),
+        "eval_seconds": eval_seconds,
+        "eval_fraction": eval_seconds / epoch,
     }
 
 
@@ -98,6 +105,56 @@ def sweep_overhead(
         "overhead_seconds_median": statistics.median(overheads),
         "overhead_fraction": (per_trial - in_loop) / per_trial,
     }
+
+
+# A run whose epochs take next to nothing: its wall time is the fixed cost of a run.
+TINY_RUN = ["data.train_size=64", "data.test_size=64", "trainer.epochs=1"]
+BARE_IMPORT = "import torch, torchvision"
+
+
+def fixed_cost(data_root: str, times: int, overrides: list[str] | None = None) -> dict:
+    """What a single run costs beyond its epochs: `times` alternations of the bare
+    `python -c "import torch, torchvision"` and the train command (after one run that
+    creates the store), each command's wall time less the training and evaluation
+    seconds its MLflow run logged. Medians."""
+    from mlflow.tracking import MlflowClient
+
+    overrides = TINY_RUN if overrides is None else overrides
+    rows: dict[str, list[float]] = {"import": [], "wall": [], "train": [], "eval": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "fashion_sweep.train"]
+        command += [f"data.root={os.path.abspath(data_root)}", *overrides]
+        subprocess.run(command, cwd=tmp, check=True, capture_output=True)  # makes mlflow.db
+        for _ in range(times):
+            rows["import"].append(_wall([sys.executable, "-c", BARE_IMPORT], tmp))
+            rows["wall"].append(_wall(command, tmp))
+        client = MlflowClient(f"sqlite:///{Path(tmp, 'mlflow.db')}")
+        experiment = client.get_experiment_by_name("fashion_sweep")
+        runs = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+        for run in runs[1:]:
+            for key, metric in (("train", "perf/epoch_seconds"), ("eval", "perf/eval_seconds")):
+                history = client.get_metric_history(run.info.run_id, metric)
+                rows[key].append(sum(m.value for m in history))
+    fixed = [w - t - e for w, t, e in zip(rows["wall"], rows["train"], rows["eval"], strict=True)]
+    over = [w - i for w, i in zip(rows["wall"], rows["import"], strict=True)]
+    median = statistics.median
+    return {
+        "times": times,
+        "overrides": overrides,
+        "import_seconds": median(rows["import"]),
+        "wall_seconds": median(rows["wall"]),
+        "train_seconds": median(rows["train"]),
+        "eval_seconds": median(rows["eval"]),
+        "fixed_seconds": median(fixed),
+        "over_import_seconds": median(over),
+        "over_import_max": max(over),
+    }
+
+
+def _wall(command: list[str], cwd: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, check=True, capture_output=True)
+    return time.perf_counter() - start
 
 
 # The pruner the README recommends, as the overrides that select it (README, Pruning).
@@ -205,13 +262,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--pruner", nargs="*", default=None, help="overrides that select the pruner to compare"
     )
+    parser.add_argument(
+        "--fixed-cost",
+        type=_at_least(0),
+        default=0,
+        metavar="TIMES",
+        help="also time a single run's command against the bare torch import, TIMES times",
+    )
+    parser.add_argument(
+        "--fixed-cost-run",
+        nargs="*",
+        default=None,
+        metavar="OVERRIDE",
+        help=f"the run that --fixed-cost times (default: {' '.join(TINY_RUN)})",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     prepare_raw(args.data_root)
-    splits = load_splits(args.data_root, train_size=args.train_size)
     paths = ["tutorial", "resident"] + (["resident+cuda_graph"] if device.type == "cuda" else [])
-    rows = [run_path(p, splits, device, args.epochs, args.batch_size, args.seed) for p in paths]
+    rows = []
+    for path in paths:  # the tutorial's path reads the data with torchvision, as it does
+        reader = "torchvision" if path == "tutorial" else "idx"
+        splits = load_splits(args.data_root, train_size=args.train_size, reader=reader)
+        rows.append(run_path(path, splits, device, args.epochs, args.batch_size, args.seed))
     for row in rows:
         row["speedup"] = row["samples_per_second"] / rows[0]["samples_per_second"]
     report = {
@@ -224,12 +298,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{report['device']}, torch {report['torch']}, {report['train_images']} images, ")
     print(f"median of {args.epochs} epochs, batch {args.batch_size}\n")
-    print(f"{'path':<22}{'s/epoch':>10}{'samples/s':>12}{'speed-up':>10}{'test acc':>10}")
+    print(
+        f"{'path':<22}{'s/epoch':>10}{'samples/s':>12}{'speed-up':>10}{'test acc':>10}"
+        f"{'eval s':>9}{'eval/epoch':>12}"
+    )
     for row in rows:
         print(
             f"{row['path']:<22}{row['seconds_per_epoch']:>10.3f}"
             f"{row['samples_per_second']:>12.0f}{row['speedup']:>9.2f}x"
-            f"{100 * row['test_accuracy']:>9.2f}%"
+            f"{100 * row['test_accuracy']:>9.2f}%{row['eval_seconds']:>9.3f}"
+            f"{100 * row['eval_fraction']:>11.1f}%"
         )
     if args.sweep_overhead:
         report["sweep"] = sweep_overhead(
@@ -257,6 +335,15 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{row['pruner']:<10}{row['epochs_trained']:>8}{row['pruned']:>8}"
                 f"{row['wall_seconds']:>9.1f}{row['best_val_accuracy']:>14.4f}"
             )
+    if args.fixed_cost:
+        report["fixed_cost"] = f = fixed_cost(args.data_root, args.fixed_cost, args.fixed_cost_run)
+        print(
+            f"\na single run ({' '.join(f['overrides'])}), median of {f['times']}: "
+            f"{f['wall_seconds']:.2f} s wall = {f['train_seconds']:.2f} s training + "
+            f"{f['eval_seconds']:.2f} s evaluation + {f['fixed_seconds']:.2f} s fixed cost; "
+            f"`{BARE_IMPORT}` {f['import_seconds']:.2f} s, the run "
+            f"{f['over_import_seconds']:+.2f} s beside it (at most {f['over_import_max']:+.2f} s)"
+        )
     print("\n" + json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

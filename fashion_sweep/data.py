@@ -118,6 +118,7 @@ def load_splits(
     val_size: int = 0,
     test_size: int | None = None,
     split_seed: int = 0,
+    reader: str = "idx",
 ) -> dict[str, Subset]:
     """The tutorial's datasets, cut to size.
 
@@ -125,15 +126,23 @@ def load_splits(
     test_size then take the first N images of what is left of each split, in order.
     The same arguments give the same Subset objects within a process, so the trials of
     a sweep share them, and the tensors the resident loader decodes from them.
+    reader="torchvision" reads them with torchvision's FashionMNIST + ToTensor (the
+    tutorial's own path, for the `torch` loader); "idx" reads the same files into the
+    same tensors without importing torchvision (seconds of start-up).
     """
-    return _splits(str(Path(root).resolve()), train_size, val_size, test_size, split_seed)
+    return _splits(str(Path(root).resolve()), train_size, val_size, test_size, split_seed, reader)
 
 
 @functools.lru_cache(maxsize=4)
 def _splits(
-    root: str, train_size: int | None, val_size: int, test_size: int | None, split_seed: int
+    root: str,
+    train_size: int | None,
+    val_size: int,
+    test_size: int | None,
+    split_seed: int,
+    reader: str,
 ) -> dict[str, Subset]:
-    train_full, test_full = _fashion_mnist(root)
+    train_full, test_full = _fashion_mnist(root) if reader == "torchvision" else _idx(root)
     generator = torch.Generator().manual_seed(split_seed)
     order = torch.randperm(len(train_full), generator=generator)
     val_idx = order[:val_size].sort().values
@@ -156,6 +165,41 @@ def _fashion_mnist(root: str) -> tuple[Dataset, Dataset]:
         datasets.FashionMNIST(root, train=True, transform=ToTensor()),
         datasets.FashionMNIST(root, train=False, transform=ToTensor()),
     )
+
+
+class IdxImages(Dataset):
+    """One split read straight from its idx files: `data` (uint8, N x 28 x 28) and
+    `targets` (int64) as torchvision's FashionMNIST holds them, and items as its
+    ToTensor transform gives them (float32 1 x 28 x 28 in [0, 1], an int label)."""
+
+    def __init__(self, raw: Path, prefix: str) -> None:
+        self.data = _read_idx(raw / f"{prefix}-images-idx3-ubyte")
+        self.targets = _read_idx(raw / f"{prefix}-labels-idx1-ubyte").long()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data[index].unsqueeze(0).float().div(255), int(self.targets[index])
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An uncompressed idx file of unsigned bytes: a big-endian header (magic number
+    0x0000080N, then N sizes), then the values."""
+    data = bytearray(path.read_bytes())
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08 or not 1 <= magic & 0xFF <= 3:
+        raise DataError(f"{path} is not an idx file of unsigned bytes: delete it and run again")
+    ndim = magic & 0xFF
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * ndim).view(shape)
+
+
+@functools.lru_cache(maxsize=2)
+def _idx(root: str) -> tuple[IdxImages, IdxImages]:
+    """Both splits, read once per process: a sweep's trials share them."""
+    raw = Path(root) / "FashionMNIST" / "raw"
+    return IdxImages(raw, "train"), IdxImages(raw, "t10k")
 
 
 class ResidentLoader:
@@ -182,6 +226,14 @@ class ResidentLoader:
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
+
+    def slices(self, limit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split in order (never shuffled), in slices of at most `limit` images
+        that end on batch boundaries: fewer, larger forward passes for evaluation."""
+        images, labels = self.dataset.tensors
+        step = max(1, limit // self.batch_size) * self.batch_size
+        for start in range(0, len(images), step):
+            yield images[start : start + step], labels[start : start + step]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.dataset.tensors

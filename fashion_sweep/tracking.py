@@ -5,16 +5,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 import yaml
 from mlflow.entities import RunStatus, RunTag
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
@@ -110,27 +106,25 @@ def artifacts_of(run: mlflow.entities.Run) -> ArtifactRepository:
     return get_artifact_repository(run.info.artifact_uri, tracking_uri=mlflow.get_tracking_uri())
 
 
-@contextmanager
-def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> Iterator[str]:
-    """One MLflow run, FINISHED when the block ends, FAILED (or KILLED) when it raises.
+def start_run(resolved: dict[str, Any], tags: dict[str, str], overrides: list[str]) -> str:
+    """Starts a training run (the active run until end_run) and returns its id.
 
-    Logs the resolved config as dotted params and as config.yaml, and the overrides.
+    Logs the resolved config as dotted params and as config.yaml, and the overrides;
+    `tags` come from the process that trains (its torch version, host and pid).
     """
-    tracking = cfg.tracking
-    experiment_id = use_experiment(tracking.uri, tracking.experiment)
-    tags = {KIND_TAG: "train", "torch_version": torch.__version__, **tags}
-    tags["process"] = f"{socket.gethostname()}:{os.getpid()}"  # which worker ran it
+    tracking = resolved["tracking"]
+    experiment_id = use_experiment(tracking["uri"], tracking["experiment"])
+    tags = {KIND_TAG: "train", **tags}
     if commit := git_commit():
         tags["git_commit"] = commit
-    if tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = tracking.parent_run_id
-    if tracking.trial is not None:
-        tags["trial"] = str(tracking.trial)
+    if tracking["parent_run_id"]:
+        tags["mlflow.parentRunId"] = tracking["parent_run_id"]
+    if tracking["trial"] is not None:
+        tags["trial"] = str(tracking["trial"])
     if overrides:
         tags["overrides"] = redact(" ".join(overrides))[:5000]
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking.run_name, tags=tags)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking["run_name"], tags=tags)
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         params = {k: redact(str(v)) for k, v in flatten(resolved).items() if k not in AS_TAGS}
         mlflow.log_params(params)
         with tempfile.TemporaryDirectory() as tmp:  # one artifact call for both files
@@ -138,17 +132,17 @@ def tracked_run(cfg: DictConfig, tags: dict[str, str], overrides: list[str]) -> 
                 text = yaml.dump(content, Dumper=YamlDumper, sort_keys=False)
                 Path(tmp, name).write_text(redact(text))
             artifacts_of(run).log_artifacts(tmp)
-        yield run.info.run_id
-    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
-        mlflow.set_tag("failure_reason", signals.reason(stop))
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
     except BaseException as error:
-        mlflow.set_tag("failure_reason", one_line(error))
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        end_run("FAILED", one_line(error))
         raise
-    else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    return run.info.run_id
+
+
+def end_run(status: str, reason: str | None = None) -> None:
+    """Ends the active run: FINISHED, or FAILED/KILLED with its `failure_reason`."""
+    if reason is not None:
+        mlflow.set_tag("failure_reason", reason)
+    mlflow.end_run(status)
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
@@ -160,12 +154,9 @@ def mark_pruned(epoch: int) -> None:
     mlflow.set_tag("pruned", str(epoch))
 
 
-def log_state_dict(model: torch.nn.Module) -> None:
-    """The tutorial's torch.save(model.state_dict(), "model.pth"), as a run artifact."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.pth")
-        torch.save(model.state_dict(), path)
-        artifacts_of(mlflow.active_run()).log_artifact(path)
+def log_artifact(path: str) -> None:
+    """A file (the run's model.pth) as an artifact of the active run."""
+    artifacts_of(mlflow.active_run()).log_artifact(path)
 
 
 def resolve_run_id(uri: str, experiment: str, run_id: str) -> str:
@@ -235,7 +226,7 @@ def _newest_with_model(client: MlflowClient, experiment_id: str, experiment: str
             raise LookupError(f"run_id=latest: no finished run with a model in {experiment!r}")
 
 
-def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, torch.Tensor]]:
+def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, Any]]:
     """A logged run's config.yaml and model.pth state_dict (on the CPU)."""
     mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,6 +236,8 @@ def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, torch.Tensor]
         weights = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="model.pth", dst_path=tmp
         )
+        import torch
+
         return OmegaConf.load(config), torch.load(weights, map_location="cpu")
 
 

@@ -5,15 +5,26 @@
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a single run: its MLflow process starts now, beside torch's import
+    from fashion_sweep import agent
+
+    agent.start(sys.argv[1:])
+
 import contextlib
 import functools
 import gc
 import itertools
-import sys
+import os
+import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from inspect import signature
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import hydra
@@ -28,12 +39,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fashion_sweep import signals
+from fashion_sweep import agent, signals
+from fashion_sweep.agent import Agent, AgentError
 from fashion_sweep.compose import ComposeOnce, plain
 from fashion_sweep.config import CONF_DIR, ConfigError, register_configs, validate
 from fashion_sweep.data import DataError, load_splits, make_loaders, prepare_raw
 from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
-from fashion_sweep.redaction import mask_log_records
+from fashion_sweep.redaction import mask_log_records, one_line
 from fashion_sweep.signals import interrupts
 
 # What a config's _target_ may name (Hydra 1.4 asks instantiate() for a whitelist).
@@ -104,39 +116,77 @@ def check(cfg: DictConfig) -> torch.device:
     return device
 
 
-def prepare(cfg: DictConfig) -> None:
-    """The data files (unpacked on first use), then the MLflow store (reached, and set
-    up on first use). Raises DataError or StoreError in one line."""
-    prepare_raw(cfg.data.root, cfg.data.download)
+# What does a run's MLflow work: fashion_sweep/tracking.py in this process, or an
+# Agent (fashion_sweep/agent.py) that calls it in a process of its own.
+Tracker = ModuleType | Agent
+
+
+def in_process() -> ModuleType:
     # note: imported after the checks, so bad input fails without waiting for mlflow
-    from fashion_sweep.tracking import use_experiment
+    from fashion_sweep import tracking
 
-    use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    return tracking
 
 
-def preflight(cfg: DictConfig) -> torch.device:
+def prepare(cfg: DictConfig, tracker: Tracker | None = None) -> None:
+    """The data files (unpacked on first use), then the MLflow store (reached, and set
+    up on first use). Raises DataError or StoreError in one line (from an Agent: with
+    its next call waited for)."""
+    prepare_raw(cfg.data.root, cfg.data.download)
+    (tracker or in_process()).use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+
+
+def preflight(cfg: DictConfig, tracker: Tracker | None = None) -> torch.device:
     """What a run needs, checked before it starts: check(), then prepare()."""
     device = check(cfg)
-    prepare(cfg)
+    prepare(cfg, tracker)
     return device
+
+
+@contextmanager
+def tracked_run(
+    tracker: Tracker, cfg: DictConfig, tags: dict[str, str], overrides: list[str]
+) -> Iterator[str]:
+    """One MLflow run, FINISHED when the block ends, FAILED (or KILLED) when it raises;
+    the resolved config its params and config.yaml (fashion_sweep/tracking.py)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    tags = {**tags, "torch_version": str(torch.__version__)}  # not torch's own str type
+    tags["process"] = f"{socket.gethostname()}:{os.getpid()}"  # which worker trained it
+    run_id = tracker.start_run(resolved, tags, overrides)
+    try:
+        yield run_id
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
+        tracker.end_run("KILLED", signals.reason(stop))
+        raise
+    except BaseException as error:
+        tracker.end_run("FAILED", one_line(error))
+        raise
+    else:
+        tracker.end_run("FINISHED")
 
 
 def train(
     cfg: DictConfig,
     overrides: list[str] | None = None,
     prune: Callable[[int, float, bool], bool] | None = None,
+    tracker: Tracker | None = None,
 ) -> Trained:
     """Seed, data, model, optimizer, a tracked run of the epoch loop. In a sweep with a
     pruner, `prune(epoch, value of optimized_metric, last)` after each epoch may stop it
     (not after its last: a trial that trained in full is complete)."""
-    device = preflight(cfg)
+    device = check(cfg)
+    tracker = tracker or in_process()
+    prepare(cfg, tracker)
     from fashion_sweep.predict import predict_one
-    from fashion_sweep.tracking import log_epoch, log_state_dict, mark_pruned, tracked_run
 
     print(f"Using {device} device")
 
     data = cfg.data
-    splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
+    # the torch loader is the tutorial's path, torchvision's dataset included
+    reader = "torchvision" if data.loader == "torch" else "idx"
+    splits = load_splits(
+        data.root, data.train_size, data.val_size, data.test_size, data.split_seed, reader
+    )
     loaders = make_loaders(
         splits,
         data.loader,
@@ -165,7 +215,7 @@ def train(
     step = TrainStep(model, loss_fn, optimizer, cuda_graph=cfg.trainer.cuda_graph)
 
     pruned = None
-    with tracked_run(cfg, {"device": str(device)}, overrides or []) as run_id:
+    with tracked_run(tracker, cfg, {"device": str(device)}, overrides or []) as run_id:
         for epoch in range(1, cfg.trainer.epochs + 1):
             print(f"Epoch {epoch}\n-------------------------------")
             start = time.perf_counter()
@@ -186,16 +236,19 @@ def train(
             metrics["perf/eval_seconds"] = time.perf_counter() - start
             metrics["perf/epoch_seconds"] = seconds
             metrics["perf/samples_per_second"] = len(loaders["train"].dataset) / seconds
-            log_epoch(metrics, epoch)
+            tracker.log_epoch(metrics, epoch)
             last = epoch == cfg.trainer.epochs  # a trial that trained in full is complete
             if prune is not None and prune(epoch, metrics[cfg.optimized_metric], last):
                 pruned = epoch
-                mark_pruned(epoch)
+                tracker.mark_pruned(epoch)
                 print(f"Pruned after epoch {epoch}: its {cfg.optimized_metric} is behind")
                 break
         print("Done!")
-        if cfg.tracking.log_model:
-            log_state_dict(model)
+        if cfg.tracking.log_model:  # the tutorial's torch.save(model.state_dict(), ...)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.pth")
+                torch.save(model.state_dict(), path)
+                tracker.log_artifact(path)
             print(f"Saved PyTorch Model State to model.pth in MLflow run {run_id}")
         predicted, actual = predict_one(model, splits["test"], 0)
         print(f'Predicted: "{predicted}", Actual: "{actual}"')
@@ -254,18 +307,25 @@ mask_log_records()  # whatever logs a URI in this process (a launcher, a store) 
 @hydra.main(config_path=CONF_DIR, config_name="train", execution_whitelist=CALLBACKS)
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    tracker = agent.take()  # a single run's MLflow process, started by __main__
+    if tracker is not None and multirun:  # hydra.mode=MULTIRUN, set without -m
+        tracker.close()
+        tracker = None
     try:
         with interrupts():  # also in a launcher's worker process (joblib)
             overrides = [plain(o) for o in hydra_cfg.overrides.task]
-            metrics, run_id, pruned = train(cfg, overrides, pruning(cfg, hydra_cfg))
+            metrics, run_id, pruned = train(cfg, overrides, pruning(cfg, hydra_cfg), tracker)
         return Objective(metrics[cfg.optimized_metric], run_id, pruned)
-    except (ConfigError, DataError, DivergedError) as error:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+    except (ConfigError, DataError, DivergedError, AgentError) as error:
+        if multirun:
             raise  # the sweeper records the trial as failed and goes on
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, DivergedError) else 2)
+        sys.exit(1 if isinstance(error, DivergedError | AgentError) else 2)
     finally:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if tracker is not None:
+            tracker.close()
+        if multirun:
             settle_heap()
 
 

@@ -98,3 +98,24 @@ def test_diverging_run_stops_with_diverged_error(subset):
     with pytest.raises(DivergedError, match="train/loss is (nan|inf)"):
         for _ in range(3):
             train_one_epoch(train_loader, step, device, log_interval=10)
+
+
+@pytest.mark.parametrize("slice_size", [16_384, 300])  # one pass; passes of 256 images
+def test_evaluation_in_large_slices_gives_the_tutorials_numbers(
+    data_root, subset, monkeypatch, slice_size
+):
+    from fashion_sweep import engine
+    from fashion_sweep.data import make_loaders
+
+    monkeypatch.setattr(engine, "EVAL_SLICE", slice_size)
+    train_loader, test_loader = subset
+    model, loss_fn, optimizer = setup(lr=0.1)
+    train_one_epoch(train_loader, step_of(model, loss_fn, optimizer), device)
+    # 1,000 test images: 15 batches of 64 and a ragged one of 40
+    splits = load_splits(data_root, train_size=3000, test_size=1000)
+    resident = make_loaders(splits, "resident", 64, device)["test"]
+    ours = evaluate(resident, model, loss_fn, device)
+    their_loss, their_accuracy = tutorial_test(test_loader, model, loss_fn)
+    assert ours["loss"] == pytest.approx(their_loss, rel=1e-6)
+    assert abs(ours["accuracy"] - their_accuracy) * 1000 <= 2  # at most 2 images
+    assert 0.5 < ours["accuracy"] < 0.9  # a model that learned something, not a tie

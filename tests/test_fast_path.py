@@ -14,15 +14,30 @@ CPU = torch.device("cpu")
 PERF = ("perf/epoch_seconds", "perf/eval_seconds", "perf/samples_per_second")
 
 
+def cut(data_root, reader):
+    # 1,000 is not a multiple of 64: the ragged last batch is in every epoch
+    return load_splits(data_root, train_size=1000, val_size=300, test_size=500, reader=reader)
+
+
 @pytest.fixture(scope="module")
 def splits(data_root):
-    # 1,000 is not a multiple of 64: the ragged last batch is in every epoch
-    return load_splits(data_root, train_size=1000, val_size=300, test_size=500)
+    return cut(data_root, "idx")
+
+
+def test_the_idx_reader_reads_what_torchvision_reads(data_root):
+    ours, theirs = load_splits(data_root), load_splits(data_root, reader="torchvision")
+    for split in ("train", "test"):
+        a, b = ours[split].dataset, theirs[split].dataset
+        assert torch.equal(a.data, b.data) and torch.equal(a.targets, b.targets)
+        for index in (0, 1, len(a) - 1):
+            (Xa, ya), (Xb, yb) = a[index], b[index]
+            assert torch.equal(Xa, Xb) and ya == yb and type(ya) is type(yb)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_loaders_feed_the_same_batches_in_the_same_order(splits, shuffle):
-    torch_path = make_loaders(splits, "torch", 64, CPU, shuffle=shuffle, seed=3)
+def test_loaders_feed_the_same_batches_in_the_same_order(data_root, splits, shuffle):
+    # the tutorial's path as train.py builds it: torchvision's dataset and DataLoader
+    torch_path = make_loaders(cut(data_root, "torchvision"), "torch", 64, CPU, shuffle, seed=3)
     resident = make_loaders(splits, "resident", 64, CPU, shuffle=shuffle, seed=3)
     for name in ("train", "val", "test"):
         for epoch in range(2):  # a shuffled loader draws a new order each epoch

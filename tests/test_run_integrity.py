@@ -16,10 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from fashion_sweep import tracking
 from fashion_sweep.predict import predict
 from fashion_sweep.signals import Terminated
-from fashion_sweep.tracking import tracked_run
-from fashion_sweep.train import train
+from fashion_sweep.train import tracked_run, train
 from tests.conftest import DATA, TINY, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -143,7 +143,7 @@ def test_predict_wants_a_run_with_a_model_and_never_makes_a_store(cli, compose, 
     with_model = train(compose(*QUICK, f"tracking.uri={store}")).run_id
     unlogged = train(compose(*QUICK, f"tracking.uri={store}", "tracking.log_model=false")).run_id
     cfg = compose(*QUICK, f"tracking.uri={store}")
-    with pytest.raises(KeyboardInterrupt), tracked_run(cfg, {}, []) as killed:
+    with pytest.raises(KeyboardInterrupt), tracked_run(tracking, cfg, {}, []) as killed:
         raise Terminated(signal.SIGTERM)  # as a SIGTERM in the first epoch ends a run
     assert [r.info.run_id for r in all_runs(tmp_path)][0] == killed  # the newest
 

@@ -1,0 +1,93 @@
+"""A single run's start-up: its process imports only what it trains with, MLflow's work
+runs in a process beside it (fashion_sweep/agent.py), and neither one's end leaves the
+MLflow run RUNNING. The time this saves: `python -m fashion_sweep.bench --fixed-cost`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, wait_for
+from tests.test_run_integrity import QUICK, all_runs, start
+
+pytestmark = pytest.mark.slow
+# What a single run's own process has no use for: the agent imports MLflow (and with it
+# SQLAlchemy, pandas, FastAPI), the resident loader reads the idx files itself.
+NOT_IMPORTED = ["mlflow", "sqlalchemy", "pandas", "torchvision", "optuna", "matplotlib"]
+
+
+def test_a_single_run_imports_neither_mlflow_nor_torchvision_and_logs_in_full(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fashion_sweep.train", f"data.root={DATA}"]
+        + QUICK,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # -X importtime is the run's own: the agent is started without it
+    imported = set(re.findall(r"^import time:.*\|\s+([\w.]+)$", done.stderr, re.M))
+    assert "torch" in imported and "fashion_sweep.engine" in imported
+    assert not {m for m in imported if m.split(".")[0] in NOT_IMPORTED}
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert {"train/loss", "test/accuracy"} <= set(run.data.metrics)
+    assert run.data.params["optimizer.lr"] == "0.001"
+    assert f"MLflow run {run.info.run_id}" in done.stdout
+
+
+def _pid_of(run) -> str:
+    return run.data.tags["process"].rsplit(":", 1)[1]
+
+
+def test_a_run_killed_outright_is_ended_failed_crashed_by_its_mlflow_process(tmp_path):
+    run, log = start(tmp_path, "data.train_size=2000", "trainer.epochs=300")
+    wait_for(lambda: "Epoch 2\n" in log.read_text(), "the second epoch")
+    run.kill()  # kill -9: nothing of the run's own clean-up runs
+    run.wait(timeout=60)
+    wait_for(lambda: all_runs(tmp_path)[0].info.status != "RUNNING", "the run ended", 60)
+    (found,) = all_runs(tmp_path)
+    assert found.info.status == "FAILED"
+    assert found.data.tags["failure_reason"].startswith("crashed")
+    assert found.data.metrics["train/loss"] > 0  # what it logged is kept
+    assert _pid_of(found) == str(run.pid)
+
+
+def test_a_run_whose_mlflow_process_dies_stops_with_one_line(tmp_path):
+    run, log = start(tmp_path, "data.train_size=2000", "trainer.epochs=300")
+    wait_for(lambda: "Epoch 2\n" in log.read_text(), "the second epoch")
+    children = subprocess.run(
+        ["pgrep", "-P", str(run.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) == 1, children  # the agent, and nothing else
+    maps = Path(f"/proc/{children[0]}/maps").read_text()
+    assert "libtorch" not in maps and "_sqlite3" in maps  # MLflow's half only
+    os.kill(int(children[0]), signal.SIGKILL)
+    assert run.wait(timeout=120) == 1
+    last = log.read_text().strip().splitlines()[-1]
+    assert re.fullmatch(r"error: the MLflow process ended \(exit status -9\); see above", last)
+
+
+def test_the_bench_splits_a_runs_wall_time_into_training_evaluation_and_fixed_cost(tmp_path):
+    report = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "fashion_sweep.bench", f"--data-root={DATA}", "--train-size=640"]
+        + ["--epochs=1", "--fixed-cost=1", f"--json={report}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = json.loads(report.read_text())["fixed_cost"]
+    parts = cost["train_seconds"] + cost["eval_seconds"] + cost["fixed_seconds"]
+    assert cost["wall_seconds"] == pytest.approx(parts)
+    assert 0 < cost["train_seconds"] < cost["fixed_seconds"] < cost["wall_seconds"]
+    assert cost["import_seconds"] > 0 and "fixed cost" in done.stdout

@@ -4,8 +4,9 @@
 imports and the opening of its store (3 s on a 2-core machine) overlap torch's
 instead of following them. The run sends it the calls of fashion_sweep/tracking.py
 by name (`use_experiment`, `start_run`, `log_epoch`, `log_artifact`, `end_run`, ...);
-it answers each in order. Calls whose answer the run does not need (`ASYNC`) are not
-waited for: their answers, and any error in them, come with the next call waited for.
+it answers each in order. Calls whose answer the run does not need (`ASYNC`: the
+per-epoch metrics) are not waited for: their answers, and any error in them, are
+collected at the run's next call.
 
 It runs in a session of its own, so the terminal's Ctrl-C reaches only the run, which
 ends its MLflow run itself (KILLED). When the run's process ends without ending its
@@ -25,7 +26,8 @@ import sys
 from typing import Any
 
 # What the run does not wait for: their answers come with the next call waited for.
-ASYNC = {"use_experiment", "log_epoch", "mark_pruned"}
+# (use_experiment is waited for: a store that is not there is refused before the data.)
+ASYNC = {"log_epoch", "mark_pruned"}
 # Single runs only: a sweep's trials share one process, which pays MLflow's import once;
 # and not for Hydra's flags that print and exit.
 NOT_A_RUN = {"-m", "--multirun", "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i"}
@@ -117,13 +119,14 @@ class Agent:
             self.buffer += chunk
 
 
-def _error(kind: str, message: str) -> BaseException:
-    """An error the MLflow process met, as the run would have met it in its own process."""
+def _error(kind: str, message: str, line: str) -> BaseException:
+    """An error the MLflow process met, as the run would have met it in its own process:
+    ours as they are, MLflow's as one line (`Type: its first line`, passwords masked)."""
     from fashion_sweep.config import ConfigError
     from fashion_sweep.stores import StoreError
 
     known = {"StoreError": StoreError, "ConfigError": ConfigError, "LookupError": LookupError}
-    return known[kind](message) if kind in known else AgentError(f"{kind}: {message}")
+    return known[kind](message) if kind in known else AgentError(line)
 
 
 def _send(sock: socket.socket, message: Any) -> None:
@@ -165,11 +168,10 @@ def serve(fd: int) -> None:
     """The MLflow process: imports MLflow (what the run would wait for), then carries
     out calls until the run's end of the socket closes."""
     sock = socket.socket(fileno=fd)
-    import mlflow
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (the default store's)
-
     from fashion_sweep import tracking
     from fashion_sweep.redaction import one_line
+
+    tracking.preload()
 
     ended = True
     try:
@@ -178,15 +180,15 @@ def serve(fd: int) -> None:
             try:
                 answer = (True, getattr(tracking, name)(*args, **kwargs))
             except Exception as error:
-                answer = (False, (type(error).__name__, one_line(error)))
+                answer = (False, (type(error).__name__, str(error), one_line(error)))
             ended = {"start_run": False, "end_run": True}.get(name, ended)
             _send(sock, answer)
     except OSError:  # the run is gone (a reset connection: it left answers unread)
         pass
     finally:
         # note: before MLflow's own atexit hook, which would end the run FINISHED
-        if not ended and mlflow.active_run() is not None:
-            tracking.end_run("FAILED", CRASHED)
+        if not ended:
+            tracking.end_active_run("FAILED", CRASHED)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,17 @@ def end_run(status: str, reason: str | None = None) -> None:
     mlflow.end_run(status)
 
 
+def end_active_run(status: str, reason: str) -> None:
+    """end_run(), if a run is still active."""
+    if mlflow.active_run() is not None:
+        end_run(status, reason)
+
+
+def preload() -> None:
+    """Imports what opening a SQL store (the default, SQLite) imports, ahead of it."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 

@@ -3,14 +3,15 @@
 `python -m fashion_sweep.train` (a single run) starts it first thing, so MLflow's
 imports and the opening of its store (3 s on a 2-core machine) overlap torch's
 instead of following them. The run sends it the calls of fashion_sweep/tracking.py
-by name (`use_experiment`, `start_run`, `log_epoch`, `log_artifact`, `end_run`, ...);
-it answers each in order. Calls whose answer the run does not need (`ASYNC`: the
-per-epoch metrics) are not waited for: their answers, and any error in them, are
-collected at the run's next call.
+(`use_experiment`, `start_run`, `log_epoch`, `log_artifact`, `end_run`, ...); it
+carries them out in order and answers each. The per-epoch calls (`log_epoch`,
+`mark_pruned`) are not waited for: their answers, and any error in them, are collected
+at the run's next call.
 
-It runs in a session of its own, so the terminal's Ctrl-C reaches only the run, which
-ends its MLflow run itself (KILLED). When the run's process ends without ending its
-MLflow run (kill -9), the agent ends it FAILED, `failure_reason` "crashed", and exits.
+It runs in a session of its own and ignores the signals that end a run: the run ends
+its MLflow run itself (KILLED) and then closes the socket. When the socket closes with
+the MLflow run still open (the run was killed with -9), the agent ends it FAILED,
+`failure_reason` "crashed", and exits.
 """
 
 from __future__ import annotations
@@ -19,20 +20,20 @@ import contextlib
 import os
 import pickle
 import select
+import signal
 import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-# What the run does not wait for: their answers come with the next call waited for.
-# (use_experiment is waited for: a store that is not there is refused before the data.)
-ASYNC = {"log_epoch", "mark_pruned"}
 # Single runs only: a sweep's trials share one process, which pays MLflow's import once;
 # and not for Hydra's flags that print and exit.
 NOT_A_RUN = {"-m", "--multirun", "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i"}
 NOT_A_RUN |= {"--shell-completion", "-sc"}
 CRASHED = "crashed: the run's process ended without ending its MLflow run"
+ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # fashion_sweep/signals.py
 _HEADER = struct.Struct("!Q")
 _started: Agent | None = None
 
@@ -41,9 +42,52 @@ class AgentError(RuntimeError):
     """The MLflow process ended, or answered with an error of MLflow's own."""
 
 
+class _Channel:
+    """Length-prefixed pickles over one end of a socketpair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buffer = sock, bytearray()
+
+    def send(self, message: Any) -> None:
+        data = pickle.dumps(message)
+        self.sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def next(self) -> Any | None:
+        """The next whole message already received, if there is one."""
+        if len(self.buffer) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(self.buffer)
+        if len(self.buffer) < _HEADER.size + size:
+            return None
+        message = bytes(self.buffer[_HEADER.size : _HEADER.size + size])
+        del self.buffer[: _HEADER.size + size]
+        return pickle.loads(message)
+
+    def fill(self) -> bool:
+        """Reads what has arrived into the buffer; False at the end of the stream (a
+        reset connection included: the other end left unread messages behind)."""
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except OSError:
+            return False
+        self.buffer += chunk
+        return bool(chunk)
+
+
+@contextlib.contextmanager
+def _held_signals() -> Iterator[None]:
+    """The signals that end a run wait until the block is done, so an interruption never
+    falls between a message and its count."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ENDING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class Agent:
-    """The run's end of the MLflow process: `agent.name(*args)` calls
-    fashion_sweep.tracking.name(*args) there."""
+    """The run's end of the MLflow process: the calls of fashion_sweep/tracking.py that a
+    run makes (fashion_sweep/train.py), carried out there."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
@@ -54,69 +98,94 @@ class Agent:
             start_new_session=True,  # the terminal's signals are the run's to handle
         )
         theirs.close()
-        self.sock, self.pending, self.buffer = ours, 0, bytearray()
+        self.channel, self.pending, self.run_open = _Channel(ours), 0, False
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: self.call(name, *args, **kwargs)
+    def use_experiment(self, uri: str, experiment: str) -> str:
+        return self._call("use_experiment", uri, experiment)
 
-    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        self._collect(block=False)  # an error in an earlier call stops the run here
-        with contextlib.suppress(OSError):  # the process is gone: wait() says so
-            _send(self.sock, (name, args, kwargs))
-        self.pending += 1
-        return None if name in ASYNC else self.wait()
+    def start_run(self, resolved: dict, tags: dict[str, str], overrides: list[str]) -> str:
+        self.run_open = True
+        return self._call("start_run", resolved, tags, overrides)
 
-    def wait(self) -> Any:
-        """Every answer still owed, in order: the last one's value, or the first error."""
-        return self._collect(block=True)
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        self._call("log_epoch", metrics, epoch, wait=False)
+
+    def mark_pruned(self, epoch: int) -> None:
+        self._call("mark_pruned", epoch, wait=False)
+
+    def log_artifact(self, path: str) -> None:
+        self._call("log_artifact", path)
+
+    def sync(self) -> None:
+        """The answers still owed: an error in an earlier call is raised here."""
+        self._collect(block=True)
+
+    def end_run(self, status: str, reason: str | None = None) -> None:
+        self._call("end_run", status, reason)
+        self.run_open = False
+
+    def end_active_run(self, status: str, reason: str) -> None:
+        self._call("end_active_run", status, reason)
+        self.run_open = False
 
     def close(self, timeout: float = 30) -> None:
-        """Ends the MLflow process once it has done what it was sent."""
-        self.sock.close()
+        """Ends the MLflow process: at once if it has nothing left to do, else once it
+        has done what it was sent (at most `timeout` s)."""
+        if not self.pending and not self.run_open:
+            self.proc.kill()  # it may still be importing MLflow: nothing to wait for
+        self.channel.sock.close()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
+    def _call(self, name: str, *args: Any, wait: bool = True) -> Any:
+        with _held_signals():
+            # the folder a relative sqlite:/// URI names: this process's (hydra.job.chdir)
+            with contextlib.suppress(OSError):  # the process is gone: the answer says so
+                self.channel.send((os.getcwd(), name, args))
+            self.pending += 1
+        if wait:
+            return self._collect(block=True)
+        self._collect(block=False)  # an error in an earlier call stops the run here
+        return None
+
     def _collect(self, block: bool) -> Any:
         """The answers owed (those already here, unless `block`): the last value, or
-        the first error once the answers that follow it are in too."""
+        the first error once the answers after it are in too."""
         first, value = None, None
         while self.pending:
-            answer = self._answer(block or first is not None)
+            with _held_signals():
+                answer = self.channel.next()
+                if answer is not None:
+                    self.pending -= 1
             if answer is None:
-                break
+                if not self._arrived(block or first is not None):
+                    break
+                continue
             ok, value = answer
-            self.pending -= 1
             if not ok and first is None:
-                first = value
+                first = _error(*value)
         if first is not None:
             raise first
         return value
 
-    def _answer(self, block: bool) -> tuple[bool, Any] | None:
-        while True:
-            if len(self.buffer) >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(self.buffer)
-                if len(self.buffer) >= _HEADER.size + size:
-                    message = bytes(self.buffer[_HEADER.size : _HEADER.size + size])
-                    del self.buffer[: _HEADER.size + size]
-                    ok, value = pickle.loads(message)
-                    return ok, value if ok else _error(*value)
-            if not block and not select.select([self.sock], [], [], 0)[0]:
-                return None
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                try:
-                    code = self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    code = self.proc.wait()
-                raise AgentError(f"the MLflow process ended (exit status {code}); see above")
-            self.buffer += chunk
+    def _arrived(self, block: bool) -> bool:
+        """Waits (if `block`) for more of the answers; False if none is here."""
+        # note: select() is interrupted by Ctrl-C; reading and counting are not
+        if not select.select([self.channel.sock], [], [], None if block else 0)[0]:
+            return False
+        with _held_signals():
+            if self.channel.fill():
+                return True
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.pending = 0
+        raise AgentError(f"the MLflow process ended (exit status {code}); see above")
 
 
 def _error(kind: str, message: str, line: str) -> BaseException:
@@ -129,31 +198,11 @@ def _error(kind: str, message: str, line: str) -> BaseException:
     return known[kind](message) if kind in known else AgentError(line)
 
 
-def _send(sock: socket.socket, message: Any) -> None:
-    data = pickle.dumps(message)
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _receive(sock: socket.socket) -> Any:
-    """The next message, or None at EOF."""
-    header = _exactly(sock, _HEADER.size)
-    return None if header is None else pickle.loads(_exactly(sock, _HEADER.unpack(header)[0]))
-
-
-def _exactly(sock: socket.socket, size: int) -> bytes | None:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
-
-
 def start(argv: list[str]) -> None:
     """Starts the MLflow process for a single run (not for -m)."""
     global _started
-    if not NOT_A_RUN & set(argv) and os.environ.get("FASHION_SWEEP_AGENT", "1") != "0":
+    flags = {arg.split("=", 1)[0] for arg in argv}
+    if not NOT_A_RUN & flags and os.environ.get("FASHION_SWEEP_AGENT", "1") != "0":
         _started = Agent()
 
 
@@ -167,28 +216,36 @@ def take() -> Agent | None:
 def serve(fd: int) -> None:
     """The MLflow process: imports MLflow (what the run would wait for), then carries
     out calls until the run's end of the socket closes."""
-    sock = socket.socket(fileno=fd)
+    for signum in ENDING:  # the run ends its MLflow run itself, then closes the socket
+        signal.signal(signum, signal.SIG_IGN)
+    channel = _Channel(socket.socket(fileno=fd))
     from fashion_sweep import tracking
     from fashion_sweep.redaction import one_line
 
     tracking.preload()
-
-    ended = True
+    answering = True
     try:
-        while (message := _receive(sock)) is not None:
-            name, args, kwargs = message
+        while True:
+            message = channel.next()
+            if message is None:
+                if channel.fill():
+                    continue
+                break
+            cwd, name, args = message
             try:
-                answer = (True, getattr(tracking, name)(*args, **kwargs))
+                if cwd != os.getcwd():
+                    os.chdir(cwd)
+                answer = (True, getattr(tracking, name)(*args))
             except Exception as error:
                 answer = (False, (type(error).__name__, str(error), one_line(error)))
-            ended = {"start_run": False, "end_run": True}.get(name, ended)
-            _send(sock, answer)
-    except OSError:  # the run is gone (a reset connection: it left answers unread)
-        pass
+            if answering:
+                try:
+                    channel.send(answer)
+                except OSError:  # the run is gone: what it sent is still carried out
+                    answering = False
     finally:
         # note: before MLflow's own atexit hook, which would end the run FINISHED
-        if not ended:
-            tracking.end_active_run("FAILED", CRASHED)
+        tracking.end_active_run("FAILED", CRASHED)
 
 
 if __name__ == "__main__":

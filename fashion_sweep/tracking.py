@@ -132,6 +132,9 @@ def start_run(resolved: dict[str, Any], tags: dict[str, str], overrides: list[st
                 text = yaml.dump(content, Dumper=YamlDumper, sort_keys=False)
                 Path(tmp, name).write_text(redact(text))
             artifacts_of(run).log_artifacts(tmp)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
+        end_run("KILLED", signals.reason(stop))
+        raise
     except BaseException as error:
         end_run("FAILED", one_line(error))
         raise
@@ -145,10 +148,24 @@ def end_run(status: str, reason: str | None = None) -> None:
     mlflow.end_run(status)
 
 
-def end_active_run(status: str, reason: str) -> None:
+def end_active_run(status: str, reason: str | None) -> None:
     """end_run(), if a run is still active."""
     if mlflow.active_run() is not None:
         end_run(status, reason)
+
+
+def end_run_by_id(uri: str, run_id: str, status: str, reason: str | None) -> None:
+    """Ends a run that another process started (its MLflow process died), if it is
+    still RUNNING."""
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        if reason is not None:
+            client.set_tag(run_id, "failure_reason", reason)
+        client.set_terminated(run_id, status)
+
+
+def sync() -> None:
+    """In this process every call is done when it returns (see Agent.sync)."""
 
 
 def preload() -> None:

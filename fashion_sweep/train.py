@@ -136,10 +136,10 @@ def prepare(cfg: DictConfig, tracker: Tracker | None = None) -> None:
     (tracker or in_process()).use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
 
 
-def preflight(cfg: DictConfig, tracker: Tracker | None = None) -> torch.device:
+def preflight(cfg: DictConfig) -> torch.device:
     """What a run needs, checked before it starts: check(), then prepare()."""
     device = check(cfg)
-    prepare(cfg, tracker)
+    prepare(cfg)
     return device
 
 
@@ -152,17 +152,28 @@ def tracked_run(
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tags = {**tags, "torch_version": str(torch.__version__)}  # not torch's own str type
     tags["process"] = f"{socket.gethostname()}:{os.getpid()}"  # which worker trained it
-    run_id = tracker.start_run(resolved, tags, overrides)
+    run_id = None
     try:
+        run_id = tracker.start_run(resolved, tags, overrides)
         yield run_id
+        tracker.sync()  # an error in a call not waited for (the metrics) fails the run
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
-        tracker.end_run("KILLED", signals.reason(stop))
+        _end(tracker, cfg.tracking.uri, run_id, "KILLED", signals.reason(stop))
         raise
     except BaseException as error:
-        tracker.end_run("FAILED", one_line(error))
+        _end(tracker, cfg.tracking.uri, run_id, "FAILED", one_line(error))
         raise
     else:
-        tracker.end_run("FINISHED")
+        _end(tracker, cfg.tracking.uri, run_id, "FINISHED", None)
+
+
+def _end(tracker: Tracker, uri: str, run_id: str | None, status: str, why: str | None) -> None:
+    """Ends the run, from this process if its MLflow process is gone."""
+    try:
+        tracker.end_active_run(status, why)
+    except AgentError:
+        if run_id is not None:
+            in_process().end_run_by_id(uri, run_id, status, why)
 
 
 def train(

@@ -61,19 +61,40 @@ def test_a_run_killed_outright_is_ended_failed_crashed_by_its_mlflow_process(tmp
     assert _pid_of(found) == str(run.pid)
 
 
-def test_a_run_whose_mlflow_process_dies_stops_with_one_line(tmp_path):
+def agent_of(run: subprocess.Popen) -> int:
+    children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True)
+    (child,) = children.stdout.split()  # the agent, and nothing else
+    return int(child)
+
+
+def test_a_run_whose_mlflow_process_dies_stops_with_one_line_and_is_ended(tmp_path):
     run, log = start(tmp_path, "data.train_size=2000", "trainer.epochs=300")
     wait_for(lambda: "Epoch 2\n" in log.read_text(), "the second epoch")
-    children = subprocess.run(
-        ["pgrep", "-P", str(run.pid)], capture_output=True, text=True
-    ).stdout.split()
-    assert len(children) == 1, children  # the agent, and nothing else
-    maps = Path(f"/proc/{children[0]}/maps").read_text()
+    agent = agent_of(run)
+    maps = Path(f"/proc/{agent}/maps").read_text()
     assert "libtorch" not in maps and "_sqlite3" in maps  # MLflow's half only
-    os.kill(int(children[0]), signal.SIGKILL)
+    os.kill(agent, signal.SIGKILL)
     assert run.wait(timeout=120) == 1
     last = log.read_text().strip().splitlines()[-1]
-    assert re.fullmatch(r"error: the MLflow process ended \(exit status -9\); see above", last)
+    why = r"the MLflow process ended \(exit status -9\); see above"
+    assert re.fullmatch(f"error: {why}", last)
+    (found,) = all_runs(tmp_path)  # ended by the run itself, in its own process
+    assert found.info.status == "FAILED"
+    assert re.fullmatch(f"AgentError: {why}", found.data.tags["failure_reason"])
+
+
+def test_sigterm_to_the_run_and_its_mlflow_process_together_ends_it_killed(tmp_path):
+    """As `pkill -f fashion_sweep`, systemd's stop of a unit or SLURM's preemption do."""
+    run, log = start(tmp_path, "data.train_size=2000", "trainer.epochs=300")
+    wait_for(lambda: "Epoch 2\n" in log.read_text(), "the second epoch")
+    agent = agent_of(run)
+    os.kill(agent, signal.SIGTERM)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == -signal.SIGTERM
+    (found,) = all_runs(tmp_path)
+    assert found.info.status == "KILLED"
+    assert found.data.tags["failure_reason"] == "interrupted: SIGTERM"
+    wait_for(lambda: not Path(f"/proc/{agent}").exists(), "the agent gone", 30)
 
 
 def test_the_bench_splits_a_runs_wall_time_into_training_evaluation_and_fixed_cost(tmp_path):

@@ -10,7 +10,9 @@ torchvision only (no Hydra, no MLflow), so it runs on a bare GPU machine.
 command) and reports what a trial costs beyond its training loop. `--pruning N` runs
 the preset's seeded sweep of N trials twice, without a pruner and with the recommended
 one (README, Pruning), and reports the epochs trained, the wall time and the best
-val/accuracy of each. `--fixed-cost N` times a single run's command N times against
+val/accuracy of each. `--packed N` trains N trials (learning rates 1e-3 .. 1e-1) one
+after another and then packed into one program (fashion_sweep/packed.py), and reports
+trials per minute each way. `--fixed-cost N` times a single run's command N times against
 the bare `import torch, torchvision`, and splits its wall time into training,
 evaluation and the fixed cost (start-up, MLflow, the model file).
 """
@@ -71,6 +73,65 @@ def run_path(
         "eval_seconds": eval_seconds,
         "eval_fraction": eval_seconds / epoch,
     }
+
+
+def packed_vs_alone(
+    splits: dict, device: torch.device, trials: int, epochs: int, batch_size: int, seed: int
+) -> dict:
+    """`trials` trials of the tutorial's recipe, learning rates spread log-evenly over
+    1e-3 .. 1e-1: trained one after another, then all at once as one pack
+    (fashion_sweep/packed.py), each way `epochs` epochs and one evaluation of the test
+    split per trial, in this process."""
+    from fashion_sweep import packed
+
+    lrs = [1e-3 * 100 ** (i / max(1, trials - 1)) for i in range(trials)]
+    loaders = make_loaders(splits, "resident", batch_size, device, seed=seed)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def model() -> NeuralNetwork:
+        torch.manual_seed(seed)
+        return NeuralNetwork().to(device)
+
+    _sync(device)
+    start = time.perf_counter()
+    alone = []
+    for lr in lrs:
+        net = model()
+        step = TrainStep(net, loss_fn, torch.optim.SGD(net.parameters(), lr=lr))
+        with redirect_stdout(StringIO()):
+            for _ in range(epochs):
+                train_one_epoch(loaders["train"], step, device)
+        alone.append(evaluate(loaders["test"], net, loss_fn, device))
+    alone_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    pack = packed.Pack([model() for _ in lrs], torch.optim.SGD, [{"lr": lr} for lr in lrs])
+    for _ in range(epochs):
+        packed.train_epoch([loaders["train"]], pack)
+    together = packed.evaluate(loaders["test"], pack)
+    _sync(device)
+    packed_seconds = time.perf_counter() - start
+    return {
+        "trials": trials,
+        "epochs": epochs,
+        "alone_seconds": alone_seconds,
+        "packed_seconds": packed_seconds,
+        "alone_trials_per_minute": 60 * trials / alone_seconds,
+        "packed_trials_per_minute": 60 * trials / packed_seconds,
+        "ratio": alone_seconds / packed_seconds,
+        "best_test_accuracy": {
+            "alone": max(r["accuracy"] for r in alone),
+            "packed": max(r["accuracy"] for r in together),
+        },
+        "max_test_loss_rel_diff": max(
+            abs(a["loss"] - b["loss"]) / abs(a["loss"])
+            for a, b in zip(alone, together, strict=True)
+        ),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def sweep_overhead(
@@ -263,6 +324,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--pruner", nargs="*", default=None, help="overrides that select the pruner to compare"
     )
     parser.add_argument(
+        "--packed",
+        type=_at_least(1),
+        nargs="?",
+        const=64,
+        default=0,
+        metavar="TRIALS",
+        help="also train TRIALS trials (64 if no number) one after another and packed",
+    )
+    parser.add_argument(
         "--fixed-cost",
         type=_at_least(0),
         default=0,
@@ -282,10 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_raw(args.data_root)
     paths = ["tutorial", "resident"] + (["resident+cuda_graph"] if device.type == "cuda" else [])
     rows = []
+    splits = load_splits(args.data_root, train_size=args.train_size)
     for path in paths:  # the tutorial's path reads the data with torchvision, as it does
-        reader = "torchvision" if path == "tutorial" else "idx"
-        splits = load_splits(args.data_root, train_size=args.train_size, reader=reader)
-        rows.append(run_path(path, splits, device, args.epochs, args.batch_size, args.seed))
+        data = splits
+        if path == "tutorial":
+            data = load_splits(args.data_root, train_size=args.train_size, reader="torchvision")
+        rows.append(run_path(path, data, device, args.epochs, args.batch_size, args.seed))
     for row in rows:
         row["speedup"] = row["samples_per_second"] / rows[0]["samples_per_second"]
     report = {
@@ -335,6 +407,19 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{row['pruner']:<10}{row['epochs_trained']:>8}{row['pruned']:>8}"
                 f"{row['wall_seconds']:>9.1f}{row['best_val_accuracy']:>14.4f}"
             )
+    if args.packed:
+        report["packed"] = p = packed_vs_alone(
+            splits, device, args.packed, args.epochs, args.batch_size, args.seed
+        )
+        print(
+            f"\n{p['trials']} trials of {p['epochs']} epoch(s), SGD at learning rates "
+            f"1e-3 .. 1e-1: one after another {p['alone_seconds']:.1f} s "
+            f"({p['alone_trials_per_minute']:.1f} trials/min), packed "
+            f"{p['packed_seconds']:.1f} s ({p['packed_trials_per_minute']:.1f} trials/min): "
+            f"{p['ratio']:.2f}x; best test accuracy {p['best_test_accuracy']['alone']:.4f} "
+            f"alone, {p['best_test_accuracy']['packed']:.4f} packed (test losses within "
+            f"rel {p['max_test_loss_rel_diff']:.1e})"
+        )
     if args.fixed_cost:
         report["fixed_cost"] = f = fixed_cost(args.data_root, args.fixed_cost, args.fixed_cost_run)
         print(

@@ -143,13 +143,10 @@ def evaluate(
                 losses = nn.functional.cross_entropy(
                     pred, y, reduction="none", label_smoothing=loss_fn.label_smoothing
                 )
-                full = len(y) // batch * batch
-                means = losses[:full].view(-1, batch).mean(1)
-                if full < len(y):  # the ragged last batch
-                    means = torch.cat([means, losses[full:].mean().view(1)])
+                means = batch_means(losses, batch)
                 total_loss += means.to(total_loss.dtype).sum()
                 correct += (pred.argmax(1) == y).sum()
-                num_batches += len(means)
+                num_batches += means.shape[-1]
         else:
             for X, y in loader:
                 X, y = X.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -158,6 +155,17 @@ def evaluate(
                 correct += (pred.argmax(1) == y).sum()
                 num_batches += 1
     return {"loss": (total_loss / num_batches).item(), "accuracy": correct.item() / size}
+
+
+def batch_means(losses: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-image losses (the last dimension, in order) as the mean loss of each batch of
+    `batch` images, the ragged last batch included: what a loss with reduction="mean"
+    gives batch by batch."""
+    full = losses.shape[-1] // batch * batch
+    means = losses[..., :full].unflatten(-1, (-1, batch)).mean(-1)
+    if full < losses.shape[-1]:  # the ragged last batch
+        means = torch.cat([means, losses[..., full:].mean(-1, keepdim=True)], -1)
+    return means
 
 
 def _averages_images(loss_fn: Callable) -> bool:

@@ -13,6 +13,7 @@ from torch import nn
 from fashion_sweep.data import load_splits, make_loaders
 from fashion_sweep.engine import TrainStep, evaluate, train_one_epoch
 from fashion_sweep.model import NeuralNetwork
+from tests.conftest import ADAM_ACCURACY, ADAM_LOSS_REL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -41,9 +42,12 @@ def test_cuda_graph_step_matches_eager(splits, optimizer):
         results.append((losses, evaluate(loaders["test"], model, nn.CrossEntropyLoss(), device)))
         assert (step.graph is not None) == graph
     (eager_losses, eager), (graph_losses, graphed) = results
-    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
-    assert graphed["loss"] == pytest.approx(eager["loss"], rel=1e-4)
-    assert abs(graphed["accuracy"] - eager["accuracy"]) <= 0.004  # at most 2 of 500 flip
+    # capturable Adam keeps its step count on the device and computes its bias
+    # corrections there: another rounding, which Adam amplifies (tests/conftest.py)
+    rel, accuracy = (1e-4, 0.004) if optimizer == "sgd" else (ADAM_LOSS_REL, ADAM_ACCURACY)
+    assert graph_losses == pytest.approx(eager_losses, rel=rel)
+    assert graphed["loss"] == pytest.approx(eager["loss"], rel=rel)
+    assert abs(graphed["accuracy"] - eager["accuracy"]) <= accuracy  # SGD: 2 of 500 flip
 
 
 def test_cuda_graph_on_the_full_tutorial_run_matches_eager(data_root):

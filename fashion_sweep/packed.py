@@ -1,0 +1,144 @@
+"""Packed trials: several models of one shape trained at once, as one program.
+
+A pack holds N members, each an ordinary NeuralNetwork's parameters: layer k's weights
+of all members are one tensor [N, out, in], so one batched matmul runs a layer for all
+of them, and one backward pass computes every member's gradients (the loss summed over
+members: each member's gradient is its own loss's). The optimizer is torch.optim's own,
+one param group per member whose params are that member's slices of the stacked tensors
+(leaf tensors that share their storage): each member keeps its own learning rate,
+momentum, weight decay, betas and optimizer state, and takes the step torch.optim takes
+for the model alone. What the members share: the model's shape, the optimizer class,
+the batch size and the data; what differs per member: the optimizer's arguments and the
+seed (initial weights, and the data order when shuffled).
+
+A member that diverges (NaN or infinite loss) is failed alone: members never mix, so
+the others train on to the numbers they would have reached without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fashion_sweep.engine import DivergedError, batch_means
+from fashion_sweep.model import NeuralNetwork
+
+
+class Pack:
+    """N NeuralNetworks of one shape and their optimizers, stacked."""
+
+    def __init__(
+        self,
+        models: list[NeuralNetwork],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        options: list[dict[str, Any]],
+    ) -> None:
+        self.template = models[0].state_dict()
+        self.keys = list(self.template)  # weight, bias of each Linear, in order
+        per_key = [[model.state_dict()[key] for model in models] for key in self.keys]
+        self.stacks = [torch.stack(tensors).detach().requires_grad_() for tensors in per_key]
+        # each member's parameters: leaves sharing the stacks' storage, so torch.optim's
+        # in-place step on them is a step on the stacks
+        self.members = [
+            [nn.Parameter(stack.detach()[i]) for stack in self.stacks] for i in range(len(models))
+        ]
+        self.optimizer = optimizer(
+            [
+                {"params": params, **kwargs}
+                for params, kwargs in zip(self.members, options, strict=True)
+            ]
+        )
+        self.failed: dict[int, str] = {}  # member -> why (DivergedError's message)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def logits(self, X: torch.Tensor) -> torch.Tensor:
+        """[N, B, classes] for a batch shared by all members ([B, ...]) or one batch per
+        member ([N, B, ...])."""
+        h = X.flatten(-3)  # the model's nn.Flatten: [.., 1, 28, 28] -> [.., 784]
+        layers = list(zip(self.stacks[0::2], self.stacks[1::2], strict=True))
+        for k, (weight, bias) in enumerate(layers):
+            h = torch.matmul(h, weight.transpose(1, 2)) + bias.unsqueeze(1)
+            if k < len(layers) - 1:
+                h = torch.relu(h)
+        return h
+
+    def losses(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each member's per-image cross-entropy, [N, B]."""
+        logits = self.logits(X)
+        target = y.expand(logits.shape[:2])
+        return nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+
+    def step(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimisation step of every member; their batch losses [N] (no sync)."""
+        for stack in self.stacks:
+            stack.grad = None
+        losses = self.losses(X, y).mean(1)
+        losses.sum().backward()
+        for k, stack in enumerate(self.stacks):
+            for i, params in enumerate(self.members):
+                params[k].grad = stack.grad[i]
+        self.optimizer.step()
+        return losses.detach()
+
+    def state_dict(self, member: int) -> dict[str, torch.Tensor]:
+        """Member `member` as exactly a NeuralNetwork's state_dict (for model.pth)."""
+        return {
+            key: stack[member].detach().clone()
+            for key, stack in zip(self.keys, self.stacks, strict=True)
+        }
+
+
+def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) -> list[float]:
+    """One pass over the data for every member (one loader per member, in lockstep, or one
+    shared loader); each member's mean batch loss. A member whose loss turns NaN or
+    infinite is failed (pack.failed), the others go on."""
+    shared = len(loaders) == 1
+    total = None
+    num_batches = 0
+    for batch, items in enumerate(zip(*loaders, strict=True)):
+        if shared:
+            X, y = items[0]
+        else:
+            X, y = torch.stack([X for X, _ in items]), torch.stack([y for _, y in items])
+        losses = pack.step(X, y).double()
+        total = losses if total is None else total + losses
+        num_batches += 1
+        if batch % log_interval == 0:
+            _fail_diverged(pack, losses, f"at batch {batch}")
+    means = (total / num_batches).tolist()
+    _fail_diverged(pack, torch.tensor(means), "(mean over the epoch)")
+    return means
+
+
+def _fail_diverged(pack: Pack, losses: torch.Tensor, where: str) -> None:
+    for member, loss in enumerate(losses.tolist()):
+        if member not in pack.failed and not math.isfinite(loss):
+            pack.failed[member] = str(DivergedError(f"train/loss is {loss} {where}"))
+
+
+def evaluate(loader: Any, pack: Pack, slice_size: int = 16_384) -> list[dict[str, float]]:
+    """engine.evaluate for every member of the pack, on a resident split: the mean of the
+    per-batch mean losses and the fraction classified correctly."""
+    size = len(loader.dataset)
+    totals, correct, num_batches = None, None, 0
+    with torch.no_grad():
+        for X, y in loader.slices(slice_size):
+            logits = pack.logits(X)
+            losses = nn.functional.cross_entropy(
+                logits.transpose(1, 2), y.expand(logits.shape[:2]), reduction="none"
+            )
+            means = batch_means(losses, loader.batch_size).double().sum(-1)
+            hits = (logits.argmax(-1) == y).sum(-1)
+            totals = means if totals is None else totals + means
+            correct = hits if correct is None else correct + hits
+            num_batches += math.ceil(len(y) / loader.batch_size)
+    return [
+        {"loss": loss / num_batches, "accuracy": hits / size}
+        for loss, hits in zip(totals.tolist(), correct.tolist(), strict=True)
+    ]

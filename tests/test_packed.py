@@ -1,0 +1,157 @@
+"""A packed member computes what the same trial computes alone (fashion_sweep/packed.py):
+its losses per epoch, its evaluation, its model; a diverging member fails alone."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from fashion_sweep import packed
+from fashion_sweep.data import load_splits, make_loaders
+from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
+from fashion_sweep.model import NeuralNetwork
+from tests.conftest import ADAM_ACCURACY, ADAM_LOSS_REL
+
+CPU = torch.device("cpu")
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def splits(data_root):
+    # 2,000 and 1,000 are not multiples of 64: the ragged last batch is in every epoch
+    return load_splits(data_root, train_size=2000, test_size=1000)
+
+
+def alone(splits, optimizer, options, seed, shuffle=False, width=512, depth=2):
+    """The trial as train.py runs it: per epoch its train loss and test metrics, or the
+    DivergedError's message."""
+    loaders = make_loaders(splits, "resident", 64, CPU, shuffle, seed=seed)
+    torch.manual_seed(seed)
+    model = NeuralNetwork(width, depth)
+    step = TrainStep(model, nn.CrossEntropyLoss(), optimizer(model.parameters(), **options))
+    epochs = []
+    for _ in range(EPOCHS):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                loss = train_one_epoch(loaders["train"], step, CPU)["loss"]
+        except DivergedError as error:
+            return epochs, str(error), model
+        epochs.append((loss, evaluate(loaders["test"], model, nn.CrossEntropyLoss(), CPU)))
+    return epochs, None, model
+
+
+def together(splits, optimizer, options, seeds, shuffle=False, width=512, depth=2):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(NeuralNetwork(width, depth))
+    pack = packed.Pack(models, optimizer, options)
+    per_member = [make_loaders(splits, "resident", 64, CPU, shuffle, seed=s) for s in seeds]
+    train = [loaders["train"] for loaders in per_member]
+    epochs = []
+    for _ in range(EPOCHS):
+        losses = packed.train_epoch(train if shuffle else train[:1], pack)
+        epochs.append((losses, packed.evaluate(per_member[0]["test"], pack)))
+    return pack, [[(e[0][i], e[1][i]) for e in epochs] for i in range(len(seeds))]
+
+
+def assert_same(ours, theirs, rel=1e-4, accuracy=0.002):
+    """Per epoch: train loss, test loss (rel), test accuracy (at most 2 of 1,000 images
+    for SGD; tests/conftest.py says why Adam's tolerance is wider)."""
+    assert len(ours) == len(theirs)
+    for (loss, metrics), (their_loss, their_metrics) in zip(ours, theirs, strict=True):
+        assert loss == pytest.approx(their_loss, rel=rel)
+        assert metrics["loss"] == pytest.approx(their_metrics["loss"], rel=rel)
+        assert abs(metrics["accuracy"] - their_metrics["accuracy"]) <= accuracy
+
+
+SGD_MEMBERS = [
+    dict(lr=1e-3),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    dict(lr=0.1, momentum=0.5, dampening=0.1),
+]
+ADAM_MEMBERS = [dict(lr=1e-3), dict(lr=3e-4, betas=(0.8, 0.99)), dict(lr=1e-3, eps=1e-6)]
+
+
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [
+        (torch.optim.SGD, SGD_MEMBERS),
+        (torch.optim.Adam, ADAM_MEMBERS),
+        (torch.optim.AdamW, [dict(lr=1e-3, weight_decay=0.01), dict(lr=2e-3, weight_decay=0.1)]),
+    ],
+    ids=["sgd", "adam", "adamw"],
+)
+def test_each_member_trains_as_its_trial_alone(splits, optimizer, options):
+    seeds = list(range(len(options)))
+    pack, results = together(splits, optimizer, options, seeds)
+    assert not pack.failed
+    adam = optimizer is not torch.optim.SGD
+    tolerance = dict(rel=ADAM_LOSS_REL, accuracy=ADAM_ACCURACY) if adam else {}
+    for member, (kwargs, seed) in enumerate(zip(options, seeds, strict=True)):
+        epochs, failed, model = alone(splits, optimizer, kwargs, seed)
+        assert failed is None
+        assert_same(results[member], epochs, **tolerance)
+        # model.pth: a NeuralNetwork's state_dict, keys and shapes
+        state = pack.state_dict(member)
+        assert list(state) == list(model.state_dict())
+        assert all(state[k].shape == t.shape for k, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [(torch.optim.SGD, SGD_MEMBERS), (torch.optim.Adam, ADAM_MEMBERS)],
+    ids=["sgd", "adam"],
+)
+def test_each_members_step_is_torch_optims_own(splits, optimizer, options):
+    """Given the member's gradients, its step is bit for bit the step torch.optim takes
+    for the model alone with the member's arguments, state included (5 steps)."""
+    models = []
+    for seed in range(len(options)):
+        torch.manual_seed(seed)
+        models.append(NeuralNetwork())
+    pack = packed.Pack(models, optimizer, options)
+    alone = [optimizer(m.parameters(), **kwargs) for m, kwargs in zip(models, options, strict=True)]
+    batches = make_loaders(splits, "resident", 64, CPU)["train"]
+    for X, y in itertools.islice(batches, 5):
+        pack.step(X, y)
+        for member, (model, opt) in enumerate(zip(models, alone, strict=True)):
+            for param, own in zip(model.parameters(), pack.members[member], strict=True):
+                param.grad = own.grad.clone()
+            opt.step()
+            for key, tensor in model.state_dict().items():
+                assert torch.equal(pack.state_dict(member)[key], tensor), (member, key)
+
+
+def test_shuffled_members_each_see_their_own_seeds_order(splits):
+    options, seeds = [dict(lr=0.05), dict(lr=0.05)], [3, 4]
+    _, results = together(splits, torch.optim.SGD, options, seeds, shuffle=True)
+    for member, seed in enumerate(seeds):
+        epochs, _, _ = alone(splits, torch.optim.SGD, options[member], seed, shuffle=True)
+        assert_same(results[member], epochs)
+    assert results[0][0][0] != pytest.approx(results[1][0][0], rel=1e-4)  # not one order
+
+
+def test_a_diverging_member_fails_alone_and_the_others_train_as_without_it(splits):
+    options = [dict(lr=0.05), dict(lr=1e4), dict(lr=0.1, momentum=0.9)]
+    pack, results = together(splits, torch.optim.SGD, options, [0, 1, 2])
+    _, failed, _ = alone(splits, torch.optim.SGD, options[1], 1)
+    assert failed is not None and pack.failed == {1: failed}  # the same reason, alone
+    _, without = together(splits, torch.optim.SGD, [options[0], options[2]], [0, 2])
+    assert_same(results[0], without[0])
+    assert_same(results[2], without[1])
+
+
+def test_a_narrower_deeper_shape_packs_too(splits):
+    options = [dict(lr=0.1), dict(lr=0.01)]
+    pack, results = together(splits, torch.optim.SGD, options, [0, 1], width=64, depth=3)
+    for member in range(2):
+        epochs, _, model = alone(splits, torch.optim.SGD, options[member], member, False, 64, 3)
+        assert_same(results[member], epochs)
+        model.load_state_dict(pack.state_dict(member))  # the keys and shapes fit

@@ -7,12 +7,13 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import yaml
-from mlflow.entities import RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
@@ -114,6 +115,65 @@ def start_run(resolved: dict[str, Any], tags: dict[str, str], overrides: list[st
     """
     tracking = resolved["tracking"]
     experiment_id = use_experiment(tracking["uri"], tracking["experiment"])
+    tags = _run_tags(tracking, tags, overrides)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking["run_name"], tags=tags)
+    try:
+        mlflow.log_params(_params(resolved))
+        _log_config_files(run, resolved, overrides)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
+        end_run("KILLED", signals.reason(stop))
+        raise
+    except BaseException as error:
+        end_run("FAILED", one_line(error))
+        raise
+    return run.info.run_id
+
+
+def open_run(
+    resolved: dict[str, Any], tags: dict[str, str], overrides: list[str]
+) -> mlflow.entities.Run:
+    """start_run() for one of several runs open at once (the members of a pack, see
+    fashion_sweep/packing.py): none of them is MLflow's active run."""
+    tracking = resolved["tracking"]
+    experiment_id = use_experiment(tracking["uri"], tracking["experiment"])
+    client = MlflowClient()
+    run = client.create_run(
+        experiment_id, run_name=tracking["run_name"], tags=_run_tags(tracking, tags, overrides)
+    )
+    try:
+        params = [Param(key, value) for key, value in _params(resolved).items()]
+        client.log_batch(run.info.run_id, params=params)
+        _log_config_files(run, resolved, overrides)
+    except KeyboardInterrupt as stop:
+        close_run(run.info.run_id, "KILLED", signals.reason(stop))
+        raise
+    except BaseException as error:
+        close_run(run.info.run_id, "FAILED", one_line(error))
+        raise
+    return run
+
+
+def log_run_metrics(run_id: str, metrics: dict[str, float], epoch: int) -> None:
+    """log_epoch() for a run that is not the active one."""
+    now = int(time.time() * 1000)
+    batch = [Metric(key, value, now, epoch) for key, value in metrics.items()]
+    MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def mark_run_pruned(run_id: str, epoch: int) -> None:
+    """mark_pruned() for a run that is not the active one."""
+    MlflowClient().set_tag(run_id, "pruned", str(epoch))
+
+
+def close_run(run_id: str, status: str, reason: str | None = None) -> None:
+    """end_run() for a run that is not the active one."""
+    client = MlflowClient()
+    if reason is not None:
+        client.set_tag(run_id, "failure_reason", reason)
+    client.set_terminated(run_id, status)
+
+
+def _run_tags(tracking: dict[str, Any], tags: dict[str, str], overrides: list[str]) -> dict:
     tags = {KIND_TAG: "train", **tags}
     if commit := git_commit():
         tags["git_commit"] = commit
@@ -123,22 +183,19 @@ def start_run(resolved: dict[str, Any], tags: dict[str, str], overrides: list[st
         tags["trial"] = str(tracking["trial"])
     if overrides:
         tags["overrides"] = redact(" ".join(overrides))[:5000]
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking["run_name"], tags=tags)
-    try:
-        params = {k: redact(str(v)) for k, v in flatten(resolved).items() if k not in AS_TAGS}
-        mlflow.log_params(params)
-        with tempfile.TemporaryDirectory() as tmp:  # one artifact call for both files
-            for name, content in (("config.yaml", resolved), ("overrides.yaml", overrides)):
-                text = yaml.dump(content, Dumper=YamlDumper, sort_keys=False)
-                Path(tmp, name).write_text(redact(text))
-            artifacts_of(run).log_artifacts(tmp)
-    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
-        end_run("KILLED", signals.reason(stop))
-        raise
-    except BaseException as error:
-        end_run("FAILED", one_line(error))
-        raise
-    return run.info.run_id
+    return tags
+
+
+def _params(resolved: dict[str, Any]) -> dict[str, str]:
+    return {k: redact(str(v)) for k, v in flatten(resolved).items() if k not in AS_TAGS}
+
+
+def _log_config_files(run: mlflow.entities.Run, resolved: dict, overrides: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:  # one artifact call for both files
+        for name, content in (("config.yaml", resolved), ("overrides.yaml", overrides)):
+            text = yaml.dump(content, Dumper=YamlDumper, sort_keys=False)
+            Path(tmp, name).write_text(redact(text))
+        artifacts_of(run).log_artifacts(tmp)
 
 
 def end_run(status: str, reason: str | None = None) -> None:

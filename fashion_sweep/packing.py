@@ -1,0 +1,281 @@
+"""`hydra/launcher=packed`: the trials a sweep asks for at once, trained together.
+
+`python -m fashion_sweep.train -m sweep=optuna hydra/launcher=packed
+hydra.sweeper.n_jobs=32` hands the launcher 32 jobs at a time. It composes each job's
+config, groups the jobs that share what a pack must share (the model, the data and its
+loader, the optimizer's class, the trainer but for its seed, the store), and trains
+each group as one program (fashion_sweep/packed.py). Each job is still run through
+Hydra's own run_job, in order, so it keeps its `.hydra/` folder, its log and its
+callbacks (the study records each trial's outcome as its job ends); the first job of
+a pack trains the whole pack, the others return what it left for them.
+
+Each member is an ordinary trial: its own MLflow run (params, per-epoch metrics,
+config.yaml, model.pth), its own pruning, and its own failure (a bad value, a
+divergence). A job that cannot be packed (the torch loader, a CUDA-graphed step) runs
+on its own, as the basic launcher would run it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from fashion_sweep import packed, signals
+from fashion_sweep.compose import plain
+from fashion_sweep.config import ConfigError
+from fashion_sweep.data import DataError, load_splits, make_loaders
+from fashion_sweep.engine import DivergedError
+from fashion_sweep.redaction import one_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackedLauncherConf:
+    _target_: str = "fashion_sweep.packing.PackedLauncher"
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="fashion_sweep"
+)
+
+
+def pack_key(cfg: DictConfig) -> str | None:
+    """What the members of one pack must share, as a key; None for a job that cannot be
+    packed (it runs on its own)."""
+    if cfg.data.loader != "resident" or cfg.trainer.cuda_graph:
+        return None
+    trainer = {k: v for k, v in cfg.trainer.items() if k != "seed"}
+    shared = {
+        "model": cfg.model,
+        "data": cfg.data,
+        "optimizer": cfg.optimizer._target_,
+        "trainer": trainer,
+        "store": [cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.log_model],
+        "metric": cfg.optimized_metric,
+    }
+    return json.dumps(OmegaConf.to_container(OmegaConf.create(shared), resolve=True))
+
+
+class PackedLauncher(Launcher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        self._configure_log()
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs = []
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            config = self.hydra_context.config_loader.load_sweep_config(
+                self.config, list(overrides)
+            )
+            with open_dict(config):
+                config.hydra.job.id, config.hydra.job.num = str(idx), idx
+            configs.append(config)
+        packs: dict[str, list[DictConfig]] = {}
+        for config in configs:
+            if (key := pack_key(config)) is not None:
+                packs.setdefault(key, []).append(config)
+        pack_of = {c.hydra.job.num: members for members in packs.values() for c in members}
+        log.info(
+            f"Launching {len(configs)} jobs in this process, {len(packs)} pack(s) of "
+            f"{', '.join(str(len(m)) for m in packs.values()) or 'none'}"
+        )
+        results: dict[int, Any] = {}
+
+        def member(cfg: DictConfig) -> Any:
+            """A packed job's task: its pack's first job trains them all."""
+            from hydra.core.hydra_config import HydraConfig
+
+            num = HydraConfig.get().job.num
+            if num not in results:
+                results.update(train_pack(pack_of[num]))
+            outcome = results.pop(num)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        returns = []
+        for config in configs:
+            shown = " ".join(filter_overrides(config.hydra.overrides.task))
+            log.info(f"\t#{config.hydra.job.num} : {shown}")
+            packed_job = config.hydra.job.num in pack_of
+            returns.append(
+                run_job(
+                    hydra_context=self.hydra_context,
+                    task_function=member if packed_job else self.task_function,
+                    config=config,
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
+                )
+            )
+            self._configure_log()
+        return returns
+
+    def _configure_log(self) -> None:
+        configure_log(
+            self.config.hydra.hydra_logging,
+            self.config.hydra.verbose,
+            execution_whitelist=self.hydra_context.execution_whitelist,
+        )
+
+
+def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
+    """Trains the jobs of one pack together; each job's outcome by its number: an
+    Objective (train.py) or the exception it failed with."""
+    from fashion_sweep import tracking
+    from fashion_sweep.train import SPLIT_TITLES, Objective, check, prepare, pruning
+
+    outcomes: dict[int, Any] = {}
+    members: list[DictConfig] = []  # the task configs (no hydra node), as run_job makes them
+    hydra_of: dict[int, DictConfig] = {}
+    for config in configs:
+        cfg = copy.deepcopy(config)
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        num = config.hydra.job.num
+        try:
+            device = check(cfg)
+        except ConfigError as error:  # this member's values: it fails alone
+            outcomes[num] = error
+        else:
+            members.append(cfg)
+            hydra_of[id(cfg)] = config.hydra
+    number = {id(cfg): hydra_of[id(cfg)].job.num for cfg in members}
+    if not members:
+        return outcomes
+    first = members[0]
+    try:
+        prepare(first)
+    except (ConfigError, DataError) as error:  # the data or the store: the whole pack
+        return {**outcomes, **{number[id(cfg)]: error for cfg in members}}
+    data = first.data
+    splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
+    seeds = [cfg.trainer.seed for cfg in members]
+    loaders = [
+        make_loaders(splits, "resident", data.batch_size, device, data.shuffle, seed=seed)
+        for seed in seeds
+    ]
+    models = []
+    for cfg in members:
+        torch.manual_seed(cfg.trainer.seed)
+        models.append(instantiate(cfg.model, _execution_whitelist_=["fashion_sweep.model.*"]))
+    options = []
+    for cfg in members:
+        kwargs = OmegaConf.to_container(cfg.optimizer, resolve=True)
+        kwargs.pop("_target_")
+        options.append(kwargs)
+    pack = packed.Pack([m.to(device) for m in models], get_class(first.optimizer._target_), options)
+    tags = {
+        "device": str(device),
+        "torch_version": str(torch.__version__),
+        "process": f"{socket.gethostname()}:{os.getpid()}",
+        "pack": f"{len(members)} trials",
+    }
+    runs = [
+        tracking.open_run(
+            OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            tags,
+            [plain(o) for o in hydra_of[id(cfg)].overrides.task],
+        )
+        for cfg in members
+    ]
+    prunes = [pruning(cfg, hydra_of[id(cfg)]) for cfg in members]
+    active = list(range(len(members)))
+    train = (
+        [m["train"] for m in loaders]
+        if data.shuffle and len(set(seeds)) > 1
+        else [loaders[0]["train"]]
+    )
+    metric = first.optimized_metric
+    print(f"Packed {len(members)} trials: {', '.join(str(c.tracking.trial) for c in members)}")
+    try:
+        for epoch in range(1, first.trainer.epochs + 1):
+            start = time.perf_counter()
+            losses = packed.train_epoch(train, pack, first.trainer.log_interval)
+            seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            evaluated = {
+                split: packed.evaluate(loaders[0][split], pack)
+                for split in SPLIT_TITLES
+                if split in loaders[0]
+            }
+            eval_seconds = time.perf_counter() - start
+            last = epoch == first.trainer.epochs
+            for i in list(active):
+                run_id = runs[i].info.run_id
+                if i in pack.failed:
+                    tracking.close_run(run_id, "FAILED", f"DivergedError: {pack.failed[i]}")
+                    outcomes[number[id(members[i])]] = DivergedError(pack.failed[i])
+                    active.remove(i)
+                    continue
+                metrics = {"train/loss": losses[i]}
+                for split, results in evaluated.items():
+                    metrics[f"{split}/loss"] = results[i]["loss"]
+                    metrics[f"{split}/accuracy"] = results[i]["accuracy"]
+                metrics["perf/eval_seconds"] = eval_seconds / len(members)
+                metrics["perf/epoch_seconds"] = seconds / len(members)
+                metrics["perf/samples_per_second"] = (
+                    len(splits["train"]) / metrics["perf/epoch_seconds"]
+                )
+                tracking.log_run_metrics(run_id, metrics, epoch)
+                stop = prunes[i] is not None and prunes[i](epoch, metrics[metric], last)
+                if stop or last:
+                    if stop:
+                        tracking.mark_run_pruned(run_id, epoch)
+                    _finish(tracking, pack, i, runs[i], members[i])
+                    outcomes[number[id(members[i])]] = Objective(
+                        metrics[metric], run_id, epoch if stop else None
+                    )
+                    active.remove(i)
+            print(f"Epoch {epoch}: {len(active)} of {len(members)} trials train on")
+            if not active:
+                break
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: every open run KILLED
+        for i in active:
+            tracking.close_run(runs[i].info.run_id, "KILLED", signals.reason(stop))
+        raise
+    except BaseException as error:
+        for i in active:
+            tracking.close_run(runs[i].info.run_id, "FAILED", one_line(error))
+        raise
+    return outcomes
+
+
+def _finish(tracking: Any, pack: packed.Pack, i: int, run: Any, cfg: DictConfig) -> None:
+    """A member's model.pth (as train.py saves a model's), then its run FINISHED."""
+    if cfg.tracking.log_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.pth")
+            torch.save(pack.state_dict(i), path)
+            tracking.artifacts_of(run).log_artifact(path)
+    tracking.close_run(run.info.run_id, "FINISHED")

@@ -1,0 +1,73 @@
+"""`hydra/launcher=packed` (fashion_sweep/packing.py): real sweeps whose trials train
+together, each still an ordinary trial in Optuna, in MLflow and on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from fashion_sweep.model import NeuralNetwork
+from tests.test_sweep import results, runs, study, sweep
+
+pytestmark = pytest.mark.slow
+# one batch size: the sweep's trials ask 3 at a time, and 3 go into one pack
+SPACE = ["data.batch_size=64", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3"]
+
+
+def test_packed_trials_are_the_trials_the_basic_launcher_runs(tmp_path, data_root):
+    outcomes = {}
+    for launcher in ("basic", "packed"):
+        cwd = tmp_path / launcher
+        cwd.mkdir()
+        done = sweep(cwd, *SPACE, f"hydra/launcher={launcher}", "hydra.sweeper.study_name=s")
+        assert done.returncode == 0, done.stderr[-3000:]
+        trials = study(cwd, "s").trials
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+        outcomes[launcher] = {t.number: (t.params, t.value) for t in trials}
+        client, (parent,), children = runs(cwd)
+        assert sorted(int(c.data.tags["trial"]) for c in children) == list(range(6))
+        for child in children:  # each an ordinary run: status, metrics, files, model
+            assert child.info.status == "FINISHED"
+            assert child.data.metrics["val/accuracy"] == pytest.approx(
+                outcomes[launcher][int(child.data.tags["trial"])][1]
+            )
+            files = {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert files == {"config.yaml", "overrides.yaml", "model.pth"}
+        assert parent.info.status == "FINISHED"
+        assert len(list(cwd.glob("multirun/*/*/[0-5]/.hydra/config.yaml"))) == 6
+    # the last loop was the packed sweep's
+    assert "Packed 3 trials" in done.stdout
+    path = client.download_artifacts(children[0].info.run_id, "model.pth", str(tmp_path))
+    NeuralNetwork().load_state_dict(torch.load(path))  # a NeuralNetwork's state_dict
+    for number, (params, value) in outcomes["basic"].items():
+        packed_params, packed_value = outcomes["packed"][number]
+        assert packed_params == params  # the sampler asked for the same trials
+        assert abs(packed_value - value) * 500 <= 2  # val/accuracy: at most 2 of 500 images
+    assert results(tmp_path / "packed")["best_params"] == results(tmp_path / "basic")["best_params"]
+
+
+def test_a_diverging_trial_fails_alone_in_its_pack(tmp_path, data_root):
+    done = sweep(
+        tmp_path,
+        "hydra/launcher=packed",
+        "hydra/sweeper/sampler=grid",
+        "optimizer.lr=choice(0.05,10000.0,0.1)",
+        "data.batch_size=64",
+        "trainer.log_interval=2",
+        "hydra.sweeper.n_jobs=3",
+        "hydra.sweeper.study_name=bad",
+        "hydra.sweeper.max_failure_rate=0.5",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Packed 3 trials" in done.stdout
+    trials = {t.params["optimizer.lr"]: t for t in study(tmp_path, "bad").trials}
+    assert trials[10000.0].state == TrialState.FAIL
+    assert "DivergedError" in trials[10000.0].user_attrs["failure_reason"]
+    assert trials[0.05].state == trials[0.1].state == TrialState.COMPLETE
+    _, (parent,), children = runs(tmp_path)
+    status = {c.data.params["optimizer.lr"]: c for c in children}
+    assert status["10000.0"].info.status == "FAILED"
+    assert status["10000.0"].data.tags["failure_reason"].startswith("DivergedError")
+    assert status["0.05"].info.status == status["0.1"].info.status == "FINISHED"
+    assert parent.info.status == "FINISHED"

@@ -1,5 +1,8 @@
 """A packed member computes what the same trial computes alone (fashion_sweep/packed.py):
-its losses per epoch, its evaluation, its model; a diverging member fails alone."""
+its losses per epoch, its evaluation, its model; a diverging member fails alone.
+
+Imports torch and the engine only, so `.ci/gpu-check` runs it on CUDA on a GPU machine
+that has no Hydra or MLflow."""
 
 from __future__ import annotations
 
@@ -17,7 +20,15 @@ from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_e
 from fashion_sweep.model import NeuralNetwork
 from tests.conftest import ADAM_ACCURACY, ADAM_LOSS_REL
 
-CPU = torch.device("cpu")
+# On a GPU machine (.ci/gpu-check) every test runs on CUDA too.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
 EPOCHS = 2
 
 
@@ -27,31 +38,31 @@ def splits(data_root):
     return load_splits(data_root, train_size=2000, test_size=1000)
 
 
-def alone(splits, optimizer, options, seed, shuffle=False, width=512, depth=2):
+def alone(splits, device, optimizer, options, seed, shuffle=False, width=512, depth=2):
     """The trial as train.py runs it: per epoch its train loss and test metrics, or the
     DivergedError's message."""
-    loaders = make_loaders(splits, "resident", 64, CPU, shuffle, seed=seed)
+    loaders = make_loaders(splits, "resident", 64, device, shuffle, seed=seed)
     torch.manual_seed(seed)
-    model = NeuralNetwork(width, depth)
+    model = NeuralNetwork(width, depth).to(device)
     step = TrainStep(model, nn.CrossEntropyLoss(), optimizer(model.parameters(), **options))
     epochs = []
     for _ in range(EPOCHS):
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                loss = train_one_epoch(loaders["train"], step, CPU)["loss"]
+                loss = train_one_epoch(loaders["train"], step, device)["loss"]
         except DivergedError as error:
             return epochs, str(error), model
-        epochs.append((loss, evaluate(loaders["test"], model, nn.CrossEntropyLoss(), CPU)))
+        epochs.append((loss, evaluate(loaders["test"], model, nn.CrossEntropyLoss(), device)))
     return epochs, None, model
 
 
-def together(splits, optimizer, options, seeds, shuffle=False, width=512, depth=2):
+def together(splits, device, optimizer, options, seeds, shuffle=False, width=512, depth=2):
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
-        models.append(NeuralNetwork(width, depth))
+        models.append(NeuralNetwork(width, depth).to(device))
     pack = packed.Pack(models, optimizer, options)
-    per_member = [make_loaders(splits, "resident", 64, CPU, shuffle, seed=s) for s in seeds]
+    per_member = [make_loaders(splits, "resident", 64, device, shuffle, seed=s) for s in seeds]
     train = [loaders["train"] for loaders in per_member]
     epochs = []
     for _ in range(EPOCHS):
@@ -88,14 +99,14 @@ ADAM_MEMBERS = [dict(lr=1e-3), dict(lr=3e-4, betas=(0.8, 0.99)), dict(lr=1e-3, e
     ],
     ids=["sgd", "adam", "adamw"],
 )
-def test_each_member_trains_as_its_trial_alone(splits, optimizer, options):
+def test_each_member_trains_as_its_trial_alone(splits, device, optimizer, options):
     seeds = list(range(len(options)))
-    pack, results = together(splits, optimizer, options, seeds)
+    pack, results = together(splits, device, optimizer, options, seeds)
     assert not pack.failed
     adam = optimizer is not torch.optim.SGD
     tolerance = dict(rel=ADAM_LOSS_REL, accuracy=ADAM_ACCURACY) if adam else {}
     for member, (kwargs, seed) in enumerate(zip(options, seeds, strict=True)):
-        epochs, failed, model = alone(splits, optimizer, kwargs, seed)
+        epochs, failed, model = alone(splits, device, optimizer, kwargs, seed)
         assert failed is None
         assert_same(results[member], epochs, **tolerance)
         # model.pth: a NeuralNetwork's state_dict, keys and shapes
@@ -109,16 +120,16 @@ def test_each_member_trains_as_its_trial_alone(splits, optimizer, options):
     [(torch.optim.SGD, SGD_MEMBERS), (torch.optim.Adam, ADAM_MEMBERS)],
     ids=["sgd", "adam"],
 )
-def test_each_members_step_is_torch_optims_own(splits, optimizer, options):
+def test_each_members_step_is_torch_optims_own(splits, device, optimizer, options):
     """Given the member's gradients, its step is bit for bit the step torch.optim takes
     for the model alone with the member's arguments, state included (5 steps)."""
     models = []
     for seed in range(len(options)):
         torch.manual_seed(seed)
-        models.append(NeuralNetwork())
+        models.append(NeuralNetwork().to(device))
     pack = packed.Pack(models, optimizer, options)
     alone = [optimizer(m.parameters(), **kwargs) for m, kwargs in zip(models, options, strict=True)]
-    batches = make_loaders(splits, "resident", 64, CPU)["train"]
+    batches = make_loaders(splits, "resident", 64, device)["train"]
     for X, y in itertools.islice(batches, 5):
         pack.step(X, y)
         for member, (model, opt) in enumerate(zip(models, alone, strict=True)):
@@ -129,29 +140,31 @@ def test_each_members_step_is_torch_optims_own(splits, optimizer, options):
                 assert torch.equal(pack.state_dict(member)[key], tensor), (member, key)
 
 
-def test_shuffled_members_each_see_their_own_seeds_order(splits):
+def test_shuffled_members_each_see_their_own_seeds_order(splits, device):
     options, seeds = [dict(lr=0.05), dict(lr=0.05)], [3, 4]
-    _, results = together(splits, torch.optim.SGD, options, seeds, shuffle=True)
+    _, results = together(splits, device, torch.optim.SGD, options, seeds, shuffle=True)
     for member, seed in enumerate(seeds):
-        epochs, _, _ = alone(splits, torch.optim.SGD, options[member], seed, shuffle=True)
+        epochs, _, _ = alone(splits, device, torch.optim.SGD, options[member], seed, True)
         assert_same(results[member], epochs)
     assert results[0][0][0] != pytest.approx(results[1][0][0], rel=1e-4)  # not one order
 
 
-def test_a_diverging_member_fails_alone_and_the_others_train_as_without_it(splits):
+def test_a_diverging_member_fails_alone_and_the_others_train_as_without_it(splits, device):
     options = [dict(lr=0.05), dict(lr=1e4), dict(lr=0.1, momentum=0.9)]
-    pack, results = together(splits, torch.optim.SGD, options, [0, 1, 2])
-    _, failed, _ = alone(splits, torch.optim.SGD, options[1], 1)
+    pack, results = together(splits, device, torch.optim.SGD, options, [0, 1, 2])
+    _, failed, _ = alone(splits, device, torch.optim.SGD, options[1], 1)
     assert failed is not None and pack.failed == {1: failed}  # the same reason, alone
-    _, without = together(splits, torch.optim.SGD, [options[0], options[2]], [0, 2])
+    _, without = together(splits, device, torch.optim.SGD, [options[0], options[2]], [0, 2])
     assert_same(results[0], without[0])
     assert_same(results[2], without[1])
 
 
-def test_a_narrower_deeper_shape_packs_too(splits):
+def test_a_narrower_deeper_shape_packs_too(splits, device):
     options = [dict(lr=0.1), dict(lr=0.01)]
-    pack, results = together(splits, torch.optim.SGD, options, [0, 1], width=64, depth=3)
+    pack, results = together(splits, device, torch.optim.SGD, options, [0, 1], False, 64, 3)
     for member in range(2):
-        epochs, _, model = alone(splits, torch.optim.SGD, options[member], member, False, 64, 3)
+        epochs, _, model = alone(
+            splits, device, torch.optim.SGD, options[member], member, False, 64, 3
+        )
         assert_same(results[member], epochs)
         model.load_state_dict(pack.state_dict(member))  # the keys and shapes fit

@@ -18,10 +18,13 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 sums the per-batch losses as the tutorial's Python floats do (MPS has none)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _accumulator(device: torch.device) -> torch.Tensor:
-    # float64 sums the per-batch losses as the tutorial's Python floats do (MPS has none)
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    return torch.zeros((), dtype=dtype, device=device)
+    return torch.zeros((), dtype=accumulator_dtype(device), device=device)
 
 
 class TrainStep:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fashion_sweep.engine import DivergedError, batch_means
+from fashion_sweep.engine import DivergedError, accumulator_dtype, batch_means
 from fashion_sweep.model import NeuralNetwork
 
 
@@ -106,7 +106,8 @@ def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) ->
             X, y = items[0]
         else:
             X, y = torch.stack([X for X, _ in items]), torch.stack([y for _, y in items])
-        losses = pack.step(X, y).double()
+        losses = pack.step(X, y)
+        losses = losses.to(accumulator_dtype(losses.device))
         total = losses if total is None else total + losses
         num_batches += 1
         if batch % log_interval == 0:
@@ -133,7 +134,8 @@ def evaluate(loader: Any, pack: Pack, slice_size: int = 16_384) -> list[dict[str
             losses = nn.functional.cross_entropy(
                 logits.transpose(1, 2), y.expand(logits.shape[:2]), reduction="none"
             )
-            means = batch_means(losses, loader.batch_size).double().sum(-1)
+            means = batch_means(losses, loader.batch_size)
+            means = means.to(accumulator_dtype(means.device)).sum(-1)
             hits = (logits.argmax(-1) == y).sum(-1)
             totals = means if totals is None else totals + means
             correct = hits if correct is None else correct + hits

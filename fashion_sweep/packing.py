@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,33 @@ ConfigStore.instance().store(
 )
 
 
+# torch.optim classes that take no per-parameter options (param groups): never packed
+NO_GROUPS = {"torch.optim.LBFGS", "torch.optim.SparseAdam"}
+
+
 def pack_key(cfg: DictConfig) -> str | None:
     """What the members of one pack must share, as a key; None for a job that cannot be
     packed (it runs on its own)."""
-    if cfg.data.loader != "resident" or cfg.trainer.cuda_graph:
+    from fashion_sweep.train import TARGETS, resolve_device
+
+    target = cfg.optimizer._target_
+    optimizer_ok = fnmatch(target, "torch.optim.*") and target not in NO_GROUPS
+    if cfg.data.loader != "resident" or cfg.trainer.cuda_graph or not optimizer_ok:
         return None
-    trainer = {k: v for k, v in cfg.trainer.items() if k != "seed"}
+    if not any(fnmatch(cfg.model._target_, allowed) for allowed in TARGETS):
+        return None
+    try:
+        device = str(resolve_device(cfg.trainer.device))  # auto and cpu may be one device
+    except ConfigError:
+        return None  # it fails on its own, as it would alone
+    unused = {"num_workers", "download"}  # by the resident loader
     shared = {
         "model": cfg.model,
-        "data": cfg.data,
-        "optimizer": cfg.optimizer._target_,
-        "trainer": trainer,
-        "store": [cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.log_model],
+        "data": {k: v for k, v in cfg.data.items() if k not in unused},
+        "optimizer": target,
+        "trainer": {k: v for k, v in cfg.trainer.items() if k not in ("seed", "device")},
+        "device": device,
+        "store": [cfg.tracking.uri, cfg.tracking.experiment],
         "metric": cfg.optimized_metric,
     }
     return json.dumps(OmegaConf.to_container(OmegaConf.create(shared), resolve=True))
@@ -117,8 +133,12 @@ class PackedLauncher(Launcher):
             from hydra.core.hydra_config import HydraConfig
 
             num = HydraConfig.get().job.num
-            if num not in results:
-                results.update(train_pack(pack_of[num]))
+            if num not in results:  # a pack trains once, whatever happens
+                try:
+                    results.update(train_pack(pack_of[num]))
+                except Exception as error:  # not a member's own: every member's
+                    error = error.with_traceback(None)  # not the pack's memory
+                    results.update({c.hydra.job.num: error for c in pack_of[num]})
             outcome = results.pop(num)
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -164,9 +184,9 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
             del cfg["hydra"]
         num = config.hydra.job.num
         try:
-            device = check(cfg)
+            device = check(cfg)  # one device for the pack: pack_key holds it
         except ConfigError as error:  # this member's values: it fails alone
-            outcomes[num] = error
+            outcomes[num] = error.with_traceback(None)  # not the pack's memory
         else:
             members.append(cfg)
             hydra_of[id(cfg)] = config.hydra
@@ -177,6 +197,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     try:
         prepare(first)
     except (ConfigError, DataError) as error:  # the data or the store: the whole pack
+        error = error.with_traceback(None)
         return {**outcomes, **{number[id(cfg)]: error for cfg in members}}
     data = first.data
     splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
@@ -201,16 +222,8 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         "process": f"{socket.gethostname()}:{os.getpid()}",
         "pack": f"{len(members)} trials",
     }
-    runs = [
-        tracking.open_run(
-            OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            tags,
-            [plain(o) for o in hydra_of[id(cfg)].overrides.task],
-        )
-        for cfg in members
-    ]
-    prunes = [pruning(cfg, hydra_of[id(cfg)]) for cfg in members]
-    active = list(range(len(members)))
+    runs: list[Any] = []  # each member's MLflow run, as it opens
+    active: list[int] = []  # the members whose run is open and unfinished
     train = (
         [m["train"] for m in loaders]
         if data.shuffle and len(set(seeds)) > 1
@@ -219,6 +232,12 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     metric = first.optimized_metric
     print(f"Packed {len(members)} trials: {', '.join(str(c.tracking.trial) for c in members)}")
     try:
+        for i, cfg in enumerate(members):
+            resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            overrides = [plain(o) for o in hydra_of[id(cfg)].overrides.task]
+            runs.append(tracking.open_run(resolved, tags, overrides))
+            active.append(i)
+        prunes = [pruning(cfg, hydra_of[id(cfg)]) for cfg in members]
         for epoch in range(1, first.trainer.epochs + 1):
             start = time.perf_counter()
             losses = packed.train_epoch(train, pack, first.trainer.log_interval)
@@ -234,9 +253,9 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
             for i in list(active):
                 run_id = runs[i].info.run_id
                 if i in pack.failed:
+                    active.remove(i)  # first: an interruption from here on leaves it be
                     tracking.close_run(run_id, "FAILED", f"DivergedError: {pack.failed[i]}")
                     outcomes[number[id(members[i])]] = DivergedError(pack.failed[i])
-                    active.remove(i)
                     continue
                 metrics = {"train/loss": losses[i]}
                 for split, results in evaluated.items():
@@ -252,11 +271,12 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                 if stop or last:
                     if stop:
                         tracking.mark_run_pruned(run_id, epoch)
-                    _finish(tracking, pack, i, runs[i], members[i])
+                    _save_model(tracking, pack, i, runs[i], members[i])
+                    active.remove(i)  # first: an interruption from here on leaves it be
+                    tracking.close_run(run_id, "FINISHED")
                     outcomes[number[id(members[i])]] = Objective(
                         metrics[metric], run_id, epoch if stop else None
                     )
-                    active.remove(i)
             print(f"Epoch {epoch}: {len(active)} of {len(members)} trials train on")
             if not active:
                 break
@@ -271,11 +291,10 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     return outcomes
 
 
-def _finish(tracking: Any, pack: packed.Pack, i: int, run: Any, cfg: DictConfig) -> None:
-    """A member's model.pth (as train.py saves a model's), then its run FINISHED."""
+def _save_model(tracking: Any, pack: packed.Pack, i: int, run: Any, cfg: DictConfig) -> None:
+    """A member's model.pth, as train.py saves a model's."""
     if cfg.tracking.log_model:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.pth")
             torch.save(pack.state_dict(i), path)
             tracking.artifacts_of(run).log_artifact(path)
-    tracking.close_run(run.info.run_id, "FINISHED")

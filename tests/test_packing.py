@@ -71,3 +71,28 @@ def test_a_diverging_trial_fails_alone_in_its_pack(tmp_path, data_root):
     assert status["10000.0"].data.tags["failure_reason"].startswith("DivergedError")
     assert status["0.05"].info.status == status["0.1"].info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
+
+
+def test_a_pack_that_cannot_train_fails_its_trials_once(tmp_path, data_root):
+    """An error of the pack's, not a member's (here: capturable Adam on the CPU, which
+    torch refuses at the first step): every member fails with it, and the pack is not
+    trained again for each of its jobs."""
+    done = sweep(
+        tmp_path,
+        "hydra/launcher=packed",
+        "hydra/sweeper/sampler=grid",
+        "optimizer.lr=choice(0.1,0.2,0.3)",
+        "data.batch_size=64",
+        "optimizer=adam",
+        "+optimizer.capturable=true",
+        "hydra.sweeper.n_jobs=3",
+        "hydra.sweeper.study_name=x",
+    )
+    assert done.returncode == 1  # more failures than max_failure_rate allows
+    assert done.stdout.count("Packed 3 trials") == 1
+    trials = study(tmp_path, "x").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    _, _, children = runs(tmp_path)
+    assert sorted(int(c.data.tags["trial"]) for c in children) == [0, 1, 2]  # one run each
+    assert {c.info.status for c in children} == {"FAILED"}
+    assert all("capturable" in c.data.tags["failure_reason"] for c in children)

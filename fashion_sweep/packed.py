@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fashion_sweep.engine import DivergedError, accumulator_dtype, batch_means
+from fashion_sweep.engine import EVAL_SLICE, DivergedError, accumulator_dtype, batch_means
 from fashion_sweep.model import NeuralNetwork
 
 
@@ -63,7 +63,12 @@ class Pack:
         h = X.flatten(-3)  # the model's nn.Flatten: [.., 1, 28, 28] -> [.., 784]
         layers = list(zip(self.stacks[0::2], self.stacks[1::2], strict=True))
         for k, (weight, bias) in enumerate(layers):
-            h = torch.matmul(h, weight.transpose(1, 2)) + bias.unsqueeze(1)
+            if h.dim() == 2:  # one batch for all: one matmul against every member's weights
+                n, out, features = weight.shape
+                h = (h @ weight.reshape(n * out, features).T).view(-1, n, out).transpose(0, 1)
+            else:
+                h = torch.bmm(h, weight.transpose(1, 2))
+            h = h + bias.unsqueeze(1)
             if k < len(layers) - 1:
                 h = torch.relu(h)
         return h
@@ -123,13 +128,14 @@ def _fail_diverged(pack: Pack, losses: torch.Tensor, where: str) -> None:
             pack.failed[member] = str(DivergedError(f"train/loss is {loss} {where}"))
 
 
-def evaluate(loader: Any, pack: Pack, slice_size: int = 16_384) -> list[dict[str, float]]:
+def evaluate(loader: Any, pack: Pack) -> list[dict[str, float]]:
     """engine.evaluate for every member of the pack, on a resident split: the mean of the
-    per-batch mean losses and the fraction classified correctly."""
+    per-batch mean losses and the fraction classified correctly. A slice holds
+    EVAL_SLICE images' activations in all, shared among the members."""
     size = len(loader.dataset)
     totals, correct, num_batches = None, None, 0
     with torch.no_grad():
-        for X, y in loader.slices(slice_size):
+        for X, y in loader.slices(EVAL_SLICE // len(pack)):
             logits = pack.logits(X)
             losses = nn.functional.cross_entropy(
                 logits.transpose(1, 2), y.expand(logits.shape[:2]), reduction="none"

@@ -130,23 +130,30 @@ def _fail_diverged(pack: Pack, losses: torch.Tensor, where: str) -> None:
 
 def evaluate(loader: Any, pack: Pack) -> list[dict[str, float]]:
     """engine.evaluate for every member of the pack, on a resident split: the mean of the
-    per-batch mean losses and the fraction classified correctly. A slice holds
-    EVAL_SLICE images' activations in all, shared among the members."""
-    size = len(loader.dataset)
-    totals, correct, num_batches = None, None, 0
+    per-batch mean losses and the fraction classified correctly. Member by member, in
+    slices of EVAL_SLICE images, as engine.evaluate runs a model alone: a few large
+    matmuls each, so there is nothing to gain from batching the members, and the
+    activations of one member at a time stay in cache (on a CPU, the members at once
+    evaluated 30% slower)."""
+    return [_evaluate_member(loader, pack, member) for member in range(len(pack))]
+
+
+def _evaluate_member(loader: Any, pack: Pack, member: int) -> dict[str, float]:
+    weights = [stack[member].detach() for stack in pack.stacks]
+    layers = list(zip(weights[0::2], weights[1::2], strict=True))
+    total, correct, num_batches = None, None, 0
     with torch.no_grad():
-        for X, y in loader.slices(EVAL_SLICE // len(pack)):
-            logits = pack.logits(X)
-            losses = nn.functional.cross_entropy(
-                logits.transpose(1, 2), y.expand(logits.shape[:2]), reduction="none"
-            )
+        for X, y in loader.slices(EVAL_SLICE):
+            h = X.flatten(1)
+            for k, (weight, bias) in enumerate(layers):
+                h = nn.functional.linear(h, weight, bias)
+                if k < len(layers) - 1:
+                    h = torch.relu(h)
+            losses = nn.functional.cross_entropy(h, y, reduction="none")
             means = batch_means(losses, loader.batch_size)
-            means = means.to(accumulator_dtype(means.device)).sum(-1)
-            hits = (logits.argmax(-1) == y).sum(-1)
-            totals = means if totals is None else totals + means
+            means = means.to(accumulator_dtype(means.device)).sum()
+            hits = (h.argmax(1) == y).sum()
+            total = means if total is None else total + means
             correct = hits if correct is None else correct + hits
             num_batches += math.ceil(len(y) / loader.batch_size)
-    return [
-        {"loss": loss / num_batches, "accuracy": hits / size}
-        for loss, hits in zip(totals.tolist(), correct.tolist(), strict=True)
-    ]
+    return {"loss": total.item() / num_batches, "accuracy": correct.item() / len(loader.dataset)}

@@ -53,8 +53,7 @@ def run_path(
     step = TrainStep(model, loss_fn, optimizer, cuda_graph=name == "resident+cuda_graph")
     seconds = []
     for _ in range(epochs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         with redirect_stdout(StringIO()):  # the progress lines are not the benchmark
             train_one_epoch(loaders["train"], step, device)

@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -173,7 +172,14 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     """Trains the jobs of one pack together; each job's outcome by its number: an
     Objective (train.py) or the exception it failed with."""
     from fashion_sweep import tracking
-    from fashion_sweep.train import SPLIT_TITLES, Objective, check, prepare, pruning
+    from fashion_sweep.train import (
+        SPLIT_TITLES,
+        Objective,
+        check,
+        prepare,
+        pruning,
+        trainer_tags,
+    )
 
     outcomes: dict[int, Any] = {}
     members: list[DictConfig] = []  # the task configs (no hydra node), as run_job makes them
@@ -216,12 +222,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         kwargs.pop("_target_")
         options.append(kwargs)
     pack = packed.Pack([m.to(device) for m in models], get_class(first.optimizer._target_), options)
-    tags = {
-        "device": str(device),
-        "torch_version": str(torch.__version__),
-        "process": f"{socket.gethostname()}:{os.getpid()}",
-        "pack": f"{len(members)} trials",
-    }
+    tags = {"device": str(device), "pack": f"{len(members)} trials", **trainer_tags()}
     runs: list[Any] = []  # each member's MLflow run, as it opens
     active: list[int] = []  # the members whose run is open and unfinished
     train = (

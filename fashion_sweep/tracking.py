@@ -108,32 +108,21 @@ def artifacts_of(run: mlflow.entities.Run) -> ArtifactRepository:
 
 
 def start_run(resolved: dict[str, Any], tags: dict[str, str], overrides: list[str]) -> str:
-    """Starts a training run (the active run until end_run) and returns its id.
-
-    Logs the resolved config as dotted params and as config.yaml, and the overrides;
-    `tags` come from the process that trains (its torch version, host and pid).
-    """
-    tracking = resolved["tracking"]
-    experiment_id = use_experiment(tracking["uri"], tracking["experiment"])
-    tags = _run_tags(tracking, tags, overrides)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=tracking["run_name"], tags=tags)
-    try:
-        mlflow.log_params(_params(resolved))
-        _log_config_files(run, resolved, overrides)
-    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP (fashion_sweep/signals.py)
-        end_run("KILLED", signals.reason(stop))
-        raise
-    except BaseException as error:
-        end_run("FAILED", one_line(error))
-        raise
-    return run.info.run_id
+    """open_run(), then the run is MLflow's active run until end_run."""
+    run_id = open_run(resolved, tags, overrides).info.run_id
+    mlflow.start_run(run_id=run_id)
+    return run_id
 
 
 def open_run(
     resolved: dict[str, Any], tags: dict[str, str], overrides: list[str]
 ) -> mlflow.entities.Run:
-    """start_run() for one of several runs open at once (the members of a pack, see
-    fashion_sweep/packing.py): none of them is MLflow's active run."""
+    """Starts a training run and returns it; not MLflow's active run, so that several
+    can be open at once (the members of a pack, fashion_sweep/packing.py).
+
+    Logs the resolved config as dotted params and as config.yaml, and the overrides;
+    `tags` come from the process that trains (its torch version, host and pid).
+    """
     tracking = resolved["tracking"]
     experiment_id = use_experiment(tracking["uri"], tracking["experiment"])
     client = MlflowClient()

@@ -150,8 +150,7 @@ def tracked_run(
     """One MLflow run, FINISHED when the block ends, FAILED (or KILLED) when it raises;
     the resolved config its params and config.yaml (fashion_sweep/tracking.py)."""
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    tags = {**tags, "torch_version": str(torch.__version__)}  # not torch's own str type
-    tags["process"] = f"{socket.gethostname()}:{os.getpid()}"  # which worker trained it
+    tags = {**tags, **trainer_tags()}
     run_id = None
     try:
         run_id = tracker.start_run(resolved, tags, overrides)
@@ -165,6 +164,14 @@ def tracked_run(
         raise
     else:
         _end(tracker, cfg.tracking.uri, run_id, "FINISHED", None)
+
+
+def trainer_tags() -> dict[str, str]:
+    """A training run's tags from the process that trains it."""
+    return {
+        "torch_version": str(torch.__version__),  # not torch's own str type (the agent)
+        "process": f"{socket.gethostname()}:{os.getpid()}",  # which worker trained it
+    }
 
 
 def _end(tracker: Tracker, uri: str, run_id: str | None, status: str, why: str | None) -> None:

@@ -12,7 +12,7 @@ the preset's seeded sweep of N trials twice, without a pruner and with the recom
 one (README, Pruning), and reports the epochs trained, the wall time and the best
 val/accuracy of each. `--packed N` trains N trials (learning rates 1e-3 .. 1e-1) one
 after another and then packed into one program (fashion_sweep/packed.py), and reports
-trials per minute each way. `--fixed-cost N` times a single run's command N times against
+trials per minute each way (eagerly; on CUDA with CUDA-graph-captured steps too). `--fixed-cost N` times a single run's command N times against
 the bare `import torch, torchvision`, and splits its wall time into training,
 evaluation and the fixed cost (start-up, MLflow, the model file).
 """
@@ -31,6 +31,7 @@ from contextlib import redirect_stdout
 from datetime import datetime
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,56 +77,75 @@ def run_path(
 
 def packed_vs_alone(
     splits: dict, device: torch.device, trials: int, epochs: int, batch_size: int, seed: int
-) -> dict:
+) -> list[dict]:
     """`trials` trials of the tutorial's recipe, learning rates spread log-evenly over
     1e-3 .. 1e-1: trained one after another, then all at once as one pack
     (fashion_sweep/packed.py), each way `epochs` epochs and one evaluation of the test
-    split per trial, in this process."""
+    split per trial, in this process; eagerly, and on CUDA with the step captured in a
+    CUDA graph too (trainer.cuda_graph=true: one graph per trial, one for the pack)."""
     from fashion_sweep import packed
 
     lrs = [1e-3 * 100 ** (i / max(1, trials - 1)) for i in range(trials)]
-    loaders = make_loaders(splits, "resident", batch_size, device, seed=seed)
     loss_fn = nn.CrossEntropyLoss()
 
     def model() -> NeuralNetwork:
         torch.manual_seed(seed)
         return NeuralNetwork().to(device)
 
-    _sync(device)
-    start = time.perf_counter()
-    alone = []
-    for lr in lrs:
+    def train() -> Any:  # a fresh loader: every trial sees the same order
+        return make_loaders(splits, "resident", batch_size, device, seed=seed)["train"]
+
+    test = make_loaders(splits, "resident", batch_size, device, seed=seed)["test"]
+    rows = []
+    for graph in [False] + ([True] if device.type == "cuda" else []):
+        # a warm-up of each way, not timed: the first optimizer's import (torch._dynamo),
+        # the device's libraries
         net = model()
-        step = TrainStep(net, loss_fn, torch.optim.SGD(net.parameters(), lr=lr))
-        with redirect_stdout(StringIO()):
-            for _ in range(epochs):
-                train_one_epoch(loaders["train"], step, device)
-        alone.append(evaluate(loaders["test"], net, loss_fn, device))
-    alone_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    pack = packed.Pack([model() for _ in lrs], torch.optim.SGD, [{"lr": lr} for lr in lrs])
-    for _ in range(epochs):
-        packed.train_epoch([loaders["train"]], pack)
-    together = packed.evaluate(loaders["test"], pack)
-    _sync(device)
-    packed_seconds = time.perf_counter() - start
-    return {
-        "trials": trials,
-        "epochs": epochs,
-        "alone_seconds": alone_seconds,
-        "packed_seconds": packed_seconds,
-        "alone_trials_per_minute": 60 * trials / alone_seconds,
-        "packed_trials_per_minute": 60 * trials / packed_seconds,
-        "ratio": alone_seconds / packed_seconds,
-        "best_test_accuracy": {
-            "alone": max(r["accuracy"] for r in alone),
-            "packed": max(r["accuracy"] for r in together),
-        },
-        "max_test_loss_rel_diff": max(
-            abs(a["loss"] - b["loss"]) / abs(a["loss"])
-            for a, b in zip(alone, together, strict=True)
-        ),
-    }
+        TrainStep(net, loss_fn, torch.optim.SGD(net.parameters(), lr=1e-3))(*next(iter(train())))
+        packed.Pack([model(), model()], torch.optim.SGD, [{"lr": 1e-3}] * 2).step(
+            *next(iter(train()))
+        )
+        _sync(device)
+        start = time.perf_counter()
+        alone = []
+        for lr in lrs:
+            net = model()
+            step = TrainStep(net, loss_fn, torch.optim.SGD(net.parameters(), lr=lr), graph)
+            with redirect_stdout(StringIO()):
+                for _ in range(epochs):
+                    train_one_epoch(train(), step, device)
+            alone.append(evaluate(test, net, loss_fn, device))
+        alone_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        pack = packed.Pack(
+            [model() for _ in lrs], torch.optim.SGD, [{"lr": lr} for lr in lrs], cuda_graph=graph
+        )
+        for _ in range(epochs):
+            packed.train_epoch([train()], pack)
+        together = packed.evaluate(test, pack)
+        _sync(device)
+        packed_seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "step": "cuda_graph" if graph else "eager",
+                "trials": trials,
+                "epochs": epochs,
+                "alone_seconds": alone_seconds,
+                "packed_seconds": packed_seconds,
+                "alone_trials_per_minute": 60 * trials / alone_seconds,
+                "packed_trials_per_minute": 60 * trials / packed_seconds,
+                "ratio": alone_seconds / packed_seconds,
+                "best_test_accuracy": {
+                    "alone": max(r["accuracy"] for r in alone),
+                    "packed": max(r["accuracy"] for r in together),
+                },
+                "max_test_loss_rel_diff": max(
+                    abs(a["loss"] - b["loss"]) / abs(a["loss"])
+                    for a, b in zip(alone, together, strict=True)
+                ),
+            }
+        )
+    return rows
 
 
 def _sync(device: torch.device) -> None:
@@ -407,18 +427,25 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{row['wall_seconds']:>9.1f}{row['best_val_accuracy']:>14.4f}"
             )
     if args.packed:
-        report["packed"] = p = packed_vs_alone(
+        report["packed"] = packed_vs_alone(
             splits, device, args.packed, args.epochs, args.batch_size, args.seed
         )
         print(
-            f"\n{p['trials']} trials of {p['epochs']} epoch(s), SGD at learning rates "
-            f"1e-3 .. 1e-1: one after another {p['alone_seconds']:.1f} s "
-            f"({p['alone_trials_per_minute']:.1f} trials/min), packed "
-            f"{p['packed_seconds']:.1f} s ({p['packed_trials_per_minute']:.1f} trials/min): "
-            f"{p['ratio']:.2f}x; best test accuracy {p['best_test_accuracy']['alone']:.4f} "
-            f"alone, {p['best_test_accuracy']['packed']:.4f} packed (test losses within "
-            f"rel {p['max_test_loss_rel_diff']:.1e})"
+            f"\n{args.packed} trials of {args.epochs} epoch(s), SGD at learning rates "
+            "1e-3 .. 1e-1, one after another and packed:"
         )
+        print(
+            f"{'step':<12}{'alone s':>9}{'trials/min':>12}{'packed s':>10}{'trials/min':>12}"
+            f"{'ratio':>8}{'best acc alone/packed':>24}{'test loss rel diff':>20}"
+        )
+        for p in report["packed"]:
+            best = p["best_test_accuracy"]
+            print(
+                f"{p['step']:<12}{p['alone_seconds']:>9.2f}{p['alone_trials_per_minute']:>12.1f}"
+                f"{p['packed_seconds']:>10.2f}{p['packed_trials_per_minute']:>12.1f}"
+                f"{p['ratio']:>7.2f}x{best['alone']:>15.4f} / {best['packed']:.4f}"
+                f"{p['max_test_loss_rel_diff']:>20.1e}"
+            )
     if args.fixed_cost:
         report["fixed_cost"] = f = fixed_cost(args.data_root, args.fixed_cost, args.fixed_cost_run)
         print(

@@ -27,15 +27,58 @@ def _accumulator(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=accumulator_dtype(device), device=device)
 
 
-class TrainStep:
-    """One optimisation step of the tutorial: forward, loss, zero_grad, backward, step.
+class CapturedStep:
+    """A training step captured once in a CUDA graph and replayed, which removes the
+    launch cost of its small kernels.
 
-    With cuda_graph=True the step is captured once in a CUDA graph and replayed, which
-    removes the launch cost of its ~25 small kernels. The first `warmup` steps run
-    eagerly on a side stream (as capture requires; they are real training steps), the
-    next full batch is captured and replayed, and a batch of another size (the ragged
-    last one) runs eagerly, so every image is trained on exactly as in eager mode.
+    `eager(X, y, zero_grad)` is the step as it runs eagerly; `zero_grad(set_to_none)`
+    clears its gradients. The first `warmup` steps run eagerly on a side stream (as
+    capture requires; they are real training steps), the next full batch is captured
+    and replayed, and a batch of another size (the ragged last one) runs eagerly, so
+    every image is trained on exactly as in eager mode.
     """
+
+    def __init__(
+        self,
+        eager: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
+        zero_grad: Callable[[bool], None],
+        warmup: int = 3,
+    ) -> None:
+        self.eager, self.zero_grad, self.warmup = eager, zero_grad, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+
+    def __call__(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        if self.graph is None and self.steps <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self.eager(X, y, True)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self._capture(X, y)
+        if X.shape != self.static_X.shape:
+            # note: zero in place; setting grads to None would orphan the graph's buffers
+            self.zero_grad(False)
+            return self.eager(X, y, False)
+        self.static_X.copy_(X)
+        self.static_y.copy_(y)
+        self.graph.replay()
+        return self.static_loss
+
+    def _capture(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.static_X, self.static_y = X.clone(), y.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self.zero_grad(True)  # grads are then allocated in the graph
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self.eager(self.static_X, self.static_y, False)
+
+
+class TrainStep:
+    """One optimisation step of the tutorial: forward, loss, zero_grad, backward, step;
+    with cuda_graph=True, captured in a CUDA graph and replayed (CapturedStep)."""
 
     def __init__(
         self,
@@ -46,33 +89,22 @@ class TrainStep:
         warmup: int = 3,
     ) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.cuda_graph, self.warmup = cuda_graph, warmup
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.steps = 0
+        self.captured = (
+            CapturedStep(self._eager, lambda none: optimizer.zero_grad(set_to_none=none), warmup)
+            if cuda_graph
+            else None
+        )
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.captured.graph if self.captured else None
 
     def __call__(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Trains on one batch; returns its loss as a tensor on the device (no sync),
         valid until the next call."""
-        self.steps += 1
-        if not self.cuda_graph:
-            return self._eager(X, y)
-        if self.graph is None and self.steps <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loss = self._eager(X, y)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
-        if self.graph is None:
-            self._capture(X, y)
-        if X.shape != self.static_X.shape:
-            # note: zero in place; setting grads to None would orphan the graph's buffers
-            self.optimizer.zero_grad(set_to_none=False)
-            return self._eager(X, y, zero_grad=False)
-        self.static_X.copy_(X)
-        self.static_y.copy_(y)
-        self.graph.replay()
-        return self.static_loss
+        if self.captured:
+            return self.captured(X, y)
+        return self._eager(X, y)
 
     def _eager(self, X: torch.Tensor, y: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
         # Compute prediction error
@@ -85,13 +117,6 @@ class TrainStep:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
-
-    def _capture(self, X: torch.Tensor, y: torch.Tensor) -> None:
-        self.static_X, self.static_y = X.clone(), y.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated in the graph
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self._eager(self.static_X, self.static_y, zero_grad=False)
 
 
 def train_one_epoch(

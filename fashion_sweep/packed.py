@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fashion_sweep.engine import DivergedError, accumulator_dtype
+from fashion_sweep.engine import CapturedStep, DivergedError, accumulator_dtype
 from fashion_sweep.engine import evaluate as evaluate_model
 from fashion_sweep.model import NeuralNetwork
 
@@ -38,6 +38,7 @@ class Pack:
         models: list[NeuralNetwork],
         optimizer: Callable[..., torch.optim.Optimizer],
         options: list[dict[str, Any]],
+        cuda_graph: bool = False,
     ) -> None:
         # one model of the shape, that evaluation loads each member's weights into
         self.model = copy.deepcopy(models[0])
@@ -56,22 +57,30 @@ class Pack:
             ]
         )
         self.failed: dict[int, str] = {}  # member -> why (DivergedError's message)
+        # the whole packed step captured in one CUDA graph (options need capturable=True
+        # for an optimizer that keeps its state on the host, such as Adam's step count)
+        self.captured = CapturedStep(self._eager, self.zero_grad) if cuda_graph else None
 
     def __len__(self) -> int:
         return len(self.members)
 
     def logits(self, X: torch.Tensor) -> torch.Tensor:
-        """[N, B, classes] for a batch shared by all members ([B, ...]) or one batch per
+        """[N, classes, B] for a batch shared by all members ([B, ...]) or one batch per
         member ([N, B, ...])."""
+        # note: activations are kept features-first ([N, features, B]), so that each
+        # weight's gradient comes out of backward in the weight's own layout; batch-first,
+        # autograd copied every gradient once more, which made the pack slower on a CPU
+        # than its members one after another
         h = X.flatten(-3)  # the model's nn.Flatten: [.., 1, 28, 28] -> [.., 784]
+        h = h.T if h.dim() == 2 else h.transpose(1, 2)
         layers = list(zip(self.stacks[0::2], self.stacks[1::2], strict=True))
         for k, (weight, bias) in enumerate(layers):
             if h.dim() == 2:  # one batch for all: one matmul against every member's weights
                 n, out, features = weight.shape
-                h = (h @ weight.reshape(n * out, features).T).view(-1, n, out).transpose(0, 1)
+                h = (weight.reshape(n * out, features) @ h).view(n, out, -1)
             else:
-                h = torch.bmm(h, weight.transpose(1, 2))
-            h = h + bias.unsqueeze(1)
+                h = torch.bmm(weight, h)
+            h = h + bias.unsqueeze(2)
             if k < len(layers) - 1:
                 h = torch.relu(h)
         return h
@@ -79,15 +88,29 @@ class Pack:
     def losses(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each member's per-image cross-entropy, [N, B]."""
         logits = self.logits(X)
-        target = y.expand(logits.shape[:2])
-        return nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        target = y.expand(logits.shape[0], -1) if y.dim() == 1 else y
+        return nn.functional.cross_entropy(logits, target, reduction="none")
 
     def step(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimisation step of every member; their batch losses [N] (no sync)."""
+        """One optimisation step of every member; their batch losses [N] (no sync),
+        valid until the next call."""
+        if self.captured:
+            return self.captured(X, y)
+        return self._eager(X, y)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
         for stack in self.stacks:
-            stack.grad = None
+            if set_to_none:
+                stack.grad = None
+            elif stack.grad is not None:
+                stack.grad.zero_()
+
+    def _eager(self, X: torch.Tensor, y: torch.Tensor, zero_grad: bool = True) -> torch.Tensor:
+        if zero_grad:
+            self.zero_grad()
         losses = self.losses(X, y).mean(1)
         losses.sum().backward()
+        # each member's grads: its slices of the stacks' (no copy)
         for k, stack in enumerate(self.stacks):
             for i, params in enumerate(self.members):
                 params[k].grad = stack.grad[i]

@@ -11,8 +11,9 @@ a pack trains the whole pack, the others return what it left for them.
 
 Each member is an ordinary trial: its own MLflow run (params, per-epoch metrics,
 config.yaml, model.pth), its own pruning, and its own failure (a bad value, a
-divergence). A job that cannot be packed (the torch loader, a CUDA-graphed step) runs
-on its own, as the basic launcher would run it.
+divergence). With trainer.cuda_graph=true a pack's whole step is captured in one CUDA
+graph. A job that cannot be packed (the torch loader, an optimizer without param
+groups) runs on its own, as the basic launcher would run it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def pack_key(cfg: DictConfig) -> str | None:
 
     target = cfg.optimizer._target_
     optimizer_ok = fnmatch(target, "torch.optim.*") and target not in NO_GROUPS
-    if cfg.data.loader != "resident" or cfg.trainer.cuda_graph or not optimizer_ok:
+    if cfg.data.loader != "resident" or not optimizer_ok:
         return None
     if not any(fnmatch(cfg.model._target_, allowed) for allowed in TARGETS):
         return None
@@ -81,6 +82,7 @@ def pack_key(cfg: DictConfig) -> str | None:
         "model": cfg.model,
         "data": {k: v for k, v in cfg.data.items() if k not in unused},
         "optimizer": target,
+        # cuda_graph included: a captured pack and an eager one are separate programs
         "trainer": {k: v for k, v in cfg.trainer.items() if k not in ("seed", "device")},
         "device": device,
         "store": [cfg.tracking.uri, cfg.tracking.experiment],
@@ -131,6 +133,8 @@ class PackedLauncher(Launcher):
             """A packed job's task: its pack's first job trains them all."""
             from hydra.core.hydra_config import HydraConfig
 
+            from fashion_sweep.train import settle_heap
+
             num = HydraConfig.get().job.num
             if num not in results:  # a pack trains once, whatever happens
                 try:
@@ -138,6 +142,7 @@ class PackedLauncher(Launcher):
                 except Exception as error:  # not a member's own: every member's
                     error = error.with_traceback(None)  # not the pack's memory
                     results.update({c.hydra.job.num: error for c in pack_of[num]})
+            settle_heap()  # as a trial of the basic launcher does (train.py)
             outcome = results.pop(num)
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -175,6 +180,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     from fashion_sweep.train import (
         SPLIT_TITLES,
         Objective,
+        capturable,
         check,
         prepare,
         pruning,
@@ -220,8 +226,13 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     for cfg in members:
         kwargs = OmegaConf.to_container(cfg.optimizer, resolve=True)
         kwargs.pop("_target_")
-        options.append(kwargs)
-    pack = packed.Pack([m.to(device) for m in models], get_class(first.optimizer._target_), options)
+        options.append({**kwargs, **capturable(cfg)})
+    pack = packed.Pack(
+        [m.to(device) for m in models],
+        get_class(first.optimizer._target_),
+        options,
+        cuda_graph=first.trainer.cuda_graph,
+    )
     tags = {"device": str(device), "pack": f"{len(members)} trials", **trainer_tags()}
     runs: list[Any] = []  # each member's MLflow run, as it opens
     active: list[int] = []  # the members whose run is open and unfinished

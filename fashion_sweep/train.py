@@ -183,6 +183,16 @@ def _end(tracker: Tracker, uri: str, run_id: str | None, status: str, why: str |
             in_process().end_run_by_id(uri, run_id, status, why)
 
 
+def capturable(cfg: DictConfig) -> dict[str, bool]:
+    """The optimizer's extra argument for a captured step: it must keep its state on the
+    device (Adam's step count), where the optimizer has that option."""
+    if cfg.trainer.cuda_graph and "capturable" in signature(
+        get_class(cfg.optimizer._target_)
+    ).parameters:
+        return {"capturable": True}
+    return {}
+
+
 def train(
     cfg: DictConfig,
     overrides: list[str] | None = None,
@@ -218,17 +228,12 @@ def train(
     torch.manual_seed(cfg.trainer.seed)
     model = instantiate(cfg.model, _execution_whitelist_=TARGETS).to(device)
     loss_fn = nn.CrossEntropyLoss()
-    # a captured optimizer step must keep its state on the device (Adam's step count)
-    capturable = (
-        cfg.trainer.cuda_graph
-        and "capturable" in signature(get_class(cfg.optimizer._target_)).parameters
-    )
     optimizer = instantiate(
         cfg.optimizer,
         params=model.parameters(),
         _convert_="all",
         _execution_whitelist_=TARGETS,
-        **({"capturable": True} if capturable else {}),
+        **capturable(cfg),
     )
     step = TrainStep(model, loss_fn, optimizer, cuda_graph=cfg.trainer.cuda_graph)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+from inspect import signature
 
 import pytest
 import torch
@@ -56,12 +57,14 @@ def alone(splits, device, optimizer, options, seed, shuffle=False, width=512, de
     return epochs, None, model
 
 
-def together(splits, device, optimizer, options, seeds, shuffle=False, width=512, depth=2):
+def together(
+    splits, device, optimizer, options, seeds, shuffle=False, width=512, depth=2, graph=False
+):
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
         models.append(NeuralNetwork(width, depth).to(device))
-    pack = packed.Pack(models, optimizer, options)
+    pack = packed.Pack(models, optimizer, options, cuda_graph=graph)
     per_member = [make_loaders(splits, "resident", 64, device, shuffle, seed=s) for s in seeds]
     train = [loaders["train"] for loaders in per_member]
     epochs = []
@@ -168,3 +171,25 @@ def test_a_narrower_deeper_shape_packs_too(splits, device):
         )
         assert_same(results[member], epochs)
         model.load_state_dict(pack.state_dict(member))  # the keys and shapes fit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shuffle", [False, True], ids=["shared-batch", "own-batches"])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [(torch.optim.SGD, SGD_MEMBERS), (torch.optim.Adam, ADAM_MEMBERS)],
+    ids=["sgd", "adam"],
+)
+def test_a_captured_pack_trains_as_the_eager_pack(splits, optimizer, options, shuffle):
+    """trainer.cuda_graph=true on a pack: the whole packed step is one CUDA graph, and
+    each member computes what it computes eagerly (the ragged last batch included)."""
+    device, seeds = torch.device("cuda"), list(range(len(options)))
+    _, eager = together(splits, device, optimizer, options, seeds, shuffle)
+    if "capturable" in signature(optimizer).parameters:
+        options = [{**kwargs, "capturable": True} for kwargs in options]
+    pack, graphed = together(splits, device, optimizer, options, seeds, shuffle, graph=True)
+    assert pack.captured.graph is not None and not pack.failed
+    adam = optimizer is not torch.optim.SGD
+    tolerance = dict(rel=ADAM_LOSS_REL, accuracy=ADAM_ACCURACY) if adam else {}
+    for member in range(len(seeds)):
+        assert_same(graphed[member], eager[member], **tolerance)

@@ -12,9 +12,10 @@ the preset's seeded sweep of N trials twice, without a pruner and with the recom
 one (README, Pruning), and reports the epochs trained, the wall time and the best
 val/accuracy of each. `--packed N` trains N trials (learning rates 1e-3 .. 1e-1) one
 after another and then packed into one program (fashion_sweep/packed.py), and reports
-trials per minute each way (eagerly; on CUDA with CUDA-graph-captured steps too). `--fixed-cost N` times a single run's command N times against
-the bare `import torch, torchvision`, and splits its wall time into training,
-evaluation and the fixed cost (start-up, MLflow, the model file).
+trials per minute each way (eagerly; on CUDA with CUDA-graph-captured steps too).
+`--fixed-cost N` times a single run's command N times against the bare
+`import torch, torchvision`, and splits its wall time into training, evaluation and the
+fixed cost (start-up, MLflow, the model file).
 """
 
 from __future__ import annotations

@@ -186,9 +186,10 @@ def _end(tracker: Tracker, uri: str, run_id: str | None, status: str, why: str |
 def capturable(cfg: DictConfig) -> dict[str, bool]:
     """The optimizer's extra argument for a captured step: it must keep its state on the
     device (Adam's step count), where the optimizer has that option."""
-    if cfg.trainer.cuda_graph and "capturable" in signature(
-        get_class(cfg.optimizer._target_)
-    ).parameters:
+    if (
+        cfg.trainer.cuda_graph
+        and "capturable" in signature(get_class(cfg.optimizer._target_)).parameters
+    ):
         return {"capturable": True}
     return {}
 

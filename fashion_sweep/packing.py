@@ -24,7 +24,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -234,8 +235,10 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         cuda_graph=first.trainer.cuda_graph,
     )
     tags = {"device": str(device), "pack": f"{len(members)} trials", **trainer_tags()}
-    runs: list[Any] = []  # each member's MLflow run, as it opens
+    writes = Writes()  # the members' MLflow runs, written beside the training
+    runs: list[Future] = []  # each member's MLflow run, as it opens
     active: list[int] = []  # the members whose run is open and unfinished
+    done: dict[int, tuple[float, int | None]] = {}  # member -> its metric, pruned epoch
     train = (
         [m["train"] for m in loaders]
         if data.shuffle and len(set(seeds)) > 1
@@ -247,7 +250,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         for i, cfg in enumerate(members):
             resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             overrides = [plain(o) for o in hydra_of[id(cfg)].overrides.task]
-            runs.append(tracking.open_run(resolved, tags, overrides))
+            runs.append(writes.submit(tracking.open_run, resolved, tags, overrides))
             active.append(i)
         prunes = [pruning(cfg, hydra_of[id(cfg)]) for cfg in members]
         for epoch in range(1, first.trainer.epochs + 1):
@@ -261,12 +264,13 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                 if split in loaders[0]
             }
             eval_seconds = time.perf_counter() - start
+            writes.check()  # a write that failed (the store) fails the pack here
             last = epoch == first.trainer.epochs
             for i in list(active):
-                run_id = runs[i].info.run_id
                 if i in pack.failed:
                     active.remove(i)  # first: an interruption from here on leaves it be
-                    tracking.close_run(run_id, "FAILED", f"DivergedError: {pack.failed[i]}")
+                    reason = f"DivergedError: {pack.failed[i]}"
+                    writes.submit(_close, runs[i], "FAILED", reason)
                     outcomes[number[id(members[i])]] = DivergedError(pack.failed[i])
                     continue
                 metrics = {"train/loss": losses[i]}
@@ -278,35 +282,100 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                 metrics["perf/samples_per_second"] = (
                     len(splits["train"]) / metrics["perf/epoch_seconds"]
                 )
-                tracking.log_run_metrics(run_id, metrics, epoch)
+                writes.submit(_log_metrics, runs[i], metrics, epoch)
                 stop = prunes[i] is not None and prunes[i](epoch, metrics[metric], last)
                 if stop or last:
                     if stop:
-                        tracking.mark_run_pruned(run_id, epoch)
-                    _save_model(tracking, pack, i, runs[i], members[i])
+                        writes.submit(_mark_pruned, runs[i], epoch)
+                    if members[i].tracking.log_model:
+                        writes.submit(_save_model, runs[i], pack.state_dict(i))
                     active.remove(i)  # first: an interruption from here on leaves it be
-                    tracking.close_run(run_id, "FINISHED")
-                    outcomes[number[id(members[i])]] = Objective(
-                        metrics[metric], run_id, epoch if stop else None
-                    )
+                    writes.submit(_close, runs[i], "FINISHED")
+                    done[i] = (metrics[metric], epoch if stop else None)
             print(f"Epoch {epoch}: {len(active)} of {len(members)} trials train on")
             if not active:
                 break
+        writes.wait()  # every run ended in the store before any trial is recorded
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: every open run KILLED
         for i in active:
-            tracking.close_run(runs[i].info.run_id, "KILLED", signals.reason(stop))
+            writes.submit(_close, runs[i], "KILLED", signals.reason(stop))
+        writes.wait(quiet=True)
         raise
     except BaseException as error:
         for i in active:
-            tracking.close_run(runs[i].info.run_id, "FAILED", one_line(error))
+            writes.submit(_close, runs[i], "FAILED", one_line(error))
+        writes.wait(quiet=True)
         raise
+    finally:
+        writes.pool.shutdown(wait=False)  # its thread ends once it has nothing left
+    for i, (value, pruned) in done.items():
+        outcomes[number[id(members[i])]] = Objective(value, runs[i].result().info.run_id, pruned)
     return outcomes
 
 
-def _save_model(tracking: Any, pack: packed.Pack, i: int, run: Any, cfg: DictConfig) -> None:
+class Writes:
+    """A pack's MLflow writes, made in order by one thread beside the training: opening
+    64 runs and logging their epochs took seconds of the pack's time."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pack-mlflow")
+        self.pending: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future = self.pool.submit(fn, *args)
+        self.pending.append(future)
+        return future
+
+    def check(self) -> None:
+        """Raises the error of the first write that failed, if one has."""
+        for future in self.pending:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+        self.pending = [f for f in self.pending if not f.done()]
+
+    def wait(self, quiet: bool = False) -> None:
+        """Waits for every write; raises the first one's error (quiet: logs it: the pack
+        is already failing with its own). A second interruption drops what is left."""
+        try:
+            wait(self.pending)
+        except BaseException:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        failed = [f.exception() for f in self.pending if f.exception() is not None]
+        self.pending = []
+        if failed and quiet:
+            log.warning(f"MLflow: {one_line(failed[0])}")
+        elif failed:
+            raise failed[0]
+
+
+# Each write takes the member's run as the future open_run gave; a run that failed to
+# open fails every later write to it with open_run's error.
+
+
+def _log_metrics(run: Future, metrics: dict[str, float], epoch: int) -> None:
+    from fashion_sweep import tracking
+
+    tracking.log_run_metrics(run.result().info.run_id, metrics, epoch)
+
+
+def _mark_pruned(run: Future, epoch: int) -> None:
+    from fashion_sweep import tracking
+
+    tracking.mark_run_pruned(run.result().info.run_id, epoch)
+
+
+def _close(run: Future, status: str, reason: str | None = None) -> None:
+    from fashion_sweep import tracking
+
+    tracking.close_run(run.result().info.run_id, status, reason)
+
+
+def _save_model(run: Future, state: dict[str, torch.Tensor]) -> None:
     """A member's model.pth, as train.py saves a model's."""
-    if cfg.tracking.log_model:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.pth")
-            torch.save(pack.state_dict(i), path)
-            tracking.artifacts_of(run).log_artifact(path)
+    from fashion_sweep import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pth")
+        torch.save(state, path)
+        tracking.artifacts_of(run.result()).log_artifact(path)

@@ -3,14 +3,16 @@ together, each still an ordinary trial in Optuna, in MLflow and on disk."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from optuna.trial import TrialState
 
 from fashion_sweep.model import NeuralNetwork
+from fashion_sweep.packing import Writes, pack_key
 from tests.test_sweep import results, runs, study, sweep
 
-pytestmark = pytest.mark.slow
 # One batch size: the sweep asks 3 trials at a time, and the 3 go into one pack. Learning
 # rates up to 0.1: above that, SGD here is chaotic, and rounding-sized noise in the
 # gradients alone moves an epoch's val/accuracy by points (README, Packed trials).
@@ -18,6 +20,7 @@ SPACE = ["data.batch_size=64", "optimizer.lr=tag(log,interval(1e-4,0.1))"]
 SPACE += ["hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3"]
 
 
+@pytest.mark.slow
 def test_packed_trials_are_the_trials_the_basic_launcher_runs(tmp_path, data_root):
     outcomes = {}
     for launcher in ("basic", "packed"):
@@ -50,6 +53,7 @@ def test_packed_trials_are_the_trials_the_basic_launcher_runs(tmp_path, data_roo
     assert results(tmp_path / "packed")["best_params"] == results(tmp_path / "basic")["best_params"]
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_fails_alone_in_its_pack(tmp_path, data_root):
     done = sweep(
         tmp_path,
@@ -76,6 +80,7 @@ def test_a_diverging_trial_fails_alone_in_its_pack(tmp_path, data_root):
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_pack_that_cannot_train_fails_its_trials_once(tmp_path, data_root):
     """An error of the pack's, not a member's (here: capturable Adam on the CPU, which
     torch refuses at the first step): every member fails with it, and the pack is not
@@ -99,3 +104,41 @@ def test_a_pack_that_cannot_train_fails_its_trials_once(tmp_path, data_root):
     assert sorted(int(c.data.tags["trial"]) for c in children) == [0, 1, 2]  # one run each
     assert {c.info.status for c in children} == {"FAILED"}
     assert all("capturable" in c.data.tags["failure_reason"] for c in children)
+
+
+def test_what_a_pack_must_share(compose):
+    """Trials that differ only in what stays per member (the optimizer's arguments, the
+    seed, the loader's workers) share a pack; what changes the program does not."""
+    base = pack_key(compose("optimizer.lr=0.1"))
+    assert base is not None
+    same = ["optimizer.lr=0.3", "optimizer.momentum=0.9", "trainer.seed=7", "data.num_workers=2"]
+    for override in same:
+        assert pack_key(compose(override)) == base, override
+    other = ["data.batch_size=32", "model.width=256", "optimizer=adam", "trainer.epochs=3"]
+    other += ["trainer.cuda_graph=true"]  # a captured pack and an eager one: two programs
+    for override in other:
+        assert pack_key(compose(override)) not in (base, None), override
+    assert pack_key(compose("data.loader=torch")) is None  # the tutorial's path: alone
+    assert pack_key(compose("optimizer._target_=torch.optim.LBFGS")) is None
+
+
+def test_pack_writes_run_in_order_beside_the_caller_and_report_the_first_error():
+    writes, order = Writes(), []
+    gate = threading.Event()
+    writes.submit(gate.wait)
+    writes.submit(order.append, 1)
+    writes.submit(order.append, 2)
+    assert order == []  # the caller went on while the writes waited
+    writes.check()  # nothing has failed yet
+    gate.set()
+
+    def fail():
+        raise RuntimeError("store refused")
+
+    writes.submit(fail)
+    writes.submit(order.append, 3)  # a later write still runs
+    with pytest.raises(RuntimeError, match="store refused"):
+        writes.wait()
+    assert order == [1, 2, 3]
+    writes.submit(fail)
+    writes.wait(quiet=True)  # a pack already failing: logged, not raised

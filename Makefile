@@ -50,9 +50,15 @@ server: venv
 bench: venv data
 	$(PY) -m fashion_sweep.bench --sweep-overhead 8 $(ARGS)
 
-# For .ci/gpu-check on a GPU machine: the data's .gz files, carried as .gpu/
-gpu-bundle: data
-	mkdir -p .gpu && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/
+# For .ci/gpu-check on a GPU machine (Python 3.12 and torch, no Hydra/MLflow, no
+# internet), carried as .gpu/ (about 55 MB): the data's .gz files, and cp312 wheels of
+# what the sweep needs beyond torch (.ci/gpu-wheels.txt).
+GPU_WHEELS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--abi cp312 --abi abi3 --abi none --platform manylinux2014_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+gpu-bundle: data venv
+	mkdir -p .gpu/wheels && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/
+	.venv/bin/pip download -q $(GPU_WHEELS) -d .gpu/wheels -r .ci/gpu-wheels.txt
 
 clean:
 	rm -rf multirun/2* .pytest_cache .ruff_cache

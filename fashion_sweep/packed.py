@@ -44,22 +44,46 @@ class Pack:
         self.model = copy.deepcopy(models[0])
         self.keys = list(self.model.state_dict())  # weight, bias of each Linear, in order
         per_key = [[model.state_dict()[key] for model in models] for key in self.keys]
-        self.stacks = [torch.stack(tensors).detach().requires_grad_() for tensors in per_key]
+        self.ids = list(range(len(models)))  # each member's number, as first packed
+        self.failed: dict[int, str] = {}  # member's number -> why (DivergedError's message)
+        self._optimizer, self._options, self._cuda_graph = optimizer, options, cuda_graph
+        self._build([torch.stack(tensors) for tensors in per_key], options)
+
+    def _build(self, stacks: list[torch.Tensor], options: list[dict[str, Any]]) -> None:
+        self.stacks = [stack.detach().requires_grad_() for stack in stacks]
         # each member's parameters: leaves sharing the stacks' storage, so torch.optim's
         # in-place step on them is a step on the stacks
         self.members = [
-            [nn.Parameter(stack.detach()[i]) for stack in self.stacks] for i in range(len(models))
+            [nn.Parameter(stack.detach()[i]) for stack in self.stacks] for i in range(len(options))
         ]
-        self.optimizer = optimizer(
+        self.optimizer = self._optimizer(
             [
                 {"params": params, **kwargs}
                 for params, kwargs in zip(self.members, options, strict=True)
             ]
         )
-        self.failed: dict[int, str] = {}  # member -> why (DivergedError's message)
         # the whole packed step captured in one CUDA graph (options need capturable=True
         # for an optimizer that keeps its state on the host, such as Adam's step count)
-        self.captured = CapturedStep(self._eager, self.zero_grad) if cuda_graph else None
+        self.captured = CapturedStep(self._eager, self.zero_grad) if self._cuda_graph else None
+
+    def keep(self, positions: list[int]) -> None:
+        """Goes on with the members at `positions` only (the others pruned, finished or
+        failed), each with its weights and optimizer state: from here on the pack
+        computes what they alone need. A captured step is captured anew."""
+        saved = self.optimizer.state_dict()  # params by number, in group order
+        state, groups, count = {}, [], 0
+        for position in positions:  # the kept groups' params, numbered anew
+            group = saved["param_groups"][position]
+            for number in group["params"]:
+                if number in saved["state"]:
+                    state[count + group["params"].index(number)] = saved["state"][number]
+            groups.append({**group, "params": list(range(count, count + len(group["params"])))})
+            count += len(group["params"])
+        self.ids = [self.ids[position] for position in positions]
+        self._options = [self._options[position] for position in positions]
+        index = torch.tensor(positions, device=self.stacks[0].device)
+        self._build([stack.detach()[index] for stack in self.stacks], self._options)
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def __len__(self) -> int:
         return len(self.members)
@@ -118,7 +142,8 @@ class Pack:
         return losses.detach()
 
     def state_dict(self, member: int) -> dict[str, torch.Tensor]:
-        """Member `member` as exactly a NeuralNetwork's state_dict (for model.pth)."""
+        """The member at position `member` as exactly a NeuralNetwork's state_dict (for
+        model.pth)."""
         return {
             key: stack[member].detach().clone()
             for key, stack in zip(self.keys, self.stacks, strict=True)
@@ -149,7 +174,7 @@ def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) ->
 
 
 def _fail_diverged(pack: Pack, losses: torch.Tensor, where: str) -> None:
-    for member, loss in enumerate(losses.tolist()):
+    for member, loss in zip(pack.ids, losses.tolist(), strict=True):
         if member not in pack.failed and not math.isfinite(loss):
             pack.failed[member] = str(DivergedError(f"train/loss is {loss} {where}"))
 

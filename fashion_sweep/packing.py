@@ -266,6 +266,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
             eval_seconds = time.perf_counter() - start
             writes.check()  # a write that failed (the store) fails the pack here
             last = epoch == first.trainer.epochs
+            at = {member: position for position, member in enumerate(pack.ids)}
             for i in list(active):
                 if i in pack.failed:
                     active.remove(i)  # first: an interruption from here on leaves it be
@@ -273,12 +274,12 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                     writes.submit(_close, runs[i], "FAILED", reason)
                     outcomes[number[id(members[i])]] = DivergedError(pack.failed[i])
                     continue
-                metrics = {"train/loss": losses[i]}
+                metrics = {"train/loss": losses[at[i]]}
                 for split, results in evaluated.items():
-                    metrics[f"{split}/loss"] = results[i]["loss"]
-                    metrics[f"{split}/accuracy"] = results[i]["accuracy"]
-                metrics["perf/eval_seconds"] = eval_seconds / len(members)
-                metrics["perf/epoch_seconds"] = seconds / len(members)
+                    metrics[f"{split}/loss"] = results[at[i]]["loss"]
+                    metrics[f"{split}/accuracy"] = results[at[i]]["accuracy"]
+                metrics["perf/eval_seconds"] = eval_seconds / len(pack)
+                metrics["perf/epoch_seconds"] = seconds / len(pack)
                 metrics["perf/samples_per_second"] = (
                     len(splits["train"]) / metrics["perf/epoch_seconds"]
                 )
@@ -288,13 +289,16 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                     if stop:
                         writes.submit(_mark_pruned, runs[i], epoch)
                     if members[i].tracking.log_model:
-                        writes.submit(_save_model, runs[i], pack.state_dict(i))
+                        writes.submit(_save_model, runs[i], pack.state_dict(at[i]))
                     active.remove(i)  # first: an interruption from here on leaves it be
                     writes.submit(_close, runs[i], "FINISHED")
                     done[i] = (metrics[metric], epoch if stop else None)
             print(f"Epoch {epoch}: {len(active)} of {len(members)} trials train on")
             if not active:
                 break
+            if len(active) < len(pack):  # pruned or failed members stop being computed
+                pack.keep([at[i] for i in active])
+                train = train if len(train) == 1 else [train[at[i]] for i in active]
         writes.wait()  # every run ended in the store before any trial is recorded
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: every open run KILLED
         for i in active:

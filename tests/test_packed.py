@@ -193,3 +193,48 @@ def test_a_captured_pack_trains_as_the_eager_pack(splits, optimizer, options, sh
     tolerance = dict(rel=ADAM_LOSS_REL, accuracy=ADAM_ACCURACY) if adam else {}
     for member in range(len(seeds)):
         assert_same(graphed[member], eager[member], **tolerance)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [(torch.optim.SGD, SGD_MEMBERS), (torch.optim.Adam, ADAM_MEMBERS)],
+    ids=["sgd", "adam"],
+)
+def test_members_dropped_from_a_pack_leave_the_rest_as_alone(
+    splits, device, optimizer, options, graph
+):
+    """A pruned or finished member leaves its pack (Pack.keep) after epoch 1: the pack
+    computes only the others from then on, and they keep their weights and optimizer
+    state (momentum, Adam's moments and step count), so each trains on as alone."""
+    if graph and device.type != "cuda":
+        pytest.skip("needs CUDA")
+    if graph and "capturable" in signature(optimizer).parameters:
+        options = [{**kwargs, "capturable": True} for kwargs in options]
+    models = []
+    for seed in range(len(options)):
+        torch.manual_seed(seed)
+        models.append(NeuralNetwork().to(device))
+    pack = packed.Pack(models, optimizer, options, cuda_graph=graph)
+    loaders = make_loaders(splits, "resident", 64, device)
+    epochs = {member: [] for member in range(len(options))}
+    for epoch in range(EPOCHS):
+        losses = packed.train_epoch([loaders["train"]], pack)
+        for member, loss, metrics in zip(
+            pack.ids, losses, packed.evaluate(loaders["test"], pack), strict=True
+        ):
+            epochs[member].append((loss, metrics))
+        if epoch == 0:
+            pack.keep([0, 2])  # members 1 and 3 leave
+    assert pack.ids == [0, 2] and len(pack) == 2
+    assert [len(epochs[m]) for m in epochs] == [EPOCHS, 1, EPOCHS, 1][: len(options)]
+    adam = optimizer is not torch.optim.SGD
+    tolerance = dict(rel=ADAM_LOSS_REL, accuracy=ADAM_ACCURACY) if adam else {}
+    for member in (0, 2):
+        kwargs = {k: v for k, v in options[member].items() if k != "capturable"}
+        theirs, _, model = alone(splits, device, optimizer, kwargs, member)
+        assert_same(epochs[member], theirs, **tolerance)
+        model.load_state_dict(pack.state_dict(pack.ids.index(member)))  # its model.pth
+        assert (
+            evaluate(loaders["test"], model, nn.CrossEntropyLoss(), device) == epochs[member][-1][1]
+        )

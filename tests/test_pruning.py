@@ -117,3 +117,36 @@ def test_a_single_run_imports_no_optuna(tmp_path, data_root):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
     assert "Pruned" not in done.stdout
+
+
+def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(tmp_path, data_root):
+    """hydra/launcher=packed: trials 2 and 3 form the second pack; trial 2 (a loser) is
+    pruned after epoch 1 and stops being computed, trial 3 trains on to its 3 epochs."""
+    space = [arg for arg in SPACE if not arg.startswith("optimizer.lr=")]
+    done = run_cli(
+        tmp_path,
+        "train",
+        "-m",
+        *space,
+        "optimizer.lr=choice(0.3,1e-6,0.2,2e-6)",
+        "hydra/sweeper/sampler=grid",
+        "hydra/launcher=packed",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Packed 2 trials: 2, 3" in done.stdout
+    assert "Epoch 1: 1 of 2 trials train on" in done.stdout  # the pack without trial 2
+    found = {t.number: t for t in trials(tmp_path)}
+    assert found[2].params["optimizer.lr"] in LOSERS and found[2].state == TrialState.PRUNED
+    assert found[3].state == TrialState.COMPLETE
+    assert sorted(found[3].intermediate_values) == [1, 2, 3]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for number, epochs in ((2, [1]), (3, [1, 2, 3])):
+        run = client.get_run(found[number].user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert [m.step for m in history] == epochs
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "model.pth" in files
+    assert run.data.metrics["val/accuracy"] == found[3].value

@@ -51,7 +51,7 @@ bench: venv data
 	$(PY) -m fashion_sweep.bench --sweep-overhead 8 $(ARGS)
 
 # For .ci/gpu-check on a GPU machine (Python 3.12 and torch, no Hydra/MLflow, no
-# internet), carried as .gpu/ (about 55 MB): the data's .gz files, and cp312 wheels of
+# internet), carried as .gpu/ (about 53 MB): the data's .gz files, and cp312 wheels of
 # what the sweep needs beyond torch (.ci/gpu-wheels.txt).
 GPU_WHEELS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	--abi cp312 --abi abi3 --abi none --platform manylinux2014_x86_64 \

@@ -34,8 +34,8 @@ class CapturedStep:
     `eager(X, y, zero_grad)` is the step as it runs eagerly; `zero_grad(set_to_none)`
     clears its gradients. The first `warmup` steps run eagerly on a side stream (as
     capture requires; they are real training steps), the next full batch is captured
-    and replayed, and a batch of another size (the ragged last one) runs eagerly, so
-    every image is trained on exactly as in eager mode.
+    and replayed (a ragged last batch is not, even where it comes before), and a batch
+    of another size runs eagerly, so every image is trained on exactly as in eager mode.
     """
 
     def __init__(
@@ -50,7 +50,9 @@ class CapturedStep:
 
     def __call__(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.steps += 1
-        if self.graph is None and self.steps <= self.warmup:
+        if self.steps == 1:
+            self.shape = X.shape  # a full batch: the one to capture
+        if self.graph is None and (self.steps <= self.warmup or X.shape != self.shape):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

@@ -24,8 +24,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -177,7 +177,6 @@ class PackedLauncher(Launcher):
 def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     """Trains the jobs of one pack together; each job's outcome by its number: an
     Objective (train.py) or the exception it failed with."""
-    from fashion_sweep import tracking
     from fashion_sweep.train import (
         SPLIT_TITLES,
         Objective,
@@ -187,6 +186,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         pruning,
         trainer_tags,
     )
+    from fashion_sweep.writes import Writes  # MLflow: imported where a pack trains
 
     outcomes: dict[int, Any] = {}
     members: list[DictConfig] = []  # the task configs (no hydra node), as run_job makes them
@@ -250,7 +250,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         for i, cfg in enumerate(members):
             resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             overrides = [plain(o) for o in hydra_of[id(cfg)].overrides.task]
-            runs.append(writes.submit(tracking.open_run, resolved, tags, overrides))
+            runs.append(writes.open(resolved, tags, overrides))
             active.append(i)
         prunes = [pruning(cfg, hydra_of[id(cfg)]) for cfg in members]
         for epoch in range(1, first.trainer.epochs + 1):
@@ -264,15 +264,15 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                 if split in loaders[0]
             }
             eval_seconds = time.perf_counter() - start
-            writes.check()  # a write that failed (the store) fails the pack here
             last = epoch == first.trainer.epochs
             at = {member: position for position, member in enumerate(pack.ids)}
             for i in list(active):
-                if i in pack.failed:
+                broken = writes.error(runs[i])  # its MLflow run (the store) failed it
+                if i in pack.failed or broken is not None:
                     active.remove(i)  # first: an interruption from here on leaves it be
-                    reason = f"DivergedError: {pack.failed[i]}"
-                    writes.submit(_close, runs[i], "FAILED", reason)
-                    outcomes[number[id(members[i])]] = DivergedError(pack.failed[i])
+                    error = broken or DivergedError(pack.failed[i])
+                    writes.end(runs[i], "FAILED", f"{type(error).__name__}: {one_line(error)}")
+                    outcomes[number[id(members[i])]] = error.with_traceback(None)
                     continue
                 metrics = {"train/loss": losses[at[i]]}
                 for split, results in evaluated.items():
@@ -283,15 +283,15 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                 metrics["perf/samples_per_second"] = (
                     len(splits["train"]) / metrics["perf/epoch_seconds"]
                 )
-                writes.submit(_log_metrics, runs[i], metrics, epoch)
+                writes.write(runs[i], _log_metrics, metrics, epoch)
                 stop = prunes[i] is not None and prunes[i](epoch, metrics[metric], last)
                 if stop or last:
                     if stop:
-                        writes.submit(_mark_pruned, runs[i], epoch)
+                        writes.write(runs[i], _mark_pruned, epoch)
                     if members[i].tracking.log_model:
-                        writes.submit(_save_model, runs[i], pack.state_dict(at[i]))
+                        writes.write(runs[i], _save_model, pack.state_dict(at[i]))
                     active.remove(i)  # first: an interruption from here on leaves it be
-                    writes.submit(_close, runs[i], "FINISHED")
+                    writes.end(runs[i], "FINISHED")
                     done[i] = (metrics[metric], epoch if stop else None)
             print(f"Epoch {epoch}: {len(active)} of {len(members)} trials train on")
             if not active:
@@ -299,87 +299,50 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
             if len(active) < len(pack):  # pruned or failed members stop being computed
                 pack.keep([at[i] for i in active])
                 train = train if len(train) == 1 else [train[at[i]] for i in active]
+                shown = ", ".join(str(members[i].tracking.trial) for i in active)
+                print(f"The pack goes on with trials {shown}")
         writes.wait()  # every run ended in the store before any trial is recorded
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: every open run KILLED
         for i in active:
-            writes.submit(_close, runs[i], "KILLED", signals.reason(stop))
-        writes.wait(quiet=True)
+            writes.end(runs[i], "KILLED", signals.reason(stop))
+        writes.wait(abandon=True)  # a second interruption leaves what is queued
         raise
     except BaseException as error:
         for i in active:
-            writes.submit(_close, runs[i], "FAILED", one_line(error))
-        writes.wait(quiet=True)
+            writes.end(runs[i], "FAILED", one_line(error))
+        writes.wait(abandon=True)
         raise
     finally:
-        writes.pool.shutdown(wait=False)  # its thread ends once it has nothing left
+        writes.close()
     for i, (value, pruned) in done.items():
-        outcomes[number[id(members[i])]] = Objective(value, runs[i].result().info.run_id, pruned)
+        num = number[id(members[i])]
+        if (error := writes.error(runs[i])) is not None:  # its run was ended FAILED
+            outcomes[num] = error.with_traceback(None)
+        else:
+            outcomes[num] = Objective(value, runs[i].result().info.run_id, pruned)
     return outcomes
 
 
-class Writes:
-    """A pack's MLflow writes, made in order by one thread beside the training: opening
-    64 runs and logging their epochs took seconds of the pack's time."""
-
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pack-mlflow")
-        self.pending: list[Future] = []
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future = self.pool.submit(fn, *args)
-        self.pending.append(future)
-        return future
-
-    def check(self) -> None:
-        """Raises the error of the first write that failed, if one has."""
-        for future in self.pending:
-            if future.done() and future.exception() is not None:
-                raise future.exception()
-        self.pending = [f for f in self.pending if not f.done()]
-
-    def wait(self, quiet: bool = False) -> None:
-        """Waits for every write; raises the first one's error (quiet: logs it: the pack
-        is already failing with its own). A second interruption drops what is left."""
-        try:
-            wait(self.pending)
-        except BaseException:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        failed = [f.exception() for f in self.pending if f.exception() is not None]
-        self.pending = []
-        if failed and quiet:
-            log.warning(f"MLflow: {one_line(failed[0])}")
-        elif failed:
-            raise failed[0]
+# A member's writes (fashion_sweep/writes.py), each given the member's run.
 
 
-# Each write takes the member's run as the future open_run gave; a run that failed to
-# open fails every later write to it with open_run's error.
-
-
-def _log_metrics(run: Future, metrics: dict[str, float], epoch: int) -> None:
+def _log_metrics(run: Any, metrics: dict[str, float], epoch: int) -> None:
     from fashion_sweep import tracking
 
-    tracking.log_run_metrics(run.result().info.run_id, metrics, epoch)
+    tracking.log_run_metrics(run.info.run_id, metrics, epoch)
 
 
-def _mark_pruned(run: Future, epoch: int) -> None:
+def _mark_pruned(run: Any, epoch: int) -> None:
     from fashion_sweep import tracking
 
-    tracking.mark_run_pruned(run.result().info.run_id, epoch)
+    tracking.mark_run_pruned(run.info.run_id, epoch)
 
 
-def _close(run: Future, status: str, reason: str | None = None) -> None:
-    from fashion_sweep import tracking
-
-    tracking.close_run(run.result().info.run_id, status, reason)
-
-
-def _save_model(run: Future, state: dict[str, torch.Tensor]) -> None:
+def _save_model(run: Any, state: dict[str, torch.Tensor]) -> None:
     """A member's model.pth, as train.py saves a model's."""
     from fashion_sweep import tracking
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.pth")
         torch.save(state, path)
-        tracking.artifacts_of(run.result()).log_artifact(path)
+        tracking.artifacts_of(run).log_artifact(path)

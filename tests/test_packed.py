@@ -39,22 +39,24 @@ def splits(data_root):
     return load_splits(data_root, train_size=2000, test_size=1000)
 
 
-def alone(splits, device, optimizer, options, seed, shuffle=False, width=512, depth=2):
+def alone(
+    splits, device, optimizer, options, seed, shuffle=False, width=512, depth=2, epochs=EPOCHS
+):
     """The trial as train.py runs it: per epoch its train loss and test metrics, or the
     DivergedError's message."""
     loaders = make_loaders(splits, "resident", 64, device, shuffle, seed=seed)
     torch.manual_seed(seed)
     model = NeuralNetwork(width, depth).to(device)
     step = TrainStep(model, nn.CrossEntropyLoss(), optimizer(model.parameters(), **options))
-    epochs = []
-    for _ in range(EPOCHS):
+    results = []
+    for _ in range(epochs):
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 loss = train_one_epoch(loaders["train"], step, device)["loss"]
         except DivergedError as error:
-            return epochs, str(error), model
-        epochs.append((loss, evaluate(loaders["test"], model, nn.CrossEntropyLoss(), device)))
-    return epochs, None, model
+            return results, str(error), model
+        results.append((loss, evaluate(loaders["test"], model, nn.CrossEntropyLoss(), device)))
+    return results, None, model
 
 
 def together(
@@ -204,9 +206,11 @@ def test_a_captured_pack_trains_as_the_eager_pack(splits, optimizer, options, sh
 def test_members_dropped_from_a_pack_leave_the_rest_as_alone(
     splits, device, optimizer, options, graph
 ):
-    """A pruned or finished member leaves its pack (Pack.keep) after epoch 1: the pack
-    computes only the others from then on, and they keep their weights and optimizer
-    state (momentum, Adam's moments and step count), so each trains on as alone."""
+    """Pruned or finished members leave their pack (Pack.keep), after epoch 1 and again
+    after epoch 2: the pack computes only the others from then on, and they keep their
+    weights, optimizer state (momentum, Adam's moments and step count) and own shuffled
+    data order, so each trains on as alone. After the second drop a member's position in
+    the pack is no longer its number."""
     if graph and device.type != "cuda":
         pytest.skip("needs CUDA")
     if graph and "capturable" in signature(optimizer).parameters:
@@ -216,25 +220,31 @@ def test_members_dropped_from_a_pack_leave_the_rest_as_alone(
         torch.manual_seed(seed)
         models.append(NeuralNetwork().to(device))
     pack = packed.Pack(models, optimizer, options, cuda_graph=graph)
-    loaders = make_loaders(splits, "resident", 64, device)
-    epochs = {member: [] for member in range(len(options))}
-    for epoch in range(EPOCHS):
-        losses = packed.train_epoch([loaders["train"]], pack)
+    loaders = [make_loaders(splits, "resident", 64, device, True, seed=s) for s in pack.ids]
+    train = [member["train"] for member in loaders]
+    last = len(options) - 1
+    # after epoch 1 the first member leaves; after epoch 2 all but the last
+    drops = {0: list(range(1, len(options))), 1: [last - 1]}
+    epochs = {member: [] for member in pack.ids}
+    for epoch in range(3):
+        losses = packed.train_epoch(train, pack)
         for member, loss, metrics in zip(
-            pack.ids, losses, packed.evaluate(loaders["test"], pack), strict=True
+            pack.ids, losses, packed.evaluate(loaders[0]["test"], pack), strict=True
         ):
             epochs[member].append((loss, metrics))
-        if epoch == 0:
-            pack.keep([0, 2])  # members 1 and 3 leave
-    assert pack.ids == [0, 2] and len(pack) == 2
-    assert [len(epochs[m]) for m in epochs] == [EPOCHS, 1, EPOCHS, 1][: len(options)]
+        if epoch in drops:
+            train = [train[position] for position in drops[epoch]]  # as packing.py does
+            pack.keep(drops[epoch])
+    assert pack.ids == [last] and len(pack) == 1
+    assert [len(epochs[m]) for m in epochs] == [1] + [2] * (last - 1) + [3]
     adam = optimizer is not torch.optim.SGD
     tolerance = dict(rel=ADAM_LOSS_REL, accuracy=ADAM_ACCURACY) if adam else {}
-    for member in (0, 2):
+    for member in (1, last):
         kwargs = {k: v for k, v in options[member].items() if k != "capturable"}
-        theirs, _, model = alone(splits, device, optimizer, kwargs, member)
-        assert_same(epochs[member], theirs, **tolerance)
-        model.load_state_dict(pack.state_dict(pack.ids.index(member)))  # its model.pth
-        assert (
-            evaluate(loaders["test"], model, nn.CrossEntropyLoss(), device) == epochs[member][-1][1]
+        theirs, _, model = alone(
+            splits, device, optimizer, kwargs, member, True, epochs=len(epochs[member])
         )
+        assert_same(epochs[member], theirs, **tolerance)
+    model.load_state_dict(pack.state_dict(0))  # the last member's model.pth
+    test_metrics = evaluate(loaders[0]["test"], model, nn.CrossEntropyLoss(), device)
+    assert test_metrics == epochs[last][-1][1]

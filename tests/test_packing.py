@@ -3,14 +3,20 @@ together, each still an ordinary trial in Optuna, in MLflow and on disk."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from fashion_sweep.model import NeuralNetwork
-from fashion_sweep.packing import Writes, pack_key
+from fashion_sweep.packing import pack_key
+from fashion_sweep.writes import Writes
 from tests.test_sweep import results, runs, study, sweep
 
 # One batch size: the sweep asks 3 trials at a time, and the 3 go into one pack. Learning
@@ -122,23 +128,50 @@ def test_what_a_pack_must_share(compose):
     assert pack_key(compose("optimizer._target_=torch.optim.LBFGS")) is None
 
 
-def test_pack_writes_run_in_order_beside_the_caller_and_report_the_first_error():
-    writes, order = Writes(), []
-    gate = threading.Event()
-    writes.submit(gate.wait)
-    writes.submit(order.append, 1)
-    writes.submit(order.append, 2)
-    assert order == []  # the caller went on while the writes waited
-    writes.check()  # nothing has failed yet
+def _run(writes, compose, store, name):
+    cfg = compose(f"tracking.uri={store}", f"tracking.run_name={name}")
+    return writes.open(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), {}, [])
+
+
+def test_a_packs_writes_are_made_in_order_beside_the_caller(compose, store):
+    """fashion_sweep/writes.py on a real store: the caller goes on while the writes wait;
+    a failed write breaks its own run only, which then ends FAILED with that error."""
+    writes, gate, order = Writes(), threading.Event(), []
+    good, bad = _run(writes, compose, store, "good"), _run(writes, compose, store, "bad")
+    writes.write(good, lambda run: gate.wait())
+    writes.write(good, lambda run, n: order.append(n), 1)
+    assert order == [] and writes.error(good) is None  # the caller was not held
+
+    def refused(run):
+        raise RuntimeError("artifact store refused")
+
+    writes.write(bad, refused)
+    writes.write(bad, lambda run, n: order.append(n), 2)  # skipped: its run is broken
+    writes.write(good, lambda run, n: order.append(n), 3)
+    writes.end(good, "FINISHED")
+    writes.end(bad, "FINISHED")
     gate.set()
+    writes.wait()
+    assert writes.error(good) is None, writes.error(good)
+    assert order == [1, 3]
+    assert "artifact store refused" in str(writes.error(bad))
+    client = MlflowClient(store)
+    assert client.get_run(good.result().info.run_id).info.status == "FINISHED"
+    broken = client.get_run(bad.result().info.run_id)
+    assert broken.info.status == "FAILED"
+    assert "artifact store refused" in broken.data.tags["failure_reason"]
 
-    def fail():
-        raise RuntimeError("store refused")
 
-    writes.submit(fail)
-    writes.submit(order.append, 3)  # a later write still runs
-    with pytest.raises(RuntimeError, match="store refused"):
-        writes.wait()
-    assert order == [1, 2, 3]
-    writes.submit(fail)
-    writes.wait(quiet=True)  # a pack already failing: logged, not raised
+def test_a_second_interruption_abandons_the_queued_writes_without_a_hang(compose, store):
+    writes, gate, order = Writes(), threading.Event(), []
+    run = _run(writes, compose, store, "r")
+    writes.write(run, lambda run: gate.wait())  # a store that does not answer
+    writes.write(run, lambda run: order.append("queued"))
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, waiting
+    with pytest.raises(KeyboardInterrupt):
+        writes.wait(abandon=True)
+    writes.wait()  # nothing is left to wait for
+    gate.set()
+    writes.close()
+    time.sleep(0.2)
+    assert order == []  # the queued write was dropped

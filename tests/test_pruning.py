@@ -136,7 +136,8 @@ def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(tmp_path, data_ro
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Packed 2 trials: 2, 3" in done.stdout
-    assert "Epoch 1: 1 of 2 trials train on" in done.stdout  # the pack without trial 2
+    assert "Epoch 1: 1 of 2 trials train on" in done.stdout
+    assert "The pack goes on with trials 3" in done.stdout  # trial 2 no longer computed
     found = {t.number: t for t in trials(tmp_path)}
     assert found[2].params["optimizer.lr"] in LOSERS and found[2].state == TrialState.PRUNED
     assert found[3].state == TrialState.COMPLETE

@@ -46,7 +46,7 @@ class Pack:
         per_key = [[model.state_dict()[key] for model in models] for key in self.keys]
         self.ids = list(range(len(models)))  # each member's number, as first packed
         self.failed: dict[int, str] = {}  # member's number -> why (DivergedError's message)
-        self._optimizer, self._options, self._cuda_graph = optimizer, options, cuda_graph
+        self._optimizer, self._cuda_graph = optimizer, cuda_graph
         self._build([torch.stack(tensors) for tensors in per_key], options)
 
     def _build(self, stacks: list[torch.Tensor], options: list[dict[str, Any]]) -> None:
@@ -74,15 +74,16 @@ class Pack:
         state, groups, count = {}, [], 0
         for position in positions:  # the kept groups' params, numbered anew
             group = saved["param_groups"][position]
-            for number in group["params"]:
-                if number in saved["state"]:
-                    state[count + group["params"].index(number)] = saved["state"][number]
-            groups.append({**group, "params": list(range(count, count + len(group["params"])))})
-            count += len(group["params"])
+            numbers = list(range(count, count + len(group["params"])))
+            for new, old in zip(numbers, group["params"], strict=True):
+                if old in saved["state"]:  # a param with no step yet has none
+                    state[new] = saved["state"][old]
+            groups.append({**group, "params": numbers})
+            count += len(numbers)
         self.ids = [self.ids[position] for position in positions]
-        self._options = [self._options[position] for position in positions]
         index = torch.tensor(positions, device=self.stacks[0].device)
-        self._build([stack.detach()[index] for stack in self.stacks], self._options)
+        options = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        self._build([stack.detach()[index] for stack in self.stacks], options)
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def __len__(self) -> int:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -283,13 +281,13 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                 metrics["perf/samples_per_second"] = (
                     len(splits["train"]) / metrics["perf/epoch_seconds"]
                 )
-                writes.write(runs[i], _log_metrics, metrics, epoch)
+                writes.log_metrics(runs[i], metrics, epoch)
                 stop = prunes[i] is not None and prunes[i](epoch, metrics[metric], last)
                 if stop or last:
                     if stop:
-                        writes.write(runs[i], _mark_pruned, epoch)
+                        writes.mark_pruned(runs[i], epoch)
                     if members[i].tracking.log_model:
-                        writes.write(runs[i], _save_model, pack.state_dict(at[i]))
+                        writes.save_model(runs[i], pack.state_dict(at[i]))
                     active.remove(i)  # first: an interruption from here on leaves it be
                     writes.end(runs[i], "FINISHED")
                     done[i] = (metrics[metric], epoch if stop else None)
@@ -321,28 +319,3 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         else:
             outcomes[num] = Objective(value, runs[i].result().info.run_id, pruned)
     return outcomes
-
-
-# A member's writes (fashion_sweep/writes.py), each given the member's run.
-
-
-def _log_metrics(run: Any, metrics: dict[str, float], epoch: int) -> None:
-    from fashion_sweep import tracking
-
-    tracking.log_run_metrics(run.info.run_id, metrics, epoch)
-
-
-def _mark_pruned(run: Any, epoch: int) -> None:
-    from fashion_sweep import tracking
-
-    tracking.mark_run_pruned(run.info.run_id, epoch)
-
-
-def _save_model(run: Any, state: dict[str, torch.Tensor]) -> None:
-    """A member's model.pth, as train.py saves a model's."""
-    from fashion_sweep import tracking
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.pth")
-        torch.save(state, path)
-        tracking.artifacts_of(run).log_artifact(path)

@@ -12,11 +12,15 @@ process alive after a second interruption has given up on it.
 
 from __future__ import annotations
 
+import os
 import queue
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import Any
+
+import torch
 
 from fashion_sweep import tracking
 from fashion_sweep.redaction import one_line
@@ -45,6 +49,16 @@ class Writes:
                     raise
 
         self._submit(call)
+
+    def log_metrics(self, run: Future, metrics: dict[str, float], epoch: int) -> None:
+        self.write(run, lambda r: tracking.log_run_metrics(r.info.run_id, metrics, epoch))
+
+    def mark_pruned(self, run: Future, epoch: int) -> None:
+        self.write(run, lambda r: tracking.mark_run_pruned(r.info.run_id, epoch))
+
+    def save_model(self, run: Future, state: dict[str, Any]) -> None:
+        """The member's model.pth (its state_dict), as train.py saves a model's."""
+        self.write(run, _save_model, state)
 
     def end(self, run: Future, status: str, reason: str | None = None) -> None:
         """Ends the run: a broken run FINISHED is FAILED, with its first error."""
@@ -97,3 +111,10 @@ class Writes:
                     future.set_result(call())
                 except BaseException as error:
                     future.set_exception(error)
+
+
+def _save_model(run: Any, state: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pth")
+        torch.save(state, path)
+        tracking.artifacts_of(run).log_artifact(path)

@@ -234,15 +234,17 @@ def test_a_study_name_reused_for_another_sweep_is_refused_before_any_trial(tmp_p
     name = "hydra.sweeper.study_name=reused"
     first = run_cli(tmp_path, "train", "-m", *TINY, name, "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    for change, named in [
-        ("model.width=64", "config.model.width: 512 -> 64"),
-        ("data.batch_size=choice(16,32)", "space.data.batch_size: CategoricalDistribution"),
-        ("hydra.sweeper.sampler.seed=1", "sampler.seed: 0 -> 1"),
-    ]:
-        refused = run_cli(tmp_path, "train", "-m", *TINY, name, change, "hydra.sweeper.n_trials=2")
-        assert refused.returncode != 0
-        last = refused.stderr.strip().splitlines()[-1]
-        assert last.startswith("hydra.sweeper.study_name=reused holds another sweep (")
-        assert named in last and "Traceback" not in refused.stderr
+    # one command that changes all three: the refusal names each difference
+    changes = {
+        "model.width=64": "config.model.width: 512 -> 64",
+        "data.batch_size=choice(16,32)": "space.data.batch_size: CategoricalDistribution",
+        "hydra.sweeper.sampler.seed=1": "sampler.seed: 0 -> 1",
+    }
+    refused = run_cli(tmp_path, "train", "-m", *TINY, name, *changes, "hydra.sweeper.n_trials=2")
+    assert refused.returncode != 0
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("hydra.sweeper.study_name=reused holds another sweep (")
+    assert all(named in last for named in changes.values()), last
+    assert "Traceback" not in refused.stderr
     assert len(trials(tmp_path, "reused")) == 1
     assert runs(tmp_path)["parent"].info.status == "FINISHED"

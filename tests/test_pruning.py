@@ -85,6 +85,8 @@ def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(tmp_path, data_r
     done = sweep(tmp_path, *args)
     assert "pruned after epoch 1" in done.stdout + done.stderr
     before = check_pruned(tmp_path, n_trials=3)
+    if launcher == "submitit-local":
+        assert list(tmp_path.glob("multirun/*/*/.submitit/*"))  # submitit's own job folders
     if launcher == "basic":  # the same command again: nothing runs, nothing changes
         sweep(tmp_path, *args)
         after = check_pruned(tmp_path, n_trials=3)

@@ -1,5 +1,5 @@
 """Scaling out on one machine: a PostgreSQL study shared by sweep workers, an MLflow
-tracking server on PostgreSQL, redaction, and submitit's local executor.
+tracking server on PostgreSQL, and redaction. (submitit's local executor: test_pruning.py.)
 
 Needs the tests' PostgreSQL (`make test` starts it with .ci/postgres and sets
 FASHION_SWEEP_PG and the PG* variables); each test makes its own databases.
@@ -246,23 +246,3 @@ def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):
             assert "user:***@" in run.data.params["tracking.uri"]
     parent = next(r for r in runs if not r.data.tags.get("trial"))
     assert parent.data.tags["optuna.storage"] == url(database, "***")
-
-
-def test_submitit_local_executor_runs_a_sweep(tmp_path, data_root):
-    done = run_cli(
-        tmp_path,
-        "train",
-        "-m",
-        *TINY,
-        "launcher=local",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.study_name=submitit",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    study = optuna.load_study(study_name="submitit", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-    assert list(tmp_path.glob("multirun/*/*/.submitit/*"))  # submitit's own job folders
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("fashion_sweep")
-    runs = client.search_runs([experiment.experiment_id], "tags.trial != ''")
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

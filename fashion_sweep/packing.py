@@ -291,7 +291,10 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
                     active.remove(i)  # first: an interruption from here on leaves it be
                     writes.end(runs[i], "FINISHED")
                     done[i] = (metrics[metric], epoch if stop else None)
-            print(f"Epoch {epoch}: {len(active)} of {len(members)} trials train on")
+            print(
+                f"Epoch {epoch}: {len(active)} of {len(members)} trials train on "
+                f"(the pack's epoch: {seconds:.2f} s training, {eval_seconds:.2f} s evaluation)"
+            )
             if not active:
                 break
             if len(active) < len(pack):  # pruned or failed members stop being computed

@@ -3,6 +3,7 @@ together, each still an ordinary trial in Optuna, in MLflow and on disk."""
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import threading
@@ -11,11 +12,11 @@ import time
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 from optuna.trial import TrialState
 
 from fashion_sweep.model import NeuralNetwork
-from fashion_sweep.packing import pack_key
+from fashion_sweep.packing import pack_key, task_config
 from fashion_sweep.writes import Writes
 from tests.test_sweep import results, runs, study, sweep
 
@@ -126,6 +127,26 @@ def test_what_a_pack_must_share(compose):
         assert pack_key(compose(override)) not in (base, None), override
     assert pack_key(compose("data.loader=torch")) is None  # the tutorial's path: alone
     assert pack_key(compose("optimizer._target_=torch.optim.LBFGS")) is None
+
+
+def test_each_member_gets_the_config_run_job_gives_a_task(compose):
+    """A pack's members are trained from their job's config less its hydra node: the
+    same values, interpolations and flags as the task config Hydra's run_job makes."""
+    config = compose("sweep=optuna", "optimizer.lr=0.3", hydra=True)
+    expected = copy.deepcopy(config)  # what run_job does
+    with read_write(expected), open_dict(expected):
+        del expected["hydra"]
+    cfg = task_config(config)
+    assert "hydra" in config and "hydra" not in cfg
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(expected)  # unresolved
+    assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(
+        expected, resolve=True
+    )
+    assert OmegaConf.is_struct(cfg) and OmegaConf.is_struct(expected)
+    with pytest.raises(AttributeError):
+        cfg.optimizer.lrr  # noqa: B018 (a key that is not there is an error, as in the task)
+    cfg.optimizer.lr = 0.5  # a copy: the job's own config is untouched
+    assert config.optimizer.lr == 0.3
 
 
 def _run(writes, compose, store, name):

@@ -103,6 +103,7 @@ class Objective(float):
 def check(cfg: DictConfig) -> torch.device:
     """The config's values, and the device they name; raises ConfigError."""
     validate(cfg)
+    device = resolve_device(cfg.trainer.device)
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     target = optimizer.pop("_target_")
     if any(fnmatch(target, allowed) for allowed in TARGETS):  # instantiate() refuses the rest
@@ -110,7 +111,16 @@ def check(cfg: DictConfig) -> torch.device:
             get_class(target)([torch.zeros(1, requires_grad=True)], **optimizer)
         except (ImportError, TypeError, ValueError) as error:
             raise ConfigError(f"optimizer: {str(error).splitlines()[0]}", ("optimizer",)) from None
-    device = resolve_device(cfg.trainer.device)
+        if optimizer.get("capturable") or optimizer.get("fused"):
+            # torch checks these options' device only at the first step: one step of a
+            # zero gradient, on this run's device
+            param = torch.zeros(1, device=device, requires_grad=True)
+            param.grad = torch.zeros_like(param)
+            try:
+                get_class(target)([param], **optimizer).step()
+            except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+                why = f"{str(error).splitlines()[0]} (this run is on {device})"
+                raise ConfigError(f"optimizer: {why}", ("optimizer",)) from None
     if cfg.trainer.cuda_graph and device.type != "cuda":
         raise ConfigError(f"trainer.cuda_graph=true needs CUDA, but this run is on {device}")
     return device

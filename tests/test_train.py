@@ -13,9 +13,10 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from fashion_sweep.config import ConfigError
 from fashion_sweep.data import load_splits, make_loaders, prepare_raw
 from fashion_sweep.engine import DivergedError, evaluate
-from fashion_sweep.train import train
+from fashion_sweep.train import check, train
 from tests.conftest import SMALL
 
 PERF = ("perf/epoch_seconds", "perf/eval_seconds", "perf/samples_per_second")
@@ -170,6 +171,18 @@ def test_cli_refuses_cuda_without_cuda(cli, tmp_path):
     assert done.stderr.strip() == (
         "error: trainer.device=cuda, but cuda is not available on this machine (available: cpu)"
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_an_optimizer_option_this_device_cannot_run_is_refused_before_the_run(compose):
+    """torch checks capturable's device only at the first step: check() takes that
+    step, on the run's device, so the run is refused before it starts, in one line."""
+    with pytest.raises(ConfigError) as refused:
+        check(compose("optimizer=adam", "+optimizer.capturable=true"))
+    assert str(refused.value).startswith("optimizer: If capturable=True, params and ")
+    assert str(refused.value).endswith("(this run is on cpu)")
+    assert "\n" not in str(refused.value)
+    assert check(compose("optimizer=adam", "+optimizer.fused=true")).type == "cpu"  # torch has it
 
 
 @pytest.mark.slow

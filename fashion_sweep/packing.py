@@ -69,6 +69,10 @@ def pack_key(cfg: DictConfig) -> str | None:
     optimizer_ok = fnmatch(target, "torch.optim.*") and target not in NO_GROUPS
     if cfg.data.loader != "resident" or not optimizer_ok:
         return None
+    if cfg.optimizer.get("differentiable"):
+        # a step for autograd to differentiate, which torch refuses on a model's own
+        # params (leaves) and a pack's slices of its stacks would hide: run alone
+        return None
     if not any(fnmatch(cfg.model._target_, allowed) for allowed in TARGETS):
         return None
     try:

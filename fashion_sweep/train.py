@@ -109,7 +109,7 @@ def check(cfg: DictConfig) -> torch.device:
     if any(fnmatch(target, allowed) for allowed in TARGETS):  # instantiate() refuses the rest
         try:  # what torch refuses in combination (nesterov with dampening), on one tensor
             get_class(target)([torch.zeros(1, requires_grad=True)], **optimizer)
-        except (ImportError, TypeError, ValueError) as error:
+        except (ImportError, TypeError, ValueError, RuntimeError) as error:
             raise ConfigError(f"optimizer: {str(error).splitlines()[0]}", ("optimizer",)) from None
         if optimizer.get("capturable") or optimizer.get("fused"):
             # torch checks these options' device only at the first step: one step of a

@@ -183,6 +183,8 @@ def test_an_optimizer_option_this_device_cannot_run_is_refused_before_the_run(co
     assert str(refused.value).endswith("(this run is on cpu)")
     assert "\n" not in str(refused.value)
     assert check(compose("optimizer=adam", "+optimizer.fused=true")).type == "cpu"  # torch has it
+    with pytest.raises(ConfigError, match="^optimizer: `fused` and `foreach` cannot be `True`"):
+        check(compose("+optimizer.fused=true", "+optimizer.foreach=true"))  # a RuntimeError
 
 
 @pytest.mark.slow

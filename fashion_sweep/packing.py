@@ -69,10 +69,6 @@ def pack_key(cfg: DictConfig) -> str | None:
     optimizer_ok = fnmatch(target, "torch.optim.*") and target not in NO_GROUPS
     if cfg.data.loader != "resident" or not optimizer_ok:
         return None
-    if cfg.optimizer.get("differentiable"):
-        # a step for autograd to differentiate, which torch refuses on a model's own
-        # params (leaves) and a pack's slices of its stacks would hide: run alone
-        return None
     if not any(fnmatch(cfg.model._target_, allowed) for allowed in TARGETS):
         return None
     try:
@@ -100,6 +96,8 @@ def task_config(config: DictConfig) -> DictConfig:
     cfg = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
     OmegaConf.set_struct(cfg, OmegaConf.is_struct(config))
     OmegaConf.set_readonly(cfg, OmegaConf.is_readonly(config))
+    # the values resolvers gave the job (${now:...}), as a deep copy would keep them
+    OmegaConf.copy_cache(from_config=config, to_config=cfg)
     return cfg
 
 

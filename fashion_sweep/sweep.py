@@ -135,7 +135,7 @@ class Sweep:
         except HydraException:
             return  # this point does not compose (a group's own keys): each trial says so
         try:
-            preflight(config)
+            preflight(config, try_step=False)  # a trial takes check()'s step where it trains
         except ConfigError as error:
             if not _related(error.keys, self.space):
                 raise SweepError(str(error)) from None

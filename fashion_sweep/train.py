@@ -100,8 +100,16 @@ class Objective(float):
         return (Objective, (float(self), self.run_id, self.pruned))
 
 
-def check(cfg: DictConfig) -> torch.device:
-    """The config's values, and the device they name; raises ConfigError."""
+# Optimizer options that torch refuses only at a first step (capturable Adam on a CPU;
+# differentiable, on a model's own params), which check() therefore takes
+STEP_CHECKED = ("capturable", "fused", "differentiable")
+
+
+def check(cfg: DictConfig, try_step: bool = True) -> torch.device:
+    """The config's values, and the device they name; raises ConfigError. An optimizer
+    option of STEP_CHECKED is tried with one zero-gradient step on that device, unless
+    try_step is false (a process that will not train, which must not hold a CUDA context:
+    the runs it starts check for themselves)."""
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
@@ -111,15 +119,13 @@ def check(cfg: DictConfig) -> torch.device:
             get_class(target)([torch.zeros(1, requires_grad=True)], **optimizer)
         except (ImportError, TypeError, ValueError, RuntimeError) as error:
             raise ConfigError(f"optimizer: {str(error).splitlines()[0]}", ("optimizer",)) from None
-        if optimizer.get("capturable") or optimizer.get("fused"):
-            # torch checks these options' device only at the first step: one step of a
-            # zero gradient, on this run's device
-            param = torch.zeros(1, device=device, requires_grad=True)
-            param.grad = torch.zeros_like(param)
+        if try_step and any(optimizer.get(option) for option in STEP_CHECKED):
             try:
+                param = torch.zeros(1, device=device, requires_grad=True)
+                param.grad = torch.zeros_like(param)
                 get_class(target)([param], **optimizer).step()
             except (RuntimeError, AssertionError, TypeError, ValueError) as error:
-                why = f"{str(error).splitlines()[0]} (this run is on {device})"
+                why = f"{str(error).splitlines()[0]} (at a first step on {device})"
                 raise ConfigError(f"optimizer: {why}", ("optimizer",)) from None
     if cfg.trainer.cuda_graph and device.type != "cuda":
         raise ConfigError(f"trainer.cuda_graph=true needs CUDA, but this run is on {device}")
@@ -146,9 +152,9 @@ def prepare(cfg: DictConfig, tracker: Tracker | None = None) -> None:
     (tracker or in_process()).use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
 
 
-def preflight(cfg: DictConfig) -> torch.device:
+def preflight(cfg: DictConfig, try_step: bool = True) -> torch.device:
     """What a run needs, checked before it starts: check(), then prepare()."""
-    device = check(cfg)
+    device = check(cfg, try_step)
     prepare(cfg)
     return device
 
@@ -308,7 +314,9 @@ class CheckJobs(Callback):
             configs = [loader.load_sweep_config(config, job) for job in jobs]
         except Exception:  # a key that is not there, ...: Hydra's sweeper says so itself
             return
-        for step in (check, prepare):  # every job's values first, then data and store
+        # every job's values first, then data and store; each job, where it trains, takes
+        # check()'s first optimizer step itself
+        for step in (functools.partial(check, try_step=False), prepare):
             for number, (job, run) in enumerate(zip(jobs, configs, strict=True)):
                 try:
                     step(run)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +20,7 @@ from optuna.trial import TrialState
 from fashion_sweep.model import NeuralNetwork
 from fashion_sweep.packing import pack_key, task_config
 from fashion_sweep.writes import Writes
+from tests.conftest import TINY
 from tests.test_sweep import results, runs, study, sweep
 
 # One batch size: the sweep asks 3 trials at a time, and the 3 go into one pack. Learning
@@ -102,6 +105,7 @@ def test_members_this_device_cannot_train_fail_before_their_runs_and_no_pack_tra
         "data.batch_size=64",
         "optimizer=adam",
         "+optimizer.capturable=true",
+        "trainer.device=cpu",  # where torch refuses it
         "hydra.sweeper.n_jobs=3",
         "hydra.sweeper.study_name=x",
     )
@@ -112,9 +116,46 @@ def test_members_this_device_cannot_train_fail_before_their_runs_and_no_pack_tra
     for trial in trials:
         reason = trial.user_attrs["failure_reason"]
         assert reason.startswith("ConfigError: optimizer: If capturable=True"), reason
-        assert reason.endswith("(this run is on cpu)")
+        assert reason.endswith("(at a first step on cpu)")
     _, _, children = runs(tmp_path)
     assert children == []
+
+
+# The pack's error injected where a device would raise it (a CUDA out-of-memory in the
+# pack's step, which no CPU here can raise): the real sweep command, in a subprocess.
+INJECT = """
+import runpy, sys
+from fashion_sweep import packed
+calls = []
+def out_of_memory(*args, **kwargs):
+    calls.append(1)
+    print(f"pack step {len(calls)}", flush=True)
+    raise RuntimeError("CUDA out of memory (injected into the pack's step)")
+packed.Pack.step = out_of_memory
+sys.argv = ["fashion_sweep.train", *sys.argv[1:]]
+runpy.run_module("fashion_sweep.train", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_an_error_of_the_packs_fails_every_member_once(tmp_path, data_root):
+    """An error of the pack's, not of one member's: every member fails with it, each with
+    its one MLflow run FAILED, and the pack is not trained again for each of its jobs."""
+    args = ["-m", f"data.root={data_root}", *TINY, "hydra/launcher=packed"]
+    args += ["hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.1,0.2,0.3)"]
+    args += ["data.batch_size=64", "hydra.sweeper.n_jobs=3", "hydra.sweeper.study_name=x"]
+    done = subprocess.run(
+        [sys.executable, "-c", INJECT, *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stderr[-3000:]  # more failures than the sweep allows
+    assert done.stdout.count("Packed 3 trials") == 1 and done.stdout.count("pack step") == 1
+    trials = study(tmp_path, "x").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all("CUDA out of memory" in t.user_attrs["failure_reason"] for t in trials)
+    _, _, children = runs(tmp_path)
+    assert sorted(int(c.data.tags["trial"]) for c in children) == [0, 1, 2]  # one run each
+    assert {c.info.status for c in children} == {"FAILED"}
+    assert all("CUDA out of memory" in c.data.tags["failure_reason"] for c in children)
 
 
 def test_what_a_pack_must_share(compose):
@@ -131,13 +172,14 @@ def test_what_a_pack_must_share(compose):
         assert pack_key(compose(override)) not in (base, None), override
     assert pack_key(compose("data.loader=torch")) is None  # the tutorial's path: alone
     assert pack_key(compose("optimizer._target_=torch.optim.LBFGS")) is None
-    assert pack_key(compose("+optimizer.differentiable=true")) is None  # as alone: it fails
 
 
 def test_each_member_gets_the_config_run_job_gives_a_task(compose):
     """A pack's members are trained from their job's config less its hydra node: the
     same values, interpolations and flags as the task config Hydra's run_job makes."""
-    config = compose("sweep=optuna", "optimizer.lr=0.3", hydra=True)
+    config = compose("sweep=optuna", "optimizer.lr=0.3", "+tracking.tag=t${now:%f}", hydra=True)
+    stamp = config.tracking.tag  # resolved once for the job, as its own run would see it
+    time.sleep(0.01)
     expected = copy.deepcopy(config)  # what run_job does
     with read_write(expected), open_dict(expected):
         del expected["hydra"]
@@ -148,6 +190,7 @@ def test_each_member_gets_the_config_run_job_gives_a_task(compose):
         expected, resolve=True
     )
     assert OmegaConf.is_struct(cfg) and OmegaConf.is_struct(expected)
+    assert cfg.tracking.tag == expected.tracking.tag == stamp  # the job's own resolved values
     with pytest.raises(AttributeError):
         cfg.optimizer.lrr  # noqa: B018 (a key that is not there is an error, as in the task)
     cfg.optimizer.lr = 0.5  # a copy: the job's own config is untouched

@@ -173,18 +173,21 @@ def test_cli_refuses_cuda_without_cuda(cli, tmp_path):
     )
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_an_optimizer_option_this_device_cannot_run_is_refused_before_the_run(compose):
-    """torch checks capturable's device only at the first step: check() takes that
-    step, on the run's device, so the run is refused before it starts, in one line."""
+def test_an_optimizer_option_torch_refuses_at_its_first_step_is_refused_before_the_run(compose):
+    """torch checks capturable's device, and differentiable's params, only at the first
+    step: check() takes that step on the run's device, so the run is refused before it
+    starts, in one line."""
+    cpu = "trainer.device=cpu"
     with pytest.raises(ConfigError) as refused:
-        check(compose("optimizer=adam", "+optimizer.capturable=true"))
+        check(compose(cpu, "optimizer=adam", "+optimizer.capturable=true"))
     assert str(refused.value).startswith("optimizer: If capturable=True, params and ")
-    assert str(refused.value).endswith("(this run is on cpu)")
+    assert str(refused.value).endswith("(at a first step on cpu)")
     assert "\n" not in str(refused.value)
-    assert check(compose("optimizer=adam", "+optimizer.fused=true")).type == "cpu"  # torch has it
+    with pytest.raises(ConfigError, match="^optimizer: a leaf Variable that requires grad"):
+        check(compose(cpu, "+optimizer.differentiable=true"))
+    assert check(compose(cpu, "optimizer=adam", "+optimizer.fused=true")).type == "cpu"
     with pytest.raises(ConfigError, match="^optimizer: `fused` and `foreach` cannot be `True`"):
-        check(compose("+optimizer.fused=true", "+optimizer.foreach=true"))  # a RuntimeError
+        check(compose(cpu, "+optimizer.fused=true", "+optimizer.foreach=true"))  # a RuntimeError
 
 
 @pytest.mark.slow

@@ -142,13 +142,17 @@ class Pack:
         self.optimizer.step()
         return losses.detach()
 
-    def state_dict(self, member: int) -> dict[str, torch.Tensor]:
-        """The member at position `member` as exactly a NeuralNetwork's state_dict (for
-        model.pth)."""
+    def weights(self, member: int) -> dict[str, torch.Tensor]:
+        """The member at position `member` as a NeuralNetwork's state_dict of views into
+        the stacks (they change as the pack trains)."""
         return {
-            key: stack[member].detach().clone()
-            for key, stack in zip(self.keys, self.stacks, strict=True)
+            key: stack[member].detach() for key, stack in zip(self.keys, self.stacks, strict=True)
         }
+
+    def state_dict(self, member: int) -> dict[str, torch.Tensor]:
+        """The member at position `member` as exactly a NeuralNetwork's state_dict, a copy
+        (for model.pth)."""
+        return {key: tensor.clone() for key, tensor in self.weights(member).items()}
 
 
 def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) -> list[float]:
@@ -187,6 +191,6 @@ def evaluate(loader: Any, pack: Pack) -> list[dict[str, float]]:
     device = pack.stacks[0].device
     results = []
     for member in range(len(pack)):
-        pack.model.load_state_dict(pack.state_dict(member))
+        pack.model.load_state_dict(pack.weights(member))  # copies them
         results.append(evaluate_model(loader, pack.model, nn.CrossEntropyLoss(), device))
     return results

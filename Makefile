@@ -34,10 +34,13 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The whole suite, then the equivalence tests again under torch's portable CPU kernels
+# (ATEN_CPU_CAPABILITY=default), so that a CPU of another kind cannot surprise CI.
 test: venv data lint
 	$(TEST_PG) .ci/postgres start
 	$(TEST_PG) FASHION_SWEEP_PG=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	  $(TEST_PG) .ci/postgres stop; exit $$rc
+	  $(TEST_PG) .ci/postgres stop; [ $$rc = 0 ] || exit $$rc; \
+	  ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m equivalence $(PYTEST_ARGS)
 
 ui: venv
 	@echo "runs table: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"

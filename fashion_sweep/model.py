@@ -1,36 +1,7 @@
-"""The Quickstart MLP, with its width and depth taken from config."""
+"""The import path every config, MLflow run and Optuna study records for the model
+(`model._target_: fashion_sweep.model.NeuralNetwork`); the class lives in core/model.py.
+Kept so that the logged runs and the studies made so far keep loading."""
 
-from __future__ import annotations
+from fashion_sweep.core.model import CLASSES, NeuralNetwork
 
-from torch import nn
-
-CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
-
-
-class NeuralNetwork(nn.Module):
-    """width=512, depth=2 is the tutorial's 784-512-512-10, with the same state_dict keys."""
-
-    def __init__(self, width: int = 512, depth: int = 2, in_features: int = 28 * 28) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            layers += [nn.Linear(in_features if i == 0 else width, width), nn.ReLU()]
-        layers.append(nn.Linear(width if depth else in_features, len(CLASSES)))
-        self.linear_relu_stack = nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.flatten(x)
-        logits = self.linear_relu_stack(x)
-        return logits
+__all__ = ["CLASSES", "NeuralNetwork"]

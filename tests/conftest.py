@@ -1,41 +1,59 @@
-"""Shared fixtures: the real FashionMNIST, a compose() that shrinks the run, a CLI runner."""
+"""Shared fixtures: the real FashionMNIST, a compose() that shrinks the run, the real
+commands run in this process (`main`) or as processes (`cli`)."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fashion_sweep.data import prepare_raw
+from fashion_sweep.core.data import prepare_raw
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"
 DATA = PROJECT / "data"
 # Small but real: enough images that a run learns something in seconds.
-# A sweep's trials, smaller still: seconds each.
+# A sweep's trials, smaller still: seconds each. The preset's learning rates stop at 0.1
+# here: above it plain SGD is chaotic, and a trial at lr 0.76 diverged on one CPU's
+# kernels and not on another's (tests/test_packed.py's PACKED_REL says more).
 TINY = [
     "sweep=optuna",
     "data.train_size=1000",
     "data.val_size=500",
     "data.test_size=200",
     "trainer.epochs=1",
+    "optimizer.lr=tag(log,interval(1e-4,0.1))",
 ]
 SMALL = ["data.train_size=2000", "data.test_size=500", "trainer.epochs=2", "optimizer.lr=0.1"]
-# How far Adam's losses may move when only the float summation order changes (packed
-# members, a CUDA-graphed step): Adam divides each weight's step by the running RMS of
-# its gradient, so a rounding difference in a gradient whose terms nearly cancel becomes
-# a step difference of up to lr in that weight. Measured on the CPU: noise of 2**-23 x
-# max|g| added to the default Adam's gradients moved a 2-epoch, 2,000-image run's
-# losses by 1.5e-3 (train) and 6.3e-3 (test) relative and 5 of 1,000 test images; the
-# same noise moves SGD's by under 1e-7 (rel 1e-4 is SGD's tolerance).
+# Tolerances of the equivalence tests (`-m equivalence`), from what rounding alone does
+# to a trial. In float32 it is too much to compare anything by: a 2-epoch, 2,000-image
+# trial alone moved by up to 1.4e-2 in test loss and 13 of 1,000 test images between
+# ATEN_CPU_CAPABILITY=default, avx2 and avx512 (SGD at lr 0.1, momentum 0.9), by 1.6e-4
+# at lr 0.1 without momentum, and by 1e-5 at lr 0.01 (a ReLU flipping at one weight);
+# noise of 2**-23 x max|g| in its gradients moved Adam's by 1.4e-2. In float64 the same
+# comparisons moved by at most 1.1e-14 under all three kernels, for SGD up to lr 0.2
+# with momentum 0.9 and Adam up to lr 1e-2: what two orders of float64 sums differ by,
+# after the chaos of training has multiplied it. So the packed members are compared
+# with their trials alone in float64 (tests/test_packed.py), at 1e-10.
+PACKED_REL = 1e-10
+# The CUDA-graphed step against the eager one, in float32 on a GPU (tests/test_cuda.py):
+# the same kernels, but capturable Adam keeps its step count on the device, which
+# changes the order of its float32 arithmetic; Adam turns a rounding difference in a
+# gradient whose terms nearly cancel into a step difference of up to lr. Noise of
+# 2**-23 x max|g| moved the default Adam's 2-epoch losses by up to 6.3e-3 relative and
+# 5 of 1,000 test images on the CPU.
 ADAM_LOSS_REL = 2e-2
 ADAM_ACCURACY = 0.01
 
@@ -46,10 +64,41 @@ def data_root() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow store, its tables made by MLflow's own migrations (1.1 s of them
+    here) once per session, in write-ahead-log mode as the harness makes it. Where a
+    test is not about a store's first use, its store starts as a copy of this one."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    make = (
+        "import sys, fashion_sweep.tracking.runs\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "MlflowClient(f'sqlite:///{sys.argv[1]}').search_experiments()\n"
+    )
+    # in a process of its own: its end closes the store, folding the log into the file
+    subprocess.run([sys.executable, "-c", make, str(path)], check=True, capture_output=True)
+    return path
+
+
+def copy_store(template: Path, folder: Path) -> Path:
+    """An empty, set-up MLflow store (a copy of `template`) as folder/mlflow.db."""
+    target = Path(folder) / "mlflow.db"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, target)
+    return target
+
+
 @pytest.fixture
-def store(tmp_path) -> str:
-    """A fresh MLflow SQLite store for one test."""
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def seed(mlflow_template):
+    """seed(folder): copy_store into `folder`."""
+    return lambda folder: copy_store(mlflow_template, folder)
+
+
+@pytest.fixture
+def store(tmp_path, seed) -> str:
+    """An MLflow SQLite store of its own for one test, set up and empty."""
+    return f"sqlite:///{seed(tmp_path)}"
 
 
 @pytest.fixture
@@ -72,6 +121,81 @@ def compose(data_root):
             )
 
     return _compose
+
+
+@dataclass
+class Ran:
+    """What a command did: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def forget() -> None:
+    """What a process keeps between its sweeps' trials, dropped between two commands run
+    in the test process: open studies and stores, the frozen heap, and joblib's worker
+    processes (reused from call to call, each in the folder it was started in)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from joblib.externals.loky import get_reusable_executor
+
+    from fashion_sweep import run
+    from fashion_sweep.sweeps import pruning, study
+
+    GlobalHydra.instance().clear()
+    get_reusable_executor().shutdown(wait=True)
+    study.forget()
+    pruning.forget()
+    if run.settle_heap.cache_info().currsize:
+        run.settle_heap.cache_clear()
+        gc.unfreeze()
+
+
+def run_main(module: str, *args: str, cwd: Path) -> int:
+    """`python -m fashion_sweep.<module> data.root=<real data> *args` in this process,
+    through the module's own Hydra main, in `cwd`; its exit status."""
+    entry = importlib.import_module(f"fashion_sweep.{module}")
+    argv, folder = sys.argv, os.getcwd()
+    sys.argv = [module, f"data.root={DATA}", *args]
+    os.chdir(cwd)
+    forget()
+    try:
+        entry.main()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        forget()
+        sys.argv = argv
+        os.chdir(folder)
+    return 0
+
+
+@pytest.fixture
+def main(tmp_path, data_root, capfd, monkeypatch):
+    """main(module, *args, cwd=tmp_path): run_main, with what it printed: a Ran. What a
+    process is for (signals, kill -9, the single run's MLflow process, its imports) is
+    tested with `cli`."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def call(module: str, *args: str, cwd: Path = tmp_path) -> Ran:
+        capfd.readouterr()
+        code = run_main(module, *args, cwd=cwd)
+        out, err = capfd.readouterr()
+        return Ran(code, out, err)
+
+    return call
+
+
+@pytest.fixture
+def sweep(main, seed, tmp_path):
+    """sweep(*args, cwd=tmp_path): `-m` with TINY and `args`, in this process, its
+    MLflow store (./mlflow.db) set up already."""
+
+    def run(*args: str, cwd: Path = tmp_path) -> Ran:
+        seed(cwd)
+        return main("train", "-m", *TINY, *args, cwd=cwd)
+
+    return run
 
 
 def run_cli(cwd: Path, module: str, *args: str, timeout: float = 600):

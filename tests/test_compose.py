@@ -11,8 +11,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from fashion_sweep.compose import ComposeOnce, plain
-from fashion_sweep.config import register_configs
+from fashion_sweep.config import plain, register_configs
+from fashion_sweep.sweeps.compose import ComposeOnce
 from tests.conftest import CONF
 
 COMMAND = ["sweep=optuna", "trainer.epochs=1", "data.train_size=1000"]

@@ -10,12 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from fashion_sweep.data import load_splits, make_loaders
-from fashion_sweep.engine import TrainStep, evaluate, train_one_epoch
-from fashion_sweep.model import NeuralNetwork
+from fashion_sweep.core.data import load_splits, make_loaders
+from fashion_sweep.core.engine import TrainStep, evaluate, train_one_epoch
+from fashion_sweep.core.model import NeuralNetwork
 from tests.conftest import ADAM_ACCURACY, ADAM_LOSS_REL
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [
+    pytest.mark.equivalence,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fashion_sweep import data
-from fashion_sweep.data import DataError, load_splits, prepare_raw
+from fashion_sweep.core import data
+from fashion_sweep.core.data import DataError, load_splits, prepare_raw
 
 
 def test_prepare_raw_unpacks_debian_copy_into_a_fresh_root(tmp_path):

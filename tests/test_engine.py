@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fashion_sweep.data import load_splits
-from fashion_sweep.engine import DivergedError, TrainStep, evaluate, train_one_epoch
-from fashion_sweep.model import NeuralNetwork
+from fashion_sweep.core.data import load_splits
+from fashion_sweep.core.engine import DivergedError, TrainStep, evaluate, train_one_epoch
+from fashion_sweep.core.model import NeuralNetwork
 
 device = torch.device("cpu")
 
@@ -67,6 +67,7 @@ def subset(data_root):
     return DataLoader(splits["train"], batch_size=64), DataLoader(splits["test"], batch_size=64)
 
 
+@pytest.mark.equivalence
 def test_engine_reproduces_the_tutorial_exactly(subset, capsys):
     train_loader, test_loader = subset
     ours, loss_fn, optimizer = setup()
@@ -100,12 +101,13 @@ def test_diverging_run_stops_with_diverged_error(subset):
             train_one_epoch(train_loader, step, device, log_interval=10)
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("slice_size", [16_384, 300])  # one pass; passes of 256 images
 def test_evaluation_in_large_slices_gives_the_tutorials_numbers(
     data_root, subset, monkeypatch, slice_size
 ):
-    from fashion_sweep import engine
-    from fashion_sweep.data import make_loaders
+    from fashion_sweep.core import engine
+    from fashion_sweep.core.data import make_loaders
 
     monkeypatch.setattr(engine, "EVAL_SLICE", slice_size)
     train_loader, test_loader = subset

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fashion_sweep.config import ConfigError
-from fashion_sweep.data import load_splits, make_loaders
-from fashion_sweep.train import train
+from fashion_sweep.core.data import load_splits, make_loaders
+from fashion_sweep.run import train
 from tests.conftest import SMALL
 
 CPU = torch.device("cpu")
@@ -24,6 +24,7 @@ def splits(data_root):
     return cut(data_root, "idx")
 
 
+@pytest.mark.equivalence
 def test_the_idx_reader_reads_what_torchvision_reads(data_root):
     ours, theirs = load_splits(data_root), load_splits(data_root, reader="torchvision")
     for split in ("train", "test"):
@@ -34,6 +35,7 @@ def test_the_idx_reader_reads_what_torchvision_reads(data_root):
             assert torch.equal(Xa, Xb) and ya == yb and type(ya) is type(yb)
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_loaders_feed_the_same_batches_in_the_same_order(data_root, splits, shuffle):
     # the tutorial's path as train.py builds it: torchvision's dataset and DataLoader
@@ -51,6 +53,7 @@ def test_loaders_feed_the_same_batches_in_the_same_order(data_root, splits, shuf
     assert shuffle is False or not torch.equal(first[0], other[0])
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("shuffle", ["false", "true"])
 def test_runs_on_either_loader_log_the_same_metrics(compose, store, shuffle):
     def metrics(loader):

@@ -1,6 +1,7 @@
-"""A sweep on a bad day, with real processes and real stores: workers started together,
-Ctrl-C, kill -9 and a resume in a fresh PID namespace or under another hostname, a kill
-right after asking for a trial, a study name reused for another sweep."""
+"""A sweep on a bad day, with real stores: workers started together, Ctrl-C, kill -9 and
+a resume in a fresh PID namespace or under another hostname, a kill right after asking
+for a trial (real processes, for what a process is for; the resumes that need none run
+in this process), a study name reused for another sweep."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from fashion_sweep import schedule
-from tests.conftest import DATA, TINY, run_cli, wait_for
+from fashion_sweep.sweeps import schedule
+from tests.conftest import DATA, TINY, wait_for
 
 pytestmark = pytest.mark.slow
 # a trial long enough to be caught in the middle: 10,000 images, 2 epochs
@@ -111,12 +112,13 @@ def test_workers_started_together_draw_distinct_trials_into_their_own_folders(tm
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_ctrl_c_keeps_finished_trials_and_the_resume_runs_what_was_cut_off(
-    tmp_path, data_root, launcher
+    sweep, seed, tmp_path, launcher
 ):
     args = [*LONG, "hydra.sweeper.study_name=ctrl-c", "hydra.sweeper.n_jobs=2"]
     args += [f"hydra/launcher={launcher}"]
     args += ["hydra.launcher.n_jobs=1"] if launcher == "joblib" else []  # one job after another
-    sweep = start(tmp_path, *args, "hydra.sweeper.n_trials=3")
+    seed(tmp_path)
+    process = start(tmp_path, *args, "hydra.sweeper.n_trials=3")
 
     def second_running() -> bool:
         states = [t.state for t in trials(tmp_path, "ctrl-c")]
@@ -125,9 +127,9 @@ def test_ctrl_c_keeps_finished_trials_and_the_resume_runs_what_was_cut_off(
         return runs(tmp_path).get(1) is not None  # its MLflow run has started
 
     wait_for(second_running, "trial 0 done and trial 1 running")
-    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C in the sweep's terminal
-    output = sweep.communicate(timeout=120)[0]
-    assert sweep.returncode != 0, output[-2000:]
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the sweep's terminal
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0, output[-2000:]
 
     before = trials(tmp_path, "ctrl-c")
     assert before[0].state == TrialState.COMPLETE  # it returned: recorded as it was
@@ -139,7 +141,7 @@ def test_ctrl_c_keeps_finished_trials_and_the_resume_runs_what_was_cut_off(
     assert mlflow[1].info.status == "KILLED"
     assert mlflow["parent"].info.status == "KILLED"
 
-    done = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=4")
+    done = sweep(*args, "hydra.sweeper.n_trials=4")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Trial 1 was cut off: its configuration runs again" in done.stderr + done.stdout
     check_resumed(tmp_path, "ctrl-c", n_trials=4, cut=1)
@@ -158,8 +160,9 @@ def test_ctrl_c_keeps_finished_trials_and_the_resume_runs_what_was_cut_off(
     ],
     ids=["fresh-pid-namespace", "another-hostname"],
 )
-def test_killed_sweep_resumes_anywhere_without_waiting_forever(tmp_path, data_root, where):
+def test_killed_sweep_resumes_anywhere_without_waiting_forever(tmp_path, seed, where):
     args = [*LONG, *QUICK_DEATH, "hydra.sweeper.study_name=killed", "hydra.sweeper.n_trials=2"]
+    seed(tmp_path)
     sweep = start(tmp_path, *args)
 
     def mid_trial() -> bool:
@@ -184,7 +187,7 @@ WORKER_DIES = """
 import os, signal, sys
 import optuna
 from mlflow.tracking import MlflowClient
-from fashion_sweep import workers
+from fashion_sweep.sweeps import workers
 
 study = optuna.load_study(study_name="orphan", storage="sqlite:///optuna.db")
 study.ask()  # killed right after asking: no worker, no heartbeat, no values
@@ -204,11 +207,9 @@ os.kill(os.getpid(), signal.SIGKILL)  # ... and was killed before recording it
 """
 
 
-def test_a_worker_killed_after_asking_or_after_its_run_does_not_stall_or_lose_it(
-    tmp_path, data_root
-):
+def test_a_worker_killed_after_asking_or_after_its_run_does_not_stall_or_lose_it(sweep, tmp_path):
     args = [*QUICK_DEATH, "hydra.sweeper.study_name=orphan"]
-    first = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=1")
+    first = sweep(*args, "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
     died = subprocess.run(
         [sys.executable, "-c", WORKER_DIES], cwd=tmp_path, capture_output=True, text=True
@@ -218,7 +219,7 @@ def test_a_worker_killed_after_asking_or_after_its_run_does_not_stall_or_lose_it
     assert [t.state for t in trials(tmp_path, "orphan")[1:]] == [TrialState.RUNNING] * 2
 
     started = time.monotonic()
-    done = run_cli(tmp_path, "train", "-m", *TINY, *args, "hydra.sweeper.n_trials=3")
+    done = sweep(*args, "hydra.sweeper.n_trials=3")
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - started < 120
     found = trials(tmp_path, "orphan")
@@ -230,9 +231,9 @@ def test_a_worker_killed_after_asking_or_after_its_run_does_not_stall_or_lose_it
     assert not [t for t in found if t.state == TrialState.RUNNING]
 
 
-def test_a_study_name_reused_for_another_sweep_is_refused_before_any_trial(tmp_path, data_root):
+def test_a_study_name_reused_for_another_sweep_is_refused_before_any_trial(sweep, tmp_path):
     name = "hydra.sweeper.study_name=reused"
-    first = run_cli(tmp_path, "train", "-m", *TINY, name, "hydra.sweeper.n_trials=1")
+    first = sweep(name, "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
     # one command that changes all three: the refusal names each difference
     changes = {
@@ -240,7 +241,7 @@ def test_a_study_name_reused_for_another_sweep_is_refused_before_any_trial(tmp_p
         "data.batch_size=choice(16,32)": "space.data.batch_size: CategoricalDistribution",
         "hydra.sweeper.sampler.seed=1": "sampler.seed: 0 -> 1",
     }
-    refused = run_cli(tmp_path, "train", "-m", *TINY, name, *changes, "hydra.sweeper.n_trials=2")
+    refused = sweep(name, *changes, "hydra.sweeper.n_trials=2")
     assert refused.returncode != 0
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("hydra.sweeper.study_name=reused holds another sweep (")

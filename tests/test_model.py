@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fashion_sweep.model import NeuralNetwork
+from fashion_sweep.core.model import NeuralNetwork
 
 TUTORIAL_SHAPES = {
     "linear_relu_stack.0.weight": (512, 784),

@@ -1,42 +1,42 @@
-"""`hydra/launcher=packed` (fashion_sweep/packing.py): real sweeps whose trials train
-together, each still an ordinary trial in Optuna, in MLflow and on disk."""
+"""`hydra/launcher=packed` (launchers/packed.py): real sweeps (in this process) whose
+trials train together, each still an ordinary trial in Optuna, in MLflow and on disk."""
 
 from __future__ import annotations
 
-import copy
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
+from hydra import initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf, open_dict, read_write
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from fashion_sweep.model import NeuralNetwork
-from fashion_sweep.packing import pack_key, task_config
-from fashion_sweep.writes import Writes
-from tests.conftest import TINY
-from tests.test_sweep import results, runs, study, sweep
+from fashion_sweep.core import stacked
+from fashion_sweep.core.model import NeuralNetwork
+from fashion_sweep.launchers.packed import pack_key, task_config
+from fashion_sweep.tracking.writer import Writer
+from tests.conftest import CONF
+from tests.test_sweep import results, runs, study
 
 # One batch size: the sweep asks 3 trials at a time, and the 3 go into one pack. Learning
 # rates up to 0.1: above that, SGD here is chaotic, and rounding-sized noise in the
-# gradients alone moves an epoch's val/accuracy by points (README, Packed trials).
+# gradients alone moves an epoch's val/accuracy by points (tests/conftest.py).
 SPACE = ["data.batch_size=64", "optimizer.lr=tag(log,interval(1e-4,0.1))"]
 SPACE += ["hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3"]
 
 
 @pytest.mark.slow
-def test_packed_trials_are_the_trials_the_basic_launcher_runs(tmp_path, data_root):
+@pytest.mark.equivalence
+def test_packed_trials_are_the_trials_the_basic_launcher_runs(sweep, tmp_path):
     outcomes = {}
     for launcher in ("basic", "packed"):
         cwd = tmp_path / launcher
         cwd.mkdir()
-        done = sweep(cwd, *SPACE, f"hydra/launcher={launcher}", "hydra.sweeper.study_name=s")
+        args = [*SPACE, f"hydra/launcher={launcher}", "hydra.sweeper.study_name=s"]
+        done = sweep(*args, cwd=cwd)
         assert done.returncode == 0, done.stderr[-3000:]
         trials = study(cwd, "s").trials
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
@@ -64,9 +64,8 @@ def test_packed_trials_are_the_trials_the_basic_launcher_runs(tmp_path, data_roo
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_fails_alone_in_its_pack(tmp_path, data_root):
+def test_a_diverging_trial_fails_alone_in_its_pack(sweep, tmp_path):
     done = sweep(
-        tmp_path,
         "hydra/launcher=packed",
         "hydra/sweeper/sampler=grid",
         "optimizer.lr=choice(0.05,10000.0,0.1)",
@@ -92,13 +91,12 @@ def test_a_diverging_trial_fails_alone_in_its_pack(tmp_path, data_root):
 
 @pytest.mark.slow
 def test_members_this_device_cannot_train_fail_before_their_runs_and_no_pack_trains(
-    tmp_path, data_root
+    sweep, tmp_path
 ):
     """capturable Adam on the CPU, which torch refuses only at the first step: each job's
     check() takes that step, so each trial fails with torch's reason before it has an
     MLflow run, and no pack is trained for them."""
     done = sweep(
-        tmp_path,
         "hydra/launcher=packed",
         "hydra/sweeper/sampler=grid",
         "optimizer.lr=choice(0.1,0.2,0.3)",
@@ -121,34 +119,24 @@ def test_members_this_device_cannot_train_fail_before_their_runs_and_no_pack_tra
     assert children == []
 
 
-# The pack's error injected where a device would raise it (a CUDA out-of-memory in the
-# pack's step, which no CPU here can raise): the real sweep command, in a subprocess.
-INJECT = """
-import runpy, sys
-from fashion_sweep import packed
-calls = []
-def out_of_memory(*args, **kwargs):
-    calls.append(1)
-    print(f"pack step {len(calls)}", flush=True)
-    raise RuntimeError("CUDA out of memory (injected into the pack's step)")
-packed.Pack.step = out_of_memory
-sys.argv = ["fashion_sweep.train", *sys.argv[1:]]
-runpy.run_module("fashion_sweep.train", run_name="__main__")
-"""
-
-
 @pytest.mark.slow
-def test_an_error_of_the_packs_fails_every_member_once(tmp_path, data_root):
+def test_an_error_of_the_packs_fails_every_member_once(sweep, tmp_path, monkeypatch):
     """An error of the pack's, not of one member's: every member fails with it, each with
-    its one MLflow run FAILED, and the pack is not trained again for each of its jobs."""
-    args = ["-m", f"data.root={data_root}", *TINY, "hydra/launcher=packed"]
-    args += ["hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.1,0.2,0.3)"]
-    args += ["data.batch_size=64", "hydra.sweeper.n_jobs=3", "hydra.sweeper.study_name=x"]
-    done = subprocess.run(
-        [sys.executable, "-c", INJECT, *args], cwd=tmp_path, capture_output=True, text=True
-    )
+    its one MLflow run FAILED, and the pack is not trained again for each of its jobs.
+    The error is injected where a device would raise it (a CUDA out-of-memory in the
+    pack's step, which no CPU here can raise)."""
+    steps = []
+
+    def out_of_memory(*args, **kwargs):
+        steps.append(1)
+        raise RuntimeError("CUDA out of memory (injected into the pack's step)")
+
+    monkeypatch.setattr(stacked.Pack, "step", out_of_memory)
+    args = ["hydra/launcher=packed", "hydra/sweeper/sampler=grid"]
+    args += ["optimizer.lr=choice(0.1,0.2,0.3)", "data.batch_size=64"]
+    done = sweep(*args, "hydra.sweeper.n_jobs=3", "hydra.sweeper.study_name=x")
     assert done.returncode == 1, done.stderr[-3000:]  # more failures than the sweep allows
-    assert done.stdout.count("Packed 3 trials") == 1 and done.stdout.count("pack step") == 1
+    assert done.stdout.count("Packed 3 trials") == 1 and len(steps) == 1
     trials = study(tmp_path, "x").trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     assert all("CUDA out of memory" in t.user_attrs["failure_reason"] for t in trials)
@@ -174,22 +162,34 @@ def test_what_a_pack_must_share(compose):
     assert pack_key(compose("optimizer._target_=torch.optim.LBFGS")) is None
 
 
-def test_each_member_gets_the_config_run_job_gives_a_task(compose):
+def test_each_member_gets_the_config_run_job_gives_a_task(compose, tmp_path, monkeypatch):
     """A pack's members are trained from their job's config less its hydra node: the
-    same values, interpolations and flags as the task config Hydra's run_job makes."""
-    config = compose("sweep=optuna", "optimizer.lr=0.3", "+tracking.tag=t${now:%f}", hydra=True)
+    same values, interpolations, flags and resolved values as the task config that
+    Hydra's own run_job hands a task function (captured from a real run_job)."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext
+
+    monkeypatch.chdir(tmp_path)  # run_job writes the job's .hydra/ folder
+    overrides = ["sweep=optuna", "optimizer.lr=0.3", "+tracking.tag=t${now:%f}"]
+    config = compose(*overrides, "tracking.trial=0", hydra=True)
     stamp = config.tracking.tag  # resolved once for the job, as its own run would see it
     time.sleep(0.01)
-    expected = copy.deepcopy(config)  # what run_job does
-    with read_write(expected), open_dict(expected):
-        del expected["hydra"]
     cfg = task_config(config)
-    assert "hydra" in config and "hydra" not in cfg
+    given = []
+    with initialize_config_dir(config_dir=str(CONF)):
+        context = HydraContext(GlobalHydra.instance().config_loader(), Callbacks(config))
+        job = run_job(given.append, config, "hydra.sweep.dir", "hydra.sweep.subdir", context)
+    assert job.status.name == "COMPLETED" and len(given) == 1
+    (expected,) = given
+    assert "hydra" in config and "hydra" not in cfg and "hydra" not in expected
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(expected)  # unresolved
     assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(
         expected, resolve=True
     )
     assert OmegaConf.is_struct(cfg) and OmegaConf.is_struct(expected)
+    assert OmegaConf.is_readonly(cfg) == OmegaConf.is_readonly(expected)
     assert cfg.tracking.tag == expected.tracking.tag == stamp  # the job's own resolved values
     with pytest.raises(AttributeError):
         cfg.optimizer.lrr  # noqa: B018 (a key that is not there is an error, as in the task)
@@ -199,13 +199,13 @@ def test_each_member_gets_the_config_run_job_gives_a_task(compose):
 
 def _run(writes, compose, store, name):
     cfg = compose(f"tracking.uri={store}", f"tracking.run_name={name}")
-    return writes.open(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), {}, [])
+    return writes.open_run(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), {}, [])
 
 
 def test_a_packs_writes_are_made_in_order_beside_the_caller(compose, store):
-    """fashion_sweep/writes.py on a real store: the caller goes on while the writes wait;
+    """tracking/writer.py on a real store: the caller goes on while the writes wait;
     a failed write breaks its own run only, which then ends FAILED with that error."""
-    writes, gate, order = Writes(), threading.Event(), []
+    writes, gate, order = Writer(), threading.Event(), []
     good, bad = _run(writes, compose, store, "good"), _run(writes, compose, store, "bad")
     writes.write(good, lambda run: gate.wait())
     writes.write(good, lambda run, n: order.append(n), 1)
@@ -217,30 +217,37 @@ def test_a_packs_writes_are_made_in_order_beside_the_caller(compose, store):
     writes.write(bad, refused)
     writes.write(bad, lambda run, n: order.append(n), 2)  # skipped: its run is broken
     writes.write(good, lambda run, n: order.append(n), 3)
-    writes.end(good, "FINISHED")
-    writes.end(bad, "FINISHED")
+    writes.end_run(good, "FINISHED")
+    writes.end_run(bad, "FINISHED")
     gate.set()
-    writes.wait()
+    writes.flush()
     assert writes.error(good) is None, writes.error(good)
     assert order == [1, 3]
     assert "artifact store refused" in str(writes.error(bad))
     client = MlflowClient(store)
-    assert client.get_run(good.result().info.run_id).info.status == "FINISHED"
-    broken = client.get_run(bad.result().info.run_id)
+    assert client.get_run(good.result()).info.status == "FINISHED"
+    broken = client.get_run(bad.result())
     assert broken.info.status == "FAILED"
     assert "artifact store refused" in broken.data.tags["failure_reason"]
+    writes.close()
 
 
 def test_a_second_interruption_abandons_the_queued_writes_without_a_hang(compose, store):
-    writes, gate, order = Writes(), threading.Event(), []
+    """A Ctrl-C while the writer waits on a store that does not answer: the writes not
+    yet begun are dropped, and the one under way is all that is left to wait for."""
+    writes, gate, started, order = Writer(), threading.Event(), threading.Event(), []
     run = _run(writes, compose, store, "r")
-    writes.write(run, lambda run: gate.wait())  # a store that does not answer
+    writes.write(run, lambda run: (started.set(), gate.wait()))  # a store that does not answer
     writes.write(run, lambda run: order.append("queued"))
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, waiting
+
+    def ctrl_c() -> None:  # at the main thread, where Python runs a signal's handler
+        started.wait(30)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        writes.wait(abandon=True)
-    writes.wait()  # nothing is left to wait for
-    gate.set()
+        writes.flush(abandon=True)
+    gate.set()  # the store answers the write it was making
+    writes.flush()  # nothing else is left to wait for
     writes.close()
-    time.sleep(0.2)
     assert order == []  # the queued write was dropped

@@ -1,10 +1,13 @@
-"""Pruning, with real subprocess sweeps on a data subset: hopeless trials stop after an
-epoch, PRUNED in the study, FINISHED and tagged in MLflow, counted, kept on resume."""
+"""Pruning, with real sweeps on a data subset (in this process; the joblib and submitit
+launchers' trials in their own processes): hopeless trials stop after an epoch, PRUNED in
+the study, FINISHED and tagged in MLflow, counted, kept on resume. (That a single run
+imports no Optuna: tests/test_startup.py.)"""
 
 from __future__ import annotations
 
+import os
 import re
-import sys
+import socket
 from pathlib import Path
 
 import optuna
@@ -12,8 +15,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
-
-from tests.conftest import DATA, run_cli
 
 pytestmark = pytest.mark.slow
 # 3 epochs on 2,000 images; a learning rate of 1e-6 stays at chance, 0.3 learns
@@ -32,10 +33,15 @@ SPACE = [
 ]
 
 
-def sweep(cwd: Path, *args: str):
-    done = run_cli(cwd, "train", "-m", *SPACE, *args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+@pytest.fixture
+def sweep(main, seed, tmp_path):
+    def run(*args: str):
+        seed(tmp_path)
+        done = main("train", "-m", *SPACE, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    return run
 
 
 def trials(cwd: Path) -> list[optuna.trial.FrozenTrial]:
@@ -77,25 +83,31 @@ def check_pruned(cwd: Path, n_trials: int) -> list[optuna.trial.FrozenTrial]:
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit-local"])
-def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(tmp_path, data_root, launcher):
+def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(sweep, tmp_path, launcher):
     args = ["hydra.sweeper.n_trials=3"]
     if launcher == "joblib":  # each trial in a worker process, reporting to the shared study
         args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     if launcher == "submitit-local":  # each trial a job of submitit's, as on a cluster
         args += ["launcher=local", "hydra.sweeper.n_jobs=1"]  # one after another, as above
-    done = sweep(tmp_path, *args)
-    assert "pruned after epoch 1" in done.stdout + done.stderr
+    done = sweep(*args)
+    assert "pruned after epoch 1" in done.stdout + done.stderr  # the sweep's log
+    if launcher == "basic":  # the trial's own line, in the sweep's output
+        assert "Pruned after epoch 1: its val/accuracy is behind" in done.stdout
     before = check_pruned(tmp_path, n_trials=3)
+    if launcher != "basic":  # each trial in a worker process, not the sweep's
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in before]
+        assert f"{socket.gethostname()}:{os.getpid()}" not in {r.data.tags["process"] for r in runs}
     if launcher == "submitit-local":
         assert list(tmp_path.glob("multirun/*/*/.submitit/*"))  # submitit's own job folders
     if launcher == "basic":  # the same command again: nothing runs, nothing changes
-        sweep(tmp_path, *args)
+        sweep(*args)
         after = check_pruned(tmp_path, n_trials=3)
         assert [(t.number, t.state) for t in after] == [(t.number, t.state) for t in before]
 
 
-def test_a_pruner_without_a_shared_study_is_refused_before_the_first_trial(tmp_path, data_root):
-    done = run_cli(tmp_path, "train", "-m", *SPACE, "hydra.sweeper.storage=null")
+def test_a_pruner_without_a_shared_study_is_refused_before_the_first_trial(main, tmp_path):
+    done = main("train", "-m", *SPACE, "hydra.sweeper.storage=null")
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == (
         "hydra.sweeper.pruner needs a study its trials can reach: set "
@@ -104,30 +116,12 @@ def test_a_pruner_without_a_shared_study_is_refused_before_the_first_trial(tmp_p
     assert not list(tmp_path.glob("multirun/*/*/0"))
 
 
-def test_a_single_run_imports_no_optuna(tmp_path, data_root):
-    import subprocess
-
-    script = (
-        "import atexit, runpy, sys\n"
-        "atexit.register(lambda: print('optuna' in sys.modules))\n"
-        f"sys.argv = ['train', 'data.root={DATA}', 'data.train_size=64', "
-        "'data.test_size=64', 'trainer.epochs=1']\n"
-        "runpy.run_module('fashion_sweep.train', run_name='__main__')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
-    assert "Pruned" not in done.stdout
-
-
-def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(tmp_path, data_root):
+def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_path):
     """hydra/launcher=packed: trials 2 and 3 form the second pack; trial 2 (a loser) is
     pruned after epoch 1 and stops being computed, trial 3 trains on to its 3 epochs."""
     space = [arg for arg in SPACE if not arg.startswith("optimizer.lr=")]
-    done = run_cli(
-        tmp_path,
+    seed(tmp_path)
+    done = main(
         "train",
         "-m",
         *space,

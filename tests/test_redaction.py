@@ -11,7 +11,8 @@ import logging
 
 from omegaconf import OmegaConf
 
-from fashion_sweep.redaction import RedactHydraFiles, mask_log_records, one_line, redact
+from fashion_sweep.sweeps.callbacks import RedactHydraFiles
+from fashion_sweep.tracking.redaction import mask_log_records, one_line, redact
 
 URI = "postgresql+psycopg://sweeper:s3cret@db.example:5432/optuna"
 

@@ -1,5 +1,7 @@
-"""Scaling out on one machine: a PostgreSQL study shared by sweep workers, an MLflow
-tracking server on PostgreSQL, and redaction. (submitit's local executor: test_pruning.py.)
+"""Scaling out on one machine: a PostgreSQL study shared by sweep workers (one of them
+"on another host", killed), an MLflow tracking server on PostgreSQL read through its REST
+API, and redaction. (submitit's local executor: test_pruning.py. A dead worker found by
+its pid on the same machine, and by its heartbeat, with SQLite: test_integrity.py.)
 
 Needs the tests' PostgreSQL (`make test` starts it with .ci/postgres and sets
 FASHION_SWEEP_PG and the PG* variables); each test makes its own databases.
@@ -7,10 +9,12 @@ FASHION_SWEEP_PG and the PG* variables); each test makes its own databases.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -20,8 +24,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from fashion_sweep import schedule
-from tests.conftest import DATA, TINY, mlflow_server, run_cli
+from fashion_sweep.sweeps import schedule
+from tests.conftest import DATA, TINY, mlflow_server
 
 pytestmark = [
     pytest.mark.slow,
@@ -112,17 +116,23 @@ def shared_args(database: str, server: str, study: str, n_trials: int) -> list[s
     ]
 
 
-def children(server: str, parent: str):
-    client = MlflowClient(server)
-    experiment = client.get_experiment_by_name("fashion_sweep")
-    return client.search_runs(
-        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000
-    )
-
-
-def test_two_workers_share_one_study_and_one_server(tmp_path, server):
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --uts needs root")
+def test_workers_on_two_hosts_share_one_study_and_server_and_outlive_a_dead_one(tmp_path, server):
+    """Three workers of one sweep on PostgreSQL and one MLflow server: one "on another
+    host" (a hostname and a PID namespace of its own, so its pid tells this machine
+    nothing) killed with -9 mid-trial, then two on this machine started together. The
+    two finish the study between them; the dead worker's trial is failed once its
+    heartbeat is older than the grace period, its run KILLED, its configuration run
+    again; both end on the same parent run and best trial, which the server serves."""
     database = new_database()
-    args = shared_args(database, server, "shared", 6)
+    # trials of 3 epochs on 5,000 images (about a second each here when the machine is
+    # not busy), so the kill lands well inside one, not as it ends (its run ended, its
+    # outcome not yet recorded: the sweep would record it from MLflow, not as crashed)
+    args = shared_args(database, server, "shared", 6) + ["data.train_size=5000"]
+    args += ["trainer.epochs=3"]
+    args += ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4"]
+    remote = worker(tmp_path / "c", *args, host="elsewhere")
+    kill_mid_trial(remote, "shared", database, settle=0.3)  # its first heartbeat: at ask
     procs = [worker(tmp_path / name, *args) for name in ("a", "b")]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     failed = "".join(out for p, out in zip(procs, outputs, strict=True) if p.returncode)
@@ -131,12 +141,19 @@ def test_two_workers_share_one_study_and_one_server(tmp_path, server):
     )[-3000:]
 
     study = optuna.load_study(study_name="shared", storage=url(database))
-    counted = [t for t in study.trials if schedule.counts(t)]
-    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers))
-    workers = {t.user_attrs["worker"]["id"] for t in counted}
-    assert len(workers) == 2, workers  # both processes ran trials
+    trials = study.trials
+    seen = [(t.number, t.state.name, t.user_attrs.get("worker", {}).get("id")) for t in trials]
+    assert not [t for t in trials if t.state == TrialState.RUNNING], seen
+    assert len({t.number for t in trials}) == len(trials)
+    counted = [t for t in trials if schedule.counts(t)]
+    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted), seen
+    (crashed,) = [t for t in trials if schedule.cut_off(t)]
+    assert crashed.user_attrs["worker"]["id"].startswith("elsewhere:"), seen
+    assert crashed.state == TrialState.FAIL and "failure_reason" not in crashed.user_attrs
+    assert [t.user_attrs.get("retry_of") for t in trials].count(crashed.number) == 1
+    ran = {t.user_attrs["worker"]["id"].rsplit(":", 1)[0] for t in counted}
+    assert len(ran) == 2 and not [w for w in ran if w.startswith("elsewhere:")], ran
+
     results = [
         OmegaConf.load(next((tmp_path / name).glob("multirun/*/*/optimization_results.yaml")))
         for name in ("a", "b")
@@ -144,74 +161,56 @@ def test_two_workers_share_one_study_and_one_server(tmp_path, server):
     assert results[0].parent_run_id == results[1].parent_run_id
     assert results[0].best_trial == results[1].best_trial == study.best_trial.number
     assert results[0].best_run_id == results[1].best_run_id
-    runs = children(server, results[0].parent_run_id)
-    assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in counted)
-    assert all(r.info.status == "FINISHED" for r in runs)
-    parent = MlflowClient(server).get_run(results[0].parent_run_id)
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["best_run_id"] == results[0].best_run_id
+    served(f"{server}/api/2.0/mlflow", results[0], counted, crashed)
 
 
-def test_killed_worker_leaves_a_failed_trial_and_the_other_finishes(tmp_path, server):
-    database = new_database()
-    # trials of 4 epochs on 10,000 images (about 2 s each here when the machine is not
-    # busy), so the kill lands well inside one, not as it ends (its run ended, its
-    # outcome not yet recorded: the sweep would record it from MLflow, not as crashed)
-    args = shared_args(database, server, "killed", 6) + ["data.train_size=10000"]
-    args += ["trainer.epochs=4"]
-    survivor, victim = worker(tmp_path / "a", *args), worker(tmp_path / "b", *args)
-    kill_mid_trial(victim, "killed", database, settle=0.3)
-    output = survivor.communicate(timeout=600)[0]
-    assert survivor.returncode == 0, output[-3000:]
+def served(base: str, found: dict, counted: list, crashed: optuna.trial.FrozenTrial) -> None:
+    """What the real `mlflow server` serves of the sweep, read through its REST API."""
 
-    trials = optuna.load_study(study_name="killed", storage=url(database)).trials
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
-    counted = [t for t in trials if schedule.counts(t)]
-    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
-    crashed = [t for t in trials if t.user_attrs.get("interrupted") == "crashed"]
-    seen = [(t.number, t.state.name, t.user_attrs.get("interrupted")) for t in trials]
-    assert crashed and all(t.state == TrialState.FAIL for t in crashed), seen
-    assert all(t.user_attrs["worker"]["pid"] == victim.pid for t in crashed)
-    (result,) = (tmp_path / "a").glob("multirun/*/*/optimization_results.yaml")
-    runs = children(server, OmegaConf.load(result).parent_run_id)
-    statuses = {int(r.data.tags["trial"]): r.info.status for r in runs}
-    assert "RUNNING" not in statuses.values()
-    assert {statuses[t.number] for t in crashed if t.number in statuses} <= {"KILLED"}
+    def call(path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            base + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
 
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --uts needs root")
-def test_worker_lost_on_another_host_is_failed_by_heartbeat(tmp_path, server):
-    """A worker "elsewhere" (its own hostname) that dies mid-trial: no process to look
-    at, so its trial is failed once its heartbeat is older than the grace period."""
-    database = new_database()
-    # trials of 5 epochs on 10,000 images (about 2.5 s each here when the machine is not
-    # busy), so the kill lands well inside one (see the test above)
-    args = shared_args(database, server, "remote", 4) + ["data.train_size=10000"]
-    args += ["trainer.epochs=5"]
-    args += ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4"]
-    remote = worker(tmp_path / "b", *args, host="elsewhere")
-    kill_mid_trial(remote, "remote", database, settle=0.3)  # its first heartbeat: at ask
-    local = worker(tmp_path / "a", *args)
-    output = local.communicate(timeout=600)[0]
-    assert local.returncode == 0, output[-3000:]
-    trials = optuna.load_study(study_name="remote", storage=url(database)).trials
-    crashed = [t for t in trials if schedule.cut_off(t)]
-    seen = [(t.number, t.state.name, t.user_attrs.get("worker", {}).get("id")) for t in trials]
-    assert len(crashed) == 1, seen
-    assert crashed[0].user_attrs["worker"]["id"].startswith("elsewhere:"), seen
-    assert [t.user_attrs.get("retry_of") for t in trials].count(crashed[0].number) == 1
-    counted = [t for t in trials if schedule.counts(t)]
-    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    experiment = call("/experiments/get-by-name?experiment_name=fashion_sweep")
+    experiment_id = experiment["experiment"]["experiment_id"]
+    parent_id = found["parent_run_id"]
+    children = call(
+        "/runs/search",
+        {
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            "max_results": 1000,
+        },
+    )["runs"]
+    status = {}
+    for child in children:
+        tags = {t["key"]: t["value"] for t in child["data"]["tags"]}
+        status[int(tags["trial"])] = child["info"]["status"]
+    assert {t.number: "FINISHED" for t in counted}.items() <= status.items()
+    assert status.get(crashed.number, "KILLED") == "KILLED"  # if it got so far as a run
+    child = next(c for c in children if c["info"]["status"] == "FINISHED")
+    params = {p["key"]: p["value"] for p in child["data"]["params"]}
+    assert {"optimizer.lr", "data.batch_size", "model.width"} <= set(params)
+    history = call(
+        f"/metrics/get-history?run_id={child['info']['run_id']}&metric_key=val/accuracy"
+    )["metrics"]
+    assert [m["step"] for m in history] == [1, 2, 3]
+    parent = call(f"/runs/get?run_id={parent_id}")["run"]
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert parent["info"]["status"] == "FINISHED"
+    assert tags["best_run_id"] == found["best_run_id"]
 
 
-def test_passwords_and_tokens_never_reach_mlflow_or_the_log(tmp_path, server):
+def test_passwords_and_tokens_never_reach_mlflow_or_the_log(main, tmp_path, server):
     password = os.environ["PGPASSWORD"]
     token = "tok-" + uuid.uuid4().hex
     database = new_database()
     host = server.removeprefix("http://")
-    done = run_cli(
-        tmp_path,
+    done = main(
         "train",
         "-m",
         *TINY,

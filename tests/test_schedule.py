@@ -9,7 +9,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from fashion_sweep import schedule
+from fashion_sweep.sweeps import schedule
+from fashion_sweep.sweeps import space as sweep_space
 
 LR = FloatDistribution(1e-4, 1, log=True)
 BATCH = CategoricalDistribution([32, 64])
@@ -135,15 +136,15 @@ def test_a_finite_space_lists_its_points_and_what_no_trial_holds(study):
         "model.depth": IntDistribution(1, 3),
         "optimizer.lr": FloatDistribution(0.1, 0.3, step=0.1),
     }
-    points = schedule.points(space)
-    assert len(points) == 2 * 3 * 3
-    assert {"data.batch_size": 64, "model.depth": 3, "optimizer.lr": pytest.approx(0.3)} in points
-    assert schedule.points(SPACE) is None  # a continuous lr: infinite
+    found = sweep_space.points(space)
+    assert len(found) == 2 * 3 * 3
+    assert {"data.batch_size": 64, "model.depth": 3, "optimizer.lr": pytest.approx(0.3)} in found
+    assert sweep_space.points(SPACE) is None  # a continuous lr: infinite
     small = {"data.batch_size": BATCH}
     add(study, TrialState.COMPLETE, {"data.batch_size": 32})
-    assert schedule.unheld(schedule.points(small), study.trials) == [{"data.batch_size": 64}]
+    assert schedule.unheld(sweep_space.points(small), study.trials) == [{"data.batch_size": 64}]
     add(study, TrialState.RUNNING, {"data.batch_size": 64})
-    assert schedule.unheld(schedule.points(small), study.trials) == []
+    assert schedule.unheld(sweep_space.points(small), study.trials) == []
 
 
 def test_cut_off_trials_that_ran_run_again_once(study):

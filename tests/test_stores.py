@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from fashion_sweep import stores
-from fashion_sweep.stores import StoreError
+from fashion_sweep.tracking import stores
+from fashion_sweep.tracking.stores import StoreError
 from tests.conftest import free_port
 
 

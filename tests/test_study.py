@@ -8,8 +8,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from fashion_sweep import study
-from fashion_sweep.schedule import CUT_OFF, FAILURE
+from fashion_sweep.sweeps import study
+from fashion_sweep.sweeps.sampler import PerTrialSeed
+from fashion_sweep.sweeps.schedule import CUT_OFF, FAILURE
 
 SPACE = {
     "optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1, log=True),
@@ -90,7 +91,7 @@ def test_workers_and_resumes_never_draw_the_same_sequence(tmp_path):
     make = functools.partial(optuna.samplers.TPESampler, n_startup_trials=10)
 
     def worker():
-        sampler = study.PerTrialSeed(make, seed=0)
+        sampler = PerTrialSeed(make, seed=0)
         return optuna.create_study(
             study_name="s", storage=storage, sampler=sampler, load_if_exists=True
         )
@@ -98,9 +99,9 @@ def test_workers_and_resumes_never_draw_the_same_sequence(tmp_path):
     a, b = worker(), worker()
     drawn = [(w.ask(SPACE).params) for w in (a, b, a, b)]  # interleaved, as workers do
     assert len({tuple(p.values()) for p in drawn}) == 4
-    alone = optuna.create_study(sampler=study.PerTrialSeed(make, seed=0))
+    alone = optuna.create_study(sampler=PerTrialSeed(make, seed=0))
     assert [alone.ask(SPACE).params for _ in range(4)] == drawn  # reproducible by number
-    other = optuna.create_study(sampler=study.PerTrialSeed(make, seed=1))
+    other = optuna.create_study(sampler=PerTrialSeed(make, seed=1))
     assert other.ask(SPACE).params != drawn[0]
 
 

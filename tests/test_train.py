@@ -1,4 +1,7 @@
-"""End to end on a real subset: what a run leaves in MLflow, and how bad input fails."""
+"""End to end on a real subset: what a run leaves in MLflow, and how bad input fails.
+
+The train and predict commands run once each as the user runs them (a process, with
+the single run's MLflow process beside it); the rest runs them in this process."""
 
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from fashion_sweep.config import ConfigError
-from fashion_sweep.data import load_splits, make_loaders, prepare_raw
-from fashion_sweep.engine import DivergedError, evaluate
-from fashion_sweep.train import check, train
-from tests.conftest import SMALL
+from fashion_sweep.core.data import load_splits, make_loaders, prepare_raw
+from fashion_sweep.core.engine import DivergedError, evaluate
+from fashion_sweep.preflight import check
+from fashion_sweep.run import train
+from tests.conftest import SMALL, copy_store
 
 PERF = ("perf/epoch_seconds", "perf/eval_seconds", "perf/samples_per_second")
 
@@ -32,14 +36,14 @@ def only_run(store: str):
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory, data_root):
+def logged(tmp_path_factory, data_root, mlflow_template):
     """One real 2-epoch run on 2,000 + 500 images, logged to its own store."""
     from hydra import compose, initialize_config_dir
 
     from fashion_sweep.config import register_configs
     from tests.conftest import CONF
 
-    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    store = f"sqlite:///{copy_store(mlflow_template, tmp_path_factory.mktemp('store'))}"
     register_configs()
     with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose("train", [f"data.root={data_root}", f"tracking.uri={store}", *SMALL])
@@ -78,6 +82,7 @@ def test_metrics_are_logged_per_epoch(logged):
     assert run.data.metrics["perf/samples_per_second"] > 0
 
 
+@pytest.mark.equivalence
 def test_logged_model_reproduces_logged_accuracy(logged, data_root, tmp_path):
     _, metrics, client, run = logged
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -114,7 +119,7 @@ def test_diverging_run_is_failed_with_reason(compose, store):
 
 
 @pytest.mark.slow
-def test_cli_prints_the_tutorial_and_predict_reads_the_run(cli, tmp_path):
+def test_cli_prints_the_tutorial_and_predict_reads_the_run(cli, main, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = cli("train", *SMALL, f"tracking.uri={store}")
     assert done.returncode == 0, done.stderr
@@ -130,9 +135,9 @@ def test_cli_prints_the_tutorial_and_predict_reads_the_run(cli, tmp_path):
     shown = cli("predict", f"run_id={run.info.run_id}", f"tracking.uri={store}")
     assert shown.returncode == 0, shown.stderr
     assert f'Predicted: "{trained_line.group(1)}", Actual: "Ankle boot"' in shown.stdout
-    other = cli("predict", "run_id=latest", "index=1", f"tracking.uri={store}")  # the only run
+    other = main("predict", "run_id=latest", "index=1", f"tracking.uri={store}")  # the only run
     assert re.search(r'^Predicted: ".+", Actual: "Pullover"$', other.stdout, re.M)
-    missing = cli("predict", "run_id=0123abc", f"tracking.uri={store}")
+    missing = main("predict", "run_id=0123abc", f"tracking.uri={store}")
     assert missing.returncode == 2 and "run_id=0123abc" in missing.stderr
 
 
@@ -146,11 +151,10 @@ BAD = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("override, named", BAD, ids=[b[0] for b in BAD])
-def test_cli_bad_input_fails_in_one_line_before_training(cli, tmp_path, override, named):
+def test_bad_input_fails_in_one_line_before_training(main, tmp_path, override, named):
     store = tmp_path / "mlflow.db"
-    done = cli("train", override, f"tracking.uri=sqlite:///{store}")
+    done = main("train", override, f"tracking.uri=sqlite:///{store}")
     assert done.returncode != 0
     first = done.stderr.strip().splitlines()[0]
     assert named in first, done.stderr
@@ -163,10 +167,9 @@ def no_runs(store) -> bool:
         return db.execute("select count(*) from runs").fetchone()[0] == 0
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cli_refuses_cuda_without_cuda(cli, tmp_path):
-    done = cli("train", "trainer.device=cuda", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
+def test_cuda_is_refused_without_cuda(main, tmp_path):
+    done = main("train", "trainer.device=cuda", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "error: trainer.device=cuda, but cuda is not available on this machine (available: cpu)"
@@ -190,12 +193,11 @@ def test_an_optimizer_option_torch_refuses_at_its_first_step_is_refused_before_t
         check(compose(cpu, "+optimizer.fused=true", "+optimizer.foreach=true"))  # a RuntimeError
 
 
-@pytest.mark.slow
-def test_cli_refuses_truncated_data(cli, tmp_path):
+def test_truncated_data_is_refused(main, tmp_path):
     root = tmp_path / "data"
     images = prepare_raw(root) / "train-labels-idx1-ubyte"
     images.write_bytes(images.read_bytes()[:-10])
-    done = cli("train", f"data.root={root}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
+    done = main("train", f"data.root={root}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}")
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "train-labels-idx1-ubyte is truncated" in line and "apt-get install" in line

@@ -11,8 +11,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from fashion_sweep import workers
-from fashion_sweep.study import quiet
+from fashion_sweep.sweeps import workers
+from fashion_sweep.sweeps.study import quiet
 
 
 def identity_of(pid: int) -> dict:

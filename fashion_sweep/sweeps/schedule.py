@@ -18,18 +18,11 @@ A trial is one of:
 from __future__ import annotations
 
 import hashlib
-import itertools
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 FAILURE = "failure_reason"  # user attr: why a trial failed on its own
@@ -37,7 +30,6 @@ PRUNED = "pruned"  # user attr of a PRUNED trial (and tag of its MLflow run): it
 CUT_OFF = "interrupted"  # user attr: why the sweep cut a trial off, where it knows
 RETRY_OF = "retry_of"  # user attr: the cut-off trial this one runs again
 NOT_RUN = ("surplus", "duplicate")  # cut off before it ran: nothing to run again
-MAX_POINTS = 100_000  # a finite space larger than this is treated as infinite
 
 
 def cut_off(trial: FrozenTrial) -> bool:
@@ -125,25 +117,6 @@ def duplicate(trial: FrozenTrial, trials: list[FrozenTrial]) -> bool:
         and config(other) == key
         for other in trials
     )
-
-
-def points(space: dict[str, BaseDistribution]) -> list[dict[str, Any]] | None:
-    """Every configuration of a finite space, or None if it is not finite (or huge)."""
-    each = {name: values(distribution) for name, distribution in space.items()}
-    if any(v is None for v in each.values()) or math.prod(map(len, each.values())) > MAX_POINTS:
-        return None
-    return [dict(zip(each, combo, strict=True)) for combo in itertools.product(*each.values())]
-
-
-def values(distribution: BaseDistribution) -> list[Any] | None:
-    if isinstance(distribution, CategoricalDistribution):
-        return list(distribution.choices)
-    if isinstance(distribution, IntDistribution):
-        return list(range(distribution.low, distribution.high + 1, distribution.step))
-    if isinstance(distribution, FloatDistribution) and distribution.step is not None:
-        count = round((distribution.high - distribution.low) / distribution.step) + 1
-        return [distribution.low + k * distribution.step for k in range(count)]
-    return None
 
 
 def unheld(space_points: list[dict[str, Any]], trials: list[FrozenTrial]) -> list[dict]:

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fashion_sweep.engine import CapturedStep, DivergedError, accumulator_dtype
-from fashion_sweep.engine import evaluate as evaluate_model
-from fashion_sweep.model import NeuralNetwork
+from fashion_sweep.core.engine import CapturedStep, DivergedError, accumulator_dtype
+from fashion_sweep.core.engine import evaluate as evaluate_model
+from fashion_sweep.core.model import NeuralNetwork
 
 
 class Pack:
@@ -45,7 +45,7 @@ class Pack:
         self.keys = list(self.model.state_dict())  # weight, bias of each Linear, in order
         per_key = [[model.state_dict()[key] for model in models] for key in self.keys]
         self.ids = list(range(len(models)))  # each member's number, as first packed
-        self.failed: dict[int, str] = {}  # member's number -> why (DivergedError's message)
+        self.failed: dict[int, DivergedError] = {}  # member's number -> why it failed
         self._optimizer, self._cuda_graph = optimizer, cuda_graph
         self._build([torch.stack(tensors) for tensors in per_key], options)
 
@@ -181,7 +181,7 @@ def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) ->
 def _fail_diverged(pack: Pack, losses: torch.Tensor, where: str) -> None:
     for member, loss in zip(pack.ids, losses.tolist(), strict=True):
         if member not in pack.failed and not math.isfinite(loss):
-            pack.failed[member] = str(DivergedError(f"train/loss is {loss} {where}"))
+            pack.failed[member] = DivergedError(f"train/loss is {loss} {where}")
 
 
 def evaluate(loader: Any, pack: Pack) -> list[dict[str, float]]:

@@ -2,15 +2,16 @@
 
 `python -m fashion_sweep.train` (a single run) starts it first thing, so MLflow's
 imports and the opening of its store (3 s on a 2-core machine) overlap torch's
-instead of following them. The run sends it the calls of fashion_sweep/tracking.py
-(`use_experiment`, `start_run`, `log_epoch`, `log_artifact`, `end_run`, ...); it
-carries them out in order and answers each. The per-epoch calls (`log_epoch`,
+instead of following them. The run sends it the calls of the Tracker interface
+(tracker.py: `use_experiment`, `open_run`, `log_metrics`, `end_run`, ...), which it
+carries out in order with runs.py and answers each. The per-epoch calls (`log_metrics`,
 `mark_pruned`) are not waited for: their answers, and any error in them, are collected
-at the run's next call.
+at the run's next call. The model file is written by the run's own process (it holds
+the weights) and sent as a path.
 
 It runs in a session of its own and ignores the signals that end a run: the run ends
 its MLflow run itself (KILLED) and then closes the socket. When the socket closes with
-the MLflow run still open (the run was killed with -9), the agent ends it FAILED,
+a run still open (the run was killed with -9), the side process ends it FAILED,
 `failure_reason` "crashed", and exits.
 """
 
@@ -25,21 +26,25 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
+
+from fashion_sweep import signals
 
 # Single runs only: a sweep's trials share one process, which pays MLflow's import once;
 # and not for Hydra's flags that print and exit.
 NOT_A_RUN = {"-m", "--multirun", "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i"}
 NOT_A_RUN |= {"--shell-completion", "-sc"}
 CRASHED = "crashed: the run's process ended without ending its MLflow run"
-ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # fashion_sweep/signals.py
+ENDING = signals.HANDLED
 _HEADER = struct.Struct("!Q")
-_started: Agent | None = None
+_started: SideProcess | None = None
 
 
 class AgentError(RuntimeError):
-    """The MLflow process ended, or answered with an error of MLflow's own."""
+    """The MLflow process ended, or answered with an error of MLflow's own. (Its name is
+    in the failure_reason of the runs it failed, so it stays.)"""
 
 
 class _Channel:
@@ -85,53 +90,75 @@ def _held_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-class Agent:
-    """The run's end of the MLflow process: the calls of fashion_sweep/tracking.py that a
-    run makes (fashion_sweep/train.py), carried out there."""
+class SideProcess:
+    """The run's end of the MLflow process: a Tracker (tracker.py) whose calls are
+    carried out there. A run handle is the run's id."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fashion_sweep.agent", str(theirs.fileno())],
+            [sys.executable, "-m", "fashion_sweep.tracking.side_process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # the terminal's signals are the run's to handle
         )
         theirs.close()
-        self.channel, self.pending, self.run_open = _Channel(ours), 0, False
+        self.channel, self.pending, self.open_runs = _Channel(ours), 0, 0
+        self.uri: str | None = None
 
     def use_experiment(self, uri: str, experiment: str) -> str:
+        self.uri = uri
         return self._call("use_experiment", uri, experiment)
 
-    def start_run(self, resolved: dict, tags: dict[str, str], overrides: list[str]) -> str:
-        self.run_open = True
-        return self._call("start_run", resolved, tags, overrides)
+    def open_run(self, resolved: dict, tags: dict[str, str], overrides: list[str]) -> str:
+        self.open_runs += 1
+        try:
+            return self._call("open_run", resolved, tags, overrides)
+        except KeyboardInterrupt as stop:  # the run may be open there, its id not here yet
+            self._call("end_open_runs", "KILLED", signals.reason(stop), wait=False)
+            raise
 
-    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
-        self._call("log_epoch", metrics, epoch, wait=False)
+    def log_metrics(self, run: str, metrics: dict[str, float], epoch: int) -> None:
+        self._call("log_metrics", run, metrics, epoch, wait=False)
 
-    def mark_pruned(self, epoch: int) -> None:
-        self._call("mark_pruned", epoch, wait=False)
+    def mark_pruned(self, run: str, epoch: int) -> None:
+        self._call("mark_pruned", run, epoch, wait=False)
 
-    def log_artifact(self, path: str) -> None:
-        self._call("log_artifact", path)
+    def log_model(self, run: str, state_dict: dict[str, Any]) -> None:
+        import torch  # the run's process holds the weights, and torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.pth")
+            torch.save(state_dict, path)
+            self._call("log_artifact", run, path)
+
+    def end_run(self, run: str, status: str, reason: str | None = None) -> None:
+        """Ended there, or from this process if the MLflow process is gone."""
+        try:
+            self._call("end_run", run, status, reason)
+        except AgentError:
+            from fashion_sweep.tracking.runs import end_run
+
+            end_run(run, status, reason, if_running=True, uri=self.uri)
+        self.open_runs -= 1
+
+    def run_id(self, run: str) -> str:
+        return run
+
+    def error(self, run: str) -> None:
+        return None  # every error is raised: by its call, or at the next one
 
     def sync(self) -> None:
         """The answers still owed: an error in an earlier call is raised here."""
         self._collect(block=True)
 
-    def end_run(self, status: str, reason: str | None = None) -> None:
-        self._call("end_run", status, reason)
-        self.run_open = False
-
-    def end_active_run(self, status: str, reason: str) -> None:
-        self._call("end_active_run", status, reason)
-        self.run_open = False
+    def flush(self, abandon: bool = False) -> None:
+        pass  # every call is answered before the run ends (close)
 
     def close(self, timeout: float = 30) -> None:
         """Ends the MLflow process: at once if it has nothing left to do, else once it
         has done what it was sent (at most `timeout` s)."""
-        if not self.pending and not self.run_open:
+        if not self.pending and not self.open_runs:
             self.proc.kill()  # it may still be importing MLflow: nothing to wait for
         self.channel.sock.close()
         try:
@@ -192,7 +219,7 @@ def _error(kind: str, message: str, line: str) -> BaseException:
     """An error the MLflow process met, as the run would have met it in its own process:
     ours as they are, MLflow's as one line (`Type: its first line`, passwords masked)."""
     from fashion_sweep.config import ConfigError
-    from fashion_sweep.stores import StoreError
+    from fashion_sweep.tracking.stores import StoreError
 
     known = {"StoreError": StoreError, "ConfigError": ConfigError, "LookupError": LookupError}
     return known[kind](message) if kind in known else AgentError(line)
@@ -203,14 +230,38 @@ def start(argv: list[str]) -> None:
     global _started
     flags = {arg.split("=", 1)[0] for arg in argv}
     if not NOT_A_RUN & flags and os.environ.get("FASHION_SWEEP_AGENT", "1") != "0":
-        _started = Agent()
+        _started = SideProcess()
 
 
-def take() -> Agent | None:
+def take() -> SideProcess | None:
     """The MLflow process started for this run, once."""
     global _started
     agent, _started = _started, None
     return agent
+
+
+class _Server:
+    """What the MLflow process carries out: runs.InProcess's calls, keeping count of
+    the runs it opened and has not ended."""
+
+    def __init__(self) -> None:
+        from fashion_sweep.tracking.runs import InProcess
+
+        self.tracker, self.open_runs = InProcess(), []
+
+    def call(self, name: str, args: tuple) -> Any:
+        if name == "end_open_runs":
+            return self.end_open_runs(*args)
+        answer = getattr(self.tracker, name)(*args)
+        if name == "open_run":
+            self.open_runs.append(answer)
+        elif name == "end_run" and args[0] in self.open_runs:
+            self.open_runs.remove(args[0])
+        return answer
+
+    def end_open_runs(self, status: str, reason: str) -> None:
+        while self.open_runs:
+            self.tracker.end_run(self.open_runs.pop(), status, reason)
 
 
 def serve(fd: int) -> None:
@@ -219,10 +270,11 @@ def serve(fd: int) -> None:
     for signum in ENDING:  # the run ends its MLflow run itself, then closes the socket
         signal.signal(signum, signal.SIG_IGN)
     channel = _Channel(socket.socket(fileno=fd))
-    from fashion_sweep import tracking
-    from fashion_sweep.redaction import one_line
+    from fashion_sweep.tracking import runs
+    from fashion_sweep.tracking.redaction import one_line
 
-    tracking.preload()
+    runs.preload()
+    server = _Server()
     answering = True
     try:
         while True:
@@ -235,7 +287,7 @@ def serve(fd: int) -> None:
             try:
                 if cwd != os.getcwd():
                     os.chdir(cwd)
-                answer = (True, getattr(tracking, name)(*args))
+                answer = (True, server.call(name, args))
             except Exception as error:
                 answer = (False, (type(error).__name__, str(error), one_line(error)))
             if answering:
@@ -244,8 +296,7 @@ def serve(fd: int) -> None:
                 except OSError:  # the run is gone: what it sent is still carried out
                     answering = False
     finally:
-        # note: before MLflow's own atexit hook, which would end the run FINISHED
-        tracking.end_active_run("FAILED", CRASHED)
+        server.end_open_runs("FAILED", CRASHED)
 
 
 if __name__ == "__main__":

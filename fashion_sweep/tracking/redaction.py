@@ -3,20 +3,16 @@
 A URI may carry a password (`postgresql://me:secret@host/db`, `http://user:token@host`)
 when a user types one on the command line. `redact` masks it; `mask_log_records`
 masks every log record the process makes, whichever logger, handler or library makes
-it (Hydra's launchers log each job's overrides, Optuna and SQLAlchemy their URLs);
-`RedactHydraFiles` rewrites the .hydra/ files Hydra has just saved for a job.
-tracking.py masks what goes to MLflow.
+it (Hydra's launchers log each job's overrides, Optuna and SQLAlchemy their URLs).
+runs.py masks what goes to MLflow; sweeps/callbacks.py's `RedactHydraFiles` rewrites
+the .hydra/ files Hydra has just saved for a job.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from typing import Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 _PASSWORD = re.compile(r"(://[^/:@\s\\'\"]+)(\\?:)[^@/\s'\"]+@")
 
@@ -57,17 +53,3 @@ def mask_log_records() -> None:
 
     masked.masks_passwords = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(masked)
-
-
-class RedactHydraFiles(Callback):
-    """Rewrites the .hydra/ files of a job (config, hydra config, overrides) with the
-    passwords masked. Hydra saves them just before it calls on_job_start."""
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        subdir = config.hydra.output_subdir
-        if subdir is None:
-            return
-        for path in (Path(config.hydra.runtime.output_dir) / subdir).glob("*.yaml"):
-            text = path.read_text()
-            if redact(text) != text:
-                path.write_text(redact(text))

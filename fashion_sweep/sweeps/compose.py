@@ -11,30 +11,25 @@ composed config. So this loader composes once per set of group choices
 in the config, a wrong type), is composed by Hydra in full, errors and all.
 tests/test_compose.py checks the result equals Hydra's.
 
-It also puts each job in the sweep folder its worker claimed (fashion_sweep/sweep.py).
+It also puts each job in the sweep folder its worker claimed (sweeps/opening.py).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import uuid
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
+
+from fashion_sweep.config import parser
 
 # Composed configs by (loader token, the overrides that shape the composition). Kept
 # at module level so a loader pickled to a worker process (joblib) caches there too.
 _COMPOSED: dict[tuple[str, tuple[str, ...]], DictConfig] = {}
 _ABSENT = object()
-
-
-@functools.cache
-def _parser() -> OverridesParser:  # one per process: making one costs a third of a parse
-    return OverridesParser.create()
 
 
 class ComposeOnce:
@@ -87,7 +82,7 @@ class ComposeOnce:
 
     def _parse(self, line: str) -> Override:
         if line not in self._parsed:
-            (self._parsed[line],) = _parser().parse_overrides([line])
+            (self._parsed[line],) = parser().parse_overrides([line])
         return self._parsed[line]
 
     def _kind(self, override: Override, groups: set[str]) -> str | None:
@@ -103,22 +98,3 @@ class ComposeOnce:
         ):
             return None
         return "choice" if override.key_or_group in groups else "value"
-
-
-def plain(line: str) -> str:
-    """An override as a user would type it: `tracking.uri=sqlite\\:////x.db` (the
-    escaped form Hydra and the Optuna sweeper write) as `tracking.uri=sqlite:////x.db`,
-    where that parses to the same value; any other line as it is."""
-    if "\\" not in line:
-        return line
-    try:
-        (override,) = _parser().parse_overrides([line])
-        value = override.value()
-        if not isinstance(value, str) or override.is_sweep_override():
-            return line
-        key = line.split("=", 1)[0]
-        simpler = f"{key}={value}"
-        (again,) = _parser().parse_overrides([simpler])
-        return simpler if again.value() == value else line
-    except Exception:  # not an override this grammar reads: keep it
-        return line

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fashion_sweep.config import ConfigError
-from fashion_sweep.redaction import redact
+from fashion_sweep.tracking.redaction import redact
 
 log = logging.getLogger(__name__)
 CONNECT_SECONDS = 5.0
@@ -56,6 +56,14 @@ def sqlite_path(uri: str) -> Path | None:
     except ArgumentError as error:
         raise ValueError(str(error)) from None
     return Path(database) if database and database != ":memory:" else None
+
+
+def absolute(uri: str) -> str:
+    """`uri` as MLflow is given it: a SQLite file by its absolute path. MLflow keeps one
+    store per URI string for the whole process, so a relative `sqlite:///mlflow.db`
+    would go on naming the file of the folder it was first opened from."""
+    path = sqlite_path(uri)
+    return f"sqlite:///{path.resolve()}" if path is not None else uri
 
 
 def check(key: str, uri: str, must_exist: bool = False) -> None:

@@ -1,10 +1,11 @@
-"""A pack's MLflow runs, written by one thread beside the training (fashion_sweep/packing.py).
+"""A pack's MLflow runs, written by one thread beside the training (launchers/packed.py).
 
 Opening 64 runs and logging their epochs is seconds of writes, much of it waiting on a
-disk or a tracking server; one thread makes them in order while the pack trains. Each
-run's writes are its own: the first one that fails marks the run broken, its later
-writes are skipped, and its end is FAILED with that error, so a run never says
-FINISHED with something missing. The caller asks error(run) and fails that trial alone.
+disk or a tracking server; one thread makes them in order while the pack trains. The
+Writer is a Tracker (tracker.py) whose run handles are futures of run ids. Each run's
+writes are its own: the first one that fails marks the run broken, its later writes
+are skipped, and its end is FAILED with that error, so a run never says FINISHED with
+something missing. The caller asks error(run) and fails that trial alone.
 
 The thread is a daemon: a write stuck on a store that does not answer never keeps the
 process alive after a second interruption has given up on it.
@@ -12,33 +13,31 @@ process alive after a second interruption has given up on it.
 
 from __future__ import annotations
 
-import os
 import queue
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import Any
 
-import torch
-
-from fashion_sweep import tracking
-from fashion_sweep.redaction import one_line
+from fashion_sweep.tracking import runs
+from fashion_sweep.tracking.redaction import one_line
 
 
-class Writes:
+class Writer:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list[Future] = []
         self._errors: dict[int, BaseException] = {}  # id(a run's future) -> first error
         threading.Thread(target=self._serve, name="pack-mlflow", daemon=True).start()
 
-    def open(self, resolved: dict, tags: dict[str, str], overrides: list[str]) -> Future:
-        """tracking.open_run(); the future of the run."""
-        return self._submit(lambda: tracking.open_run(resolved, tags, overrides))
+    def use_experiment(self, uri: str, experiment: str) -> str:
+        return runs.use_experiment(uri, experiment)  # at once: the pack waits for the store
+
+    def open_run(self, resolved: dict, tags: dict[str, str], overrides: list[str]) -> Future:
+        return self._submit(lambda: runs.open_run(resolved, tags, overrides))
 
     def write(self, run: Future, fn: Callable[..., Any], *args: Any) -> None:
-        """fn(the run, *args), unless the run is broken."""
+        """fn(the run's id, *args), unless the run is broken."""
 
         def call() -> None:
             if self.error(run) is None:
@@ -51,16 +50,15 @@ class Writes:
         self._submit(call)
 
     def log_metrics(self, run: Future, metrics: dict[str, float], epoch: int) -> None:
-        self.write(run, lambda r: tracking.log_run_metrics(r.info.run_id, metrics, epoch))
+        self.write(run, runs.log_metrics, metrics, epoch)
 
     def mark_pruned(self, run: Future, epoch: int) -> None:
-        self.write(run, lambda r: tracking.mark_run_pruned(r.info.run_id, epoch))
+        self.write(run, runs.mark_pruned, epoch)
 
-    def save_model(self, run: Future, state: dict[str, Any]) -> None:
-        """The member's model.pth (its state_dict), as train.py saves a model's."""
-        self.write(run, _save_model, state)
+    def log_model(self, run: Future, state_dict: dict[str, Any]) -> None:
+        self.write(run, runs.log_model, state_dict)
 
-    def end(self, run: Future, status: str, reason: str | None = None) -> None:
+    def end_run(self, run: Future, status: str, reason: str | None = None) -> None:
         """Ends the run: a broken run FINISHED is FAILED, with its first error."""
 
         def call() -> None:
@@ -68,11 +66,14 @@ class Writes:
                 return  # never opened: nothing to end
             error = self._errors.get(id(run))
             if error is not None and status == "FINISHED":
-                tracking.close_run(run.result().info.run_id, "FAILED", one_line(error))
+                runs.end_run(run.result(), "FAILED", one_line(error))
             else:
-                tracking.close_run(run.result().info.run_id, status, reason)
+                runs.end_run(run.result(), status, reason)
 
         self._submit(call)
+
+    def run_id(self, run: Future) -> str:
+        return run.result()
 
     def error(self, run: Future) -> BaseException | None:
         """The first error of the run's writes made so far, opening it included."""
@@ -80,7 +81,10 @@ class Writes:
             return run.exception()
         return self._errors.get(id(run))
 
-    def wait(self, abandon: bool = False) -> None:
+    def sync(self) -> None:
+        pass  # errors are the runs' own: error(run)
+
+    def flush(self, abandon: bool = False) -> None:
         """Waits until every write submitted so far is made (or failed). With abandon, an
         interruption of the wait drops the writes not yet begun."""
         try:
@@ -111,10 +115,3 @@ class Writes:
                     future.set_result(call())
                 except BaseException as error:
                     future.set_exception(error)
-
-
-def _save_model(run: Any, state: dict[str, Any]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.pth")
-        torch.save(state, path)
-        tracking.artifacts_of(run).log_artifact(path)

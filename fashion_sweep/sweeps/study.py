@@ -1,19 +1,17 @@
-"""A sweep's Optuna study: its storage, its definition, its sampler, and its record.
+"""A sweep's Optuna study: every call to its storage, its definition, and its record.
 
 - `storage` opens the database with Optuna's heartbeats on, whatever the database
   (SQLite too), so a trial whose worker dies is failed within a grace period.
 - `definition` is what the study's trials compute (search space, sampler and seed,
   objective, the config's values); a study name is kept for one definition, and the
   default name is derived from it.
-- `PerTrialSeed` seeds the sampler afresh for each trial from (seed, trial number), so
-  workers and resumes that start the same sampler never draw the same sequence.
-- `ReportToStudy` records each job's outcome in the study from the process that ran
-  it, as the job returns, so no signal arriving afterwards can lose it.
+- `record` and `cut_off` tell the study how a trial ended, once; `trial` finds a trial
+  to record from any process (callbacks.ReportToStudy records each job's outcome from
+  the process that ran it).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -24,17 +22,16 @@ from typing import Any
 
 import optuna
 import sqlalchemy.exc
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.samplers import BaseSampler
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from fashion_sweep import sqlite_wal
 from fashion_sweep.config import flatten
-from fashion_sweep.redaction import one_line, redact
-from fashion_sweep.schedule import CUT_OFF, FAILURE, PRUNED, trial_seed
+from fashion_sweep.sweeps.schedule import CUT_OFF, FAILURE, PRUNED
+from fashion_sweep.tracking import sqlite_wal, stores
+from fashion_sweep.tracking.redaction import one_line, redact
 
 log = logging.getLogger(__name__)
 DEFINITION = "definition"  # study user attr
@@ -51,8 +48,9 @@ RUNTIME_KEYS = (
     "trainer.log_interval",
 )
 # The storages this process opened, by URL (None: in memory), so jobs that run in the
-# sweep's own process record into the sweep's storage.
+# sweep's own process record into the sweep's storage; and the studies it records into.
 _STORAGES: dict[str | None, Any] = {}
+_RECORDING: dict[tuple[str | None, str], tuple[optuna.Study, Any, int] | None] = {}
 _ABSENT = object()
 # what a database says to a worker that lost the race to create its tables
 RACE_SIGNS = ("already exists", "duplicate key", "database is locked", "UNIQUE constraint")
@@ -96,15 +94,31 @@ def storage(url: str | None, heartbeat_interval: int, grace_period: int, on_stal
             if not racing or attempt == 4:
                 raise StudyError(f"storage {redact(url)}: {one_line(error)}") from None
             time.sleep(1 + attempt)
-    _STORAGES[url] = opened
+    _STORAGES[key(url)] = opened
     return opened
+
+
+def key(url: str | None) -> str | None:
+    """A storage's URL as this process's key for it: a relative SQLite path made
+    absolute, since the same URL names another file from another folder."""
+    try:
+        path = stores.sqlite_path(url) if url else None
+    except ValueError:
+        return url
+    return f"sqlite:///{path.resolve()}" if path else url
+
+
+def forget() -> None:
+    """Drops what this process holds open (tests that run sweeps in one process)."""
+    _STORAGES.clear()
+    _RECORDING.clear()
 
 
 def open_study(
     name: str, where: Any, sampler: BaseSampler, direction: str, pruner: Any = None
 ) -> tuple[optuna.Study, bool]:
     """The study, and whether this process created it (the database decides the race).
-    The pruner decides nothing here (each trial asks its own, study.Pruning); the
+    The pruner decides nothing here (each trial asks its own, pruning.Pruning); the
     sampler reads it (TPE keeps Hyperband's brackets apart)."""
     try:
         return optuna.create_study(
@@ -202,39 +216,6 @@ def _under(key: str, roots: tuple[str, ...]) -> bool:
     return any(key == root or key.startswith(f"{root}.") for root in roots)
 
 
-class PerTrialSeed(BaseSampler):
-    """The configured sampler, made afresh for each trial with the seed
-    schedule.trial_seed(seed, trial number): reproducible for a seed, and never the same
-    draws for two trials, whichever process or resume asks for them."""
-
-    def __init__(self, make: Callable[..., BaseSampler], seed: int | None) -> None:
-        self._make, self._seed = make, seed
-        self._sampler = make(seed=seed)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._sampler = self._make(seed=trial_seed(self._seed, trial.number))
-        self._sampler.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
-        return self._sampler.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: dict) -> dict:
-        return self._sampler.sample_relative(study, trial, space)
-
-    def sample_independent(
-        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: BaseDistribution
-    ) -> Any:
-        return self._sampler.sample_independent(study, trial, name, distribution)
-
-    def after_trial(
-        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
-    ) -> None:
-        self._sampler.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self._sampler.reseed_rng()
-
-
 def tell(study: optuna.Study, trial: optuna.Trial | int, **result: Any) -> None:
     """study.tell; raises ValueError or UpdateFinishedTrialError if the trial had ended."""
     try:
@@ -255,7 +236,7 @@ def record(
 ) -> bool:
     """Tells the study a trial's outcome: its value, the reason it failed (user attr
     `failure_reason`), or that it was pruned after epoch `pruned` (PRUNED, user attr
-    `pruned`; a train.Objective says so itself), with its MLflow run. False if the
+    `pruned`; a run.Objective says so itself), with its MLflow run. False if the
     trial had already been ended (cut off by the sweep, or found dead)."""
     pruned = pruned or getattr(outcome, "pruned", None)
     try:
@@ -296,16 +277,25 @@ def trial(url: str | None, name: str, number: int) -> tuple[optuna.Study, optuna
     return recording, optuna.trial.Trial(recording, trial_id)
 
 
-@functools.cache
 def _for_recording(url: str | None, name: str) -> tuple[optuna.Study, Any, int] | None:
-    where = _STORAGES.get(url)
+    """The study to record into, opened once per process (a worker's trials share it)."""
+    if (key(url), name) not in _RECORDING:
+        _RECORDING[key(url), name] = load(url, name)
+    return _RECORDING[key(url), name]
+
+
+def load(url: str | None, name: str, pruner: Any = None) -> tuple[optuna.Study, Any, int] | None:
+    """Study `name` for recording into (no sampling), its storage and its id: the
+    storage this process opened, or a new connection; None for a study in another
+    process's memory."""
+    where = _STORAGES.get(key(url))
     if where is None:
         if url is None:
             return None  # in memory, in another process: the sweep records the outcome
         sqlite_wal.enable()
         where = optuna.storages.RDBStorage(url)
     sampler = optuna.samplers.RandomSampler()  # constructing a Trial asks the sampler
-    recording = optuna.load_study(study_name=name, storage=where, sampler=sampler)
+    recording = optuna.load_study(study_name=name, storage=where, sampler=sampler, pruner=pruner)
     return recording, where, where.get_study_id_from_name(name)
 
 
@@ -317,59 +307,9 @@ def outcome_of(
     try:
         outcome = job.return_value  # re-raises the job's exception
     except Exception as error:
-        from fashion_sweep.tracking import trial_run_id  # a failed job's run: look it up
+        from fashion_sweep.tracking.sweep_runs import trial_run_id  # a failed job's run
 
         return one_line(error), trial_run_id(uri, parent_run_id, number)
     except BaseException:
         return None
-    return outcome, getattr(outcome, "run_id", None)  # train.Objective carries it
-
-
-@functools.cache  # per process: a worker's trials share the study and its storage
-def _for_pruning(url: str, name: str, spec: str) -> tuple[optuna.Study, Any, int]:
-    from hydra.utils import instantiate
-
-    pruner = instantiate(json.loads(spec), _execution_whitelist_=["optuna.pruners.*"])
-    sqlite_wal.enable()
-    where = _STORAGES.get(url) or optuna.storages.RDBStorage(url)
-    sampler = optuna.samplers.RandomSampler()  # constructing a Trial asks the sampler
-    study = optuna.load_study(study_name=name, storage=where, sampler=sampler, pruner=pruner)
-    return study, where, where.get_study_id_from_name(name)
-
-
-class Pruning:
-    """A trial's side of pruning, in the process that trains it: each epoch's value of
-    the optimized metric goes to its Optuna trial (intermediate values, step = epoch),
-    and the study's pruner says whether to stop there."""
-
-    def __init__(self, url: str, name: str, number: int, pruner: DictConfig) -> None:
-        spec = json.dumps(OmegaConf.to_container(pruner, resolve=True), sort_keys=True)
-        study, where, study_id = _for_pruning(url, name, spec)
-        trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
-        self.trial = optuna.trial.Trial(study, trial_id)
-
-    def __call__(self, epoch: int, value: float, last: bool = False) -> bool:
-        """Reports `value` for `epoch`; True if the trial should stop after it (never
-        after its `last` epoch: it trained in full, so it is complete)."""
-        self.trial.report(value, step=epoch)
-        return not last and self.trial.should_prune()
-
-
-class ReportToStudy(Callback):
-    """Records each trial's outcome from the process that ran it, as its job returns
-    (conf/sweep/optuna.yaml lists it in hydra.callbacks). A job cut off by a signal is
-    left to the sweep, which marks it so."""
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        name, number = config.tracking.get("study"), config.tracking.get("trial")
-        if not name or number is None:
-            return
-        found = trial(config.hydra.sweeper.get("storage"), name, number)
-        if found is None:
-            return
-        ended = outcome_of(job_return, config.tracking.uri, config.tracking.parent_run_id, number)
-        if ended is None:
-            return
-        outcome, run_id = ended
-        if not record(*found, outcome, run_id):
-            log.warning(f"Trial {number} had been cut off before its result came; not recorded")
+    return outcome, getattr(outcome, "run_id", None)  # run.Objective carries it

@@ -1,0 +1,11 @@
+"""The sweeps layer: our Optuna sweeper for Hydra.
+
+plugin.py is the Hydra plugin (configuration only, imported by every run); settings.py
+its values and their checks; opening.py what a sweep opens before its first trial (the
+search space from space.py, the sampler from sampler.py, the study from study.py, its
+folder and MLflow parent run); loop.py the loop that asks, launches and records;
+schedule.py the loop's decisions as pure functions; workers.py whether a worker is
+alive; report.py the results, plots and parent run at the end; pruning.py a trial's
+side of pruning; callbacks.py the Hydra callbacks (a job's outcome recorded, a plain
+multirun's jobs checked, passwords masked); compose.py a sweep's config composed once.
+"""

@@ -1,0 +1,248 @@
+"""One worker's run of a sweep: ask the study for trials, launch them, until it is done.
+
+`Sweep.run` opens the sweep (opening.py), then loops: fail the trials whose workers are
+gone and queue their configurations again, stop when too many trials failed, ask for as
+many trials as are missing (never a configuration the study holds), launch them, and
+wait for other workers' trials when nothing is left to ask. Each job records its own
+outcome in the study as it returns (callbacks.ReportToStudy); what the loop cuts off
+when it is interrupted is marked so, and runs again on the next run. The decisions are
+schedule.py's; the end is report.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from datetime import datetime
+from typing import Any
+
+import optuna
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig
+from optuna.trial import FrozenTrial, TrialState
+
+from fashion_sweep import signals
+from fashion_sweep.sweeps import report, schedule, study, workers
+from fashion_sweep.sweeps.compose import ComposeOnce
+from fashion_sweep.sweeps.opening import open_sweep
+from fashion_sweep.sweeps.settings import Settings, SweepError
+from fashion_sweep.tracking import sweep_runs
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 2.0  # how often a worker with nothing to run looks at the others' trials
+DEAD_WORKER = "interrupted: its sweep worker died"  # failure_reason of a crashed trial's run
+SAY_EVERY = 30.0  # seconds between the lines saying what a waiting worker waits for
+
+
+class Sweep:
+    def __init__(
+        self, settings: Settings, config: DictConfig, launcher: Launcher, compose: ComposeOnce
+    ) -> None:
+        self.settings, self.config, self.launcher, self.compose = (
+            settings,
+            config,
+            launcher,
+            compose,
+        )
+        self.pending: list[optuna.Trial] = []  # asked by this worker, not yet recorded
+        self.job_idx = 0
+        self.ids: dict[int, int] = {}  # trial number -> the storage's trial id
+        self.said: tuple[Any, float] = ((), 0.0)  # what the last waiting line said, when
+
+    def run(self, arguments: list[str]) -> None:
+        self.opened = open_sweep(
+            self.settings, self.config, self.compose, arguments, self._on_stale
+        )
+        self.beats = workers.Heartbeats(self._beat, self.settings.heartbeat_interval)
+        try:
+            self._loop()
+            report.finish(self.opened)
+        except BaseException as error:
+            why = signals.reason(error)  # Ctrl-C, SIGTERM, SIGHUP, or an error here
+            for trial in list(self.pending):
+                try:
+                    self._settle(self.opened.study, trial, why)
+                except Exception:  # MLflow out of reach: the study is what counts
+                    study.cut_off(self.opened.study, trial, why)
+            sweep_runs.close_sweep_run(self.opened.parent, error)
+            raise
+        finally:
+            self.beats.stop()
+
+    def _loop(self) -> None:
+        n_trials, settings = self.opened.n_trials, self.settings
+        while True:
+            trials = self._reap()
+            state = schedule.tally(trials)
+            if why := schedule.too_many_failures(state, n_trials, settings.max_failure_rate):
+                raise SweepError(why)
+            wanted = schedule.to_ask(state, n_trials, settings.n_jobs)
+            if wanted:
+                asked = self._ask(wanted)
+                if asked:
+                    self._launch(asked)
+            elif state.running:
+                self._wait(state.running)
+            else:
+                return
+
+    def _reap(self) -> list[FrozenTrial]:
+        """Ends the running trials whose workers are gone, queues again what was cut off
+        (as far as n_trials has room); the study's trials after that."""
+        held = self.opened.study
+        study.quiet(optuna.storages.fail_stale_trials, held)  # by heartbeat: _on_stale
+        trials = held.get_trials(deepcopy=False)
+        now, grace = datetime.now(), self.settings.grace_period
+        stale = [
+            t
+            for t in trials
+            if schedule.stale(t, workers.alive(t.user_attrs.get("worker")), now, grace)
+        ]
+        for trial in stale:
+            found = study.trial(self.settings.storage, self.opened.name, trial.number)
+            if found and self._settle(*found, "crashed"):
+                log.warning(self._gone(trial))
+        if stale:
+            trials = held.get_trials(deepcopy=False)
+        due = schedule.retries_due(trials, self.opened.space.searched, self.opened.n_trials)
+        for trial in due:
+            held.enqueue_trial(trial.params, user_attrs={schedule.RETRY_OF: trial.number})
+            log.info(f"Trial {trial.number} was cut off: its configuration runs again")
+        return held.get_trials(deepcopy=False) if due else trials
+
+    def _settle(self, holder: optuna.Study, trial: optuna.Trial, why: str) -> bool:
+        """Ends a trial that will run no further. A job that ended its MLflow run but was
+        cut off before it recorded its outcome is recorded as its run ended; any other
+        trial is cut off (user attr `interrupted`), its MLflow run KILLED. True if it was
+        cut off here."""
+        uri = self.config.tracking.uri
+        run = sweep_runs.trial_run(uri, self.opened.parent, trial.number)
+        ended = sweep_runs.ended_as(run, self.opened.metric) if run else None
+        if ended is not None:
+            pruned = run.data.tags.get(schedule.PRUNED)
+            study.record(holder, trial, ended, run.info.run_id, int(pruned) if pruned else None)
+            return False
+        if not study.cut_off(holder, trial, why):
+            return False
+        sweep_runs.kill_trial_run(uri, run, DEAD_WORKER if why == "crashed" else why)
+        return True
+
+    def _on_stale(self, _: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's callback for a trial it failed because its heartbeat stopped."""
+        log.warning(self._gone(trial))
+        uri = self.config.tracking.uri
+        run = sweep_runs.trial_run(uri, self.opened.parent, trial.number)
+        sweep_runs.kill_trial_run(uri, run, DEAD_WORKER)
+
+    def _gone(self, trial: FrozenTrial) -> str:
+        worker = workers.name(trial.user_attrs.get("worker"))
+        return f"Trial {trial.number} (worker {worker}) was cut off: marked failed"
+
+    def _ask(self, wanted: int) -> list[optuna.Trial]:
+        """Up to `wanted` new trials, each with this worker's heartbeat and name; a trial
+        that overshoots n_trials or repeats a held configuration steps aside."""
+        held, asked = self.opened.study, []
+        for _ in range(wanted + 10):  # a few redraws for repeats, then what there is
+            if len(asked) == wanted:
+                break
+            trial = study.quiet(held.ask, self.opened.space.searched)
+            self.pending.append(trial)
+            self.beats.add(self._trial_id(trial.number))  # a sign of life, then a name
+            trial.set_user_attr("worker", workers.me())
+            if self.opened.extend is not None:
+                self.opened.extend(self.config, trial)
+            trials = held.get_trials(deepcopy=False)
+            frozen = next(t for t in trials if t.number == trial.number)
+            if schedule.surplus(trial.number, trials, self.opened.n_trials):
+                self._step_aside(trial, "surplus")
+                break
+            if schedule.duplicate(frozen, trials) and self._redraw(trials, trial.number):
+                self._step_aside(trial, "duplicate")
+                continue
+            asked.append(trial)
+        return asked
+
+    def _redraw(self, trials: list[FrozenTrial], number: int) -> bool:
+        """Whether a repeated configuration is drawn again: always, where the space is
+        infinite; in a finite one while points are left, one of which is queued."""
+        if self.opened.points is None:
+            return True
+        left = schedule.unheld(self.opened.points, trials)
+        if not left:
+            return False  # the space has fewer points than n_trials: repeats must come
+        pick = random.Random(schedule.trial_seed(self.settings.seed, number)).choice(left)
+        self.opened.study.enqueue_trial(pick)
+        return True
+
+    def _launch(self, asked: list[optuna.Trial]) -> None:
+        overrides = [self._overrides(trial) for trial in asked]
+        returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+        self.job_idx += len(returns)
+        ended = {t.number: t for t in self.opened.study.get_trials(deepcopy=False)}
+        for trial, job in zip(asked, returns, strict=True):
+            reason = ended[trial.number].user_attrs.get(schedule.FAILURE)
+            if ended[trial.number].state == TrialState.RUNNING:  # its job could not record it
+                reason = self._record(trial, job)
+            if reason:
+                log.warning(f"Trial {trial.number} failed: {reason}")
+            elif pruned := ended[trial.number].user_attrs.get(schedule.PRUNED):
+                log.info(f"Trial {trial.number} pruned after epoch {pruned}")
+            self.beats.discard(self._trial_id(trial.number))
+            self.pending.remove(trial)
+
+    def _record(self, trial: optuna.Trial, job: Any) -> str | None:
+        """Records a job's outcome here (a study in this process's memory, a job whose
+        process died); the reason it failed, if it did."""
+        uri, parent = self.config.tracking.uri, self.opened.parent
+        ended = study.outcome_of(job, uri, parent, trial.number)
+        if ended is None:
+            return None
+        outcome, run_id = ended
+        study.record(self.opened.study, trial, outcome, run_id)
+        return outcome if isinstance(outcome, str) else None
+
+    def _overrides(self, trial: optuna.Trial) -> tuple[str, ...]:
+        """A trial's overrides: its values, the fixed ones, and its place in MLflow."""
+        space, name = self.opened.space, self.opened.name
+        values = {**trial.params, **space.fixed}
+        return (
+            *(f"{key}={value}" for key, value in values.items()),
+            *space.fixed_overrides,
+            f"tracking.parent_run_id='{self.opened.parent}'",
+            f"tracking.trial={trial.number}",
+            f"tracking.study='{name}'",
+            f"tracking.run_name='{name} trial {trial.number}'",
+        )
+
+    def _step_aside(self, trial: optuna.Trial, why: str) -> None:
+        """Cuts off a trial of this worker's that never ran (surplus, duplicate)."""
+        study.cut_off(self.opened.study, trial, why)
+        self.beats.discard(self._trial_id(trial.number))
+        self.pending.remove(trial)
+
+    def _wait(self, running: list[FrozenTrial]) -> None:
+        """Waits for other workers' trials, saying which, and until when at most."""
+        now = time.monotonic()
+        numbers = tuple(t.number for t in running)
+        if numbers != self.said[0] or now - self.said[1] > SAY_EVERY:
+            whose = ", ".join(
+                f"{t.number} ({workers.name(t.user_attrs.get('worker'))})" for t in running
+            )
+            log.info(
+                f"Waiting for trials of other workers: {whose}; a trial whose worker "
+                f"stops beating is failed after {self.settings.grace_period} s"
+            )
+            self.said = (numbers, now)
+        time.sleep(POLL_SECONDS)
+
+    def _trial_id(self, number: int) -> int:
+        if number not in self.ids:
+            self.ids[number] = self.opened.where.get_trial_id_from_study_id_trial_number(
+                self.opened.study_id, number
+            )
+        return self.ids[number]
+
+    def _beat(self, trial_id: int) -> None:
+        if hasattr(self.opened.where, "record_heartbeat"):  # a database, not memory
+            self.opened.where.record_heartbeat(trial_id)

@@ -1,0 +1,179 @@
+"""What one worker's sweep opens before its first trial, in order: the search space and
+the sampler (checked before any store opens), a trial's config checked as a run would
+check it, the study (created, or joined and held to its definition), this worker's
+sweep folder, and the study's MLflow parent run. `open_sweep` returns all of it as one
+`Opened`; the loop (loop.py) reads it and changes none of it."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, read_write
+
+from fashion_sweep.config import ConfigError
+from fashion_sweep.core.data import DataError
+from fashion_sweep.sweeps import sampler, space, study, workers
+from fashion_sweep.sweeps.compose import ComposeOnce
+from fashion_sweep.sweeps.schedule import tally
+from fashion_sweep.sweeps.settings import Settings, SweepError
+from fashion_sweep.tracking import sweep_runs
+from fashion_sweep.tracking.redaction import mask_log_records, redact
+
+log = logging.getLogger(__name__)
+PARENT_RUN = "mlflow_parent_run_id"  # study user attr
+
+
+@dataclass(frozen=True)
+class Opened:
+    space: space.Space
+    points: list[dict[str, Any]] | None  # every configuration of a finite space
+    extend: Callable[..., Any] | None  # hydra.sweeper.custom_search_space's function
+    n_trials: int  # the settings' n_trials, or less where the sampler has fewer (grid)
+    metric: str
+    name: str  # the study's
+    where: Any  # its storage
+    study: optuna.Study
+    study_id: int
+    sweep_dir: str  # this worker's
+    parent: str  # the MLflow parent run's id
+
+
+def open_sweep(
+    settings: Settings,
+    config: DictConfig,
+    compose: ComposeOnce,
+    arguments: list[str],
+    on_stale: Callable[[optuna.Study, Any], None],
+) -> Opened:
+    """Opens what the sweep needs; `on_stale` is told of each trial Optuna fails because
+    its heartbeat stopped. Raises SweepError for what a user must change."""
+    mask_log_records()  # the launchers log each job's overrides, URIs and all
+    params = [f"{k}={v}" for k, v in (settings.params or {}).items()]
+    searched = space.parse(params + arguments, config)
+    extend = _extender(settings.custom_search_space)
+    chosen, n_trials = sampler.make_sampler(settings.sampler, searched.searched, settings.n_trials)
+    preflight(config, compose, searched)
+    metric = config.optimized_metric
+    direction = space.direction(settings.direction, metric)
+    defined = study.definition(
+        config,
+        searched.searched,
+        searched.fixed,
+        settings.sampler,
+        metric,
+        direction,
+        settings.custom_search_space,
+        settings.pruner if settings.prunes else None,
+    )
+    name = settings.study_name or study.default_name(defined)
+    try:
+        where = study.storage(
+            settings.storage, settings.heartbeat_interval, settings.grace_period, on_stale
+        )
+        pruner = settings.make_pruner()  # TPE samples Hyperband's brackets apart
+        held, created = study.open_study(name, where, chosen, direction, pruner)
+        study.check_definition(held, defined, created)
+    except study.StudyError as error:
+        raise SweepError(str(error)) from None
+    sweep_dir = claim_sweep_dir(config, compose)
+    shown = redact(settings.storage) if settings.storage else "memory"
+    tags = {
+        "optuna.study_name": name,
+        "optuna.storage": shown,
+        "optuna.n_trials": str(n_trials),
+        "optuna.direction": direction,
+        "optimized_metric": metric,
+        "sweep_dir": str(Path(sweep_dir).resolve()),
+        **{f"space.{k}": str(v) for k, v in searched.searched.items()},
+    }
+    parent = parent_run(held, created, config, name, tags)
+    counted = len(tally(held.get_trials(deepcopy=False)).counted)
+    log.info(
+        f"Study {name!r} in {shown}: {counted} of {n_trials} trials finished; this worker "
+        f"({workers.me()['id']}) runs up to {settings.n_jobs} at a time"
+    )
+    study_id = where.get_study_id_from_name(name)
+    return Opened(
+        searched, space.points(searched.searched), extend, n_trials, metric, name, where,
+        held, study_id, sweep_dir, parent,
+    )  # fmt: skip
+
+
+def preflight(config: DictConfig, compose: ComposeOnce, searched: space.Space) -> None:
+    """A trial's config, checked before any store opens (preflight.check, then prepare,
+    which also sets up the MLflow store and the data on first use): a value no trial
+    can run with is refused now, not trial after trial. What depends on the trial's
+    own values (a learning rate the space allows) is left to the trial."""
+    from fashion_sweep.preflight import check, prepare
+
+    point = {name: space.some_value(d) for name, d in searched.searched.items()}
+    lines = [f"{k}={v}" for k, v in {**point, **searched.fixed}.items()]
+    try:
+        trial_config = compose.load_sweep_config(config, [*lines, *searched.fixed_overrides])
+    except HydraException:
+        return  # this point does not compose (a group's own keys): each trial says so
+    try:
+        check(trial_config, try_step=False)  # a trial takes check()'s step where it trains
+        prepare(trial_config)
+    except ConfigError as error:
+        if not space.related(error.keys, searched.searched):
+            raise SweepError(str(error)) from None
+    except DataError as error:
+        raise SweepError(str(error)) from None
+
+
+def _extender(name: str | None) -> Callable[..., Any] | None:
+    """hydra-optuna-sweeper's custom_search_space: a function the sweep's config names
+    to suggest more parameters per trial; None if there is none."""
+    if not name:
+        return None
+    try:  # the sweep's own config names it, as the plugin lets it
+        return instantiate({"_target_": name, "_partial_": True}, _execution_whitelist_=name)
+    except Exception as error:
+        raise SweepError(f"hydra.sweeper.custom_search_space={name}: {error}") from None
+
+
+def claim_sweep_dir(config: DictConfig, compose: ComposeOnce) -> str:
+    """This worker's own sweep folder: Hydra's, or with `-1`, `-2`, ... added when
+    another worker started in the same second. Set into the sweep's config (which the
+    launcher reads) and into every job's (composed by `compose`). Trial folders are
+    trial numbers."""
+    base = Path(str(config.hydra.sweep.dir))
+    for n in itertools.count():
+        path = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
+    with read_write(config.hydra.sweep):
+        config.hydra.sweep.dir = str(path)
+    compose.sweep_dir = str(path)
+    return str(path)
+
+
+def parent_run(
+    held: optuna.Study, created: bool, config: DictConfig, name: str, tags: dict[str, str]
+) -> str:
+    """The study's MLflow parent run, made by the worker that created the study and
+    kept in the study (user attr), so every worker and every resume finds it."""
+    parent = held.user_attrs.get(PARENT_RUN)
+    for _ in range(0 if created else 60):  # the creator is making it: wait a little
+        if parent:
+            break
+        time.sleep(0.5)
+        parent = held.user_attrs.get(PARENT_RUN)
+    tracking = config.tracking
+    run_id = sweep_runs.open_sweep_run(tracking.uri, tracking.experiment, name, tags, parent)
+    if run_id != parent:
+        held.set_user_attr(PARENT_RUN, run_id)
+    return run_id

@@ -1,0 +1,55 @@
+"""A trial's side of pruning, in whatever process trains it: each epoch's value of the
+optimized metric goes to its Optuna trial, and the study's pruner says whether to stop.
+Hydra's Optuna sweeper cannot do this (hydra #1710, #1954): its jobs never see their
+trial; here every trial lives in the persistent study, which the job opens itself."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_sweep.sweeps import study
+from fashion_sweep.sweeps.settings import NO_PRUNER
+
+# The studies this process reports into, by (storage, study, pruner): a worker's trials
+# share the study and its storage.
+_STUDIES: dict[tuple[Any, str, str], tuple[optuna.Study, Any, int]] = {}
+
+
+class Pruning:
+    """The link of trial `number` to its study's pruner: `prune` for run.run_epochs."""
+
+    def __init__(self, url: str, name: str, number: int, pruner: DictConfig) -> None:
+        spec = json.dumps(OmegaConf.to_container(pruner, resolve=True), sort_keys=True)
+        if (study.key(url), name, spec) not in _STUDIES:
+            from hydra.utils import instantiate
+
+            made = instantiate(json.loads(spec), _execution_whitelist_=["optuna.pruners.*"])
+            _STUDIES[study.key(url), name, spec] = study.load(url, name, made)
+        held, where, study_id = _STUDIES[study.key(url), name, spec]
+        trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
+        self.trial = optuna.trial.Trial(held, trial_id)
+
+    def __call__(self, epoch: int, value: float, last: bool = False) -> bool:
+        """Reports `value` for `epoch`; True if the trial should stop after it (never
+        after its `last` epoch: it trained in full, so it is complete)."""
+        self.trial.report(value, step=epoch)
+        return not last and self.trial.should_prune()
+
+
+def pruning(cfg: DictConfig, hydra_cfg: DictConfig) -> Pruning | None:
+    """A trial's link to its study's pruner, where its sweep has one; None for a single
+    run (which imports no Optuna) and for a sweep without a pruner."""
+    from hydra.types import RunMode
+
+    pruner = hydra_cfg.sweeper.get("pruner") if hydra_cfg.mode == RunMode.MULTIRUN else None
+    if not pruner or pruner._target_ == NO_PRUNER or cfg.tracking.trial is None:
+        return None
+    return Pruning(hydra_cfg.sweeper.storage, cfg.tracking.study, cfg.tracking.trial, pruner)
+
+
+def forget() -> None:
+    _STUDIES.clear()

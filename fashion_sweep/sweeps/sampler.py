@@ -1,0 +1,85 @@
+"""The sweep's sampler: the one hydra.sweeper.sampler names, its arguments checked before
+any store opens, seeded afresh for each trial from (seed, trial number) so that workers
+and resumes that start the same sampler never draw the same sequence."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from fashion_sweep.sweeps.schedule import trial_seed
+from fashion_sweep.sweeps.settings import SweepError
+from fashion_sweep.sweeps.space import values
+
+SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
+# Samplers whose seed fixes one sequence of points that trials take by number or by what
+# is left (the same in every process): seeded once, not per trial.
+SEQUENCES = (optuna.samplers.GridSampler, optuna.samplers.QMCSampler)
+
+
+def make_sampler(
+    config: DictConfig, space: dict[str, BaseDistribution], n_trials: int
+) -> tuple[BaseSampler, int]:
+    """The configured sampler, and the number of trials it can give: n_trials, or for
+    the grid sampler at most the grid's size."""
+    try:
+        make = instantiate(config, _partial_=True, _execution_whitelist_=SAMPLERS)
+    except HydraException as error:
+        raise SweepError(f"hydra.sweeper.sampler: {str(error).splitlines()[0]}") from None
+    kind = make.func
+    if kind is optuna.samplers.GridSampler:  # the grid sampler wants the space
+        grid = {name: values(d) for name, d in space.items()}
+        if any(v is None for v in grid.values()):
+            raise SweepError("the grid sampler needs a finite search space (choice, range)")
+        make = functools.partial(make, grid)
+        n_trials = min(n_trials, math.prod(len(v) for v in grid.values()))
+    try:
+        first = make()  # its arguments, checked here, before any store opens
+    except (TypeError, ValueError) as error:
+        raise SweepError(f"hydra.sweeper.sampler: {str(error).splitlines()[0]}") from None
+    if kind in SEQUENCES:
+        return first, n_trials
+    return PerTrialSeed(make, config.get("seed")), n_trials
+
+
+class PerTrialSeed(BaseSampler):
+    """The configured sampler, made afresh for each trial with the seed
+    schedule.trial_seed(seed, trial number): reproducible for a seed, and never the same
+    draws for two trials, whichever process or resume asks for them."""
+
+    def __init__(self, make: Callable[..., BaseSampler], seed: int | None) -> None:
+        self._make, self._seed = make, seed
+        self._sampler = make(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler = self._make(seed=trial_seed(self._seed, trial.number))
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: dict) -> dict:
+        return self._sampler.sample_relative(study, trial, space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: BaseDistribution
+    ) -> Any:
+        return self._sampler.sample_independent(study, trial, name, distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
+    ) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()

@@ -1,0 +1,119 @@
+"""A sweep's search space: hydra-optuna-sweeper's grammar parsed into Optuna
+distributions, each bad parameter named; the direction checked against the metric; the
+points of a finite space."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from fashion_sweep.sweeps.settings import SweepError
+
+MAX_POINTS = 100_000  # a finite space larger than this is treated as infinite
+
+
+@dataclass
+class Space:
+    searched: dict[str, BaseDistribution] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)  # `key=value` as parsed (strings)
+    fixed_overrides: list[str] = field(default_factory=list)  # deletes (~key), as typed
+
+
+def parse(params: list[str], config: DictConfig) -> Space:
+    """hydra-optuna-sweeper's parsing, with each bad parameter named in the error."""
+    space = Space()
+    for line in params:
+        try:
+            (override,) = OverridesParser.create().parse_overrides([line])
+        except HydraException as error:
+            raise SweepError(f"sweep parameter {line!r}: {error}") from None
+        if override.is_delete():
+            space.fixed_overrides.append(line)
+            continue
+        key = override.get_key_element()
+        if not key.startswith("+") and not exists(config, key):
+            raise SweepError(f"sweep parameter {key!r} is not a key of the config")
+        try:
+            value = create_optuna_distribution_from_override(override)
+        except (ValueError, AssertionError) as error:
+            raise SweepError(f"sweep parameter {key!r} ({line}): {error}") from None
+        if isinstance(value, BaseDistribution):
+            space.searched[key] = value
+        else:
+            space.fixed[key] = value
+    for key in space.fixed:
+        space.searched.pop(key, None)
+    return space
+
+
+def exists(config: Any, key: str) -> bool:
+    if key in config.hydra.runtime.choices:  # a config group, e.g. optimizer=choice(sgd,adam)
+        return True
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    return node is not None and leaf in node
+
+
+def direction(setting: Any, metric: str) -> str:
+    """hydra.sweeper.direction as one direction, the one `metric` needs."""
+    if not isinstance(setting, str):
+        directions = list(setting) if OmegaConf.is_list(setting) else [setting]
+        if len(directions) != 1:
+            raise SweepError("hydra.sweeper.direction: one direction, for optimized_metric")
+        setting = getattr(directions[0], "name", directions[0])
+    expected = "minimize" if metric.endswith("loss") else "maximize"
+    if setting != expected:
+        raise SweepError(
+            f"hydra.sweeper.direction={setting} would {setting} {metric}; "
+            f"set hydra.sweeper.direction={expected}"
+        )
+    return setting
+
+
+def related(keys: tuple[str, ...], space: dict[str, BaseDistribution]) -> bool:
+    """Whether an error about `keys` may depend on the searched values: a key of the
+    space, inside one (`optimizer` for `optimizer=choice(sgd,adam)`), or holding one."""
+    searched = [name.lstrip("+~") for name in space]
+    return any(
+        key == name or key.startswith(f"{name}.") or name.startswith(f"{key}.")
+        for key in keys
+        for name in searched
+    )
+
+
+def some_value(distribution: BaseDistribution) -> Any:
+    """A value the search space holds: its first choice, or its low end."""
+    choices = getattr(distribution, "choices", None)
+    return choices[0] if choices else distribution.low
+
+
+def points(space: dict[str, BaseDistribution]) -> list[dict[str, Any]] | None:
+    """Every configuration of a finite space, or None if it is not finite (or huge)."""
+    each = {name: values(distribution) for name, distribution in space.items()}
+    if any(v is None for v in each.values()) or math.prod(map(len, each.values())) > MAX_POINTS:
+        return None
+    return [dict(zip(each, combo, strict=True)) for combo in itertools.product(*each.values())]
+
+
+def values(distribution: BaseDistribution) -> list[Any] | None:
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return list(range(distribution.low, distribution.high + 1, distribution.step))
+    if isinstance(distribution, FloatDistribution) and distribution.step is not None:
+        count = round((distribution.high - distribution.low) / distribution.step) + 1
+        return [distribution.low + k * distribution.step for k in range(count)]
+    return None

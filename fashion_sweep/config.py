@@ -57,7 +57,7 @@ class Loader(str, Enum):
 class DataConfig:
     root: str = "data"  # holds FashionMNIST/raw/; prepared from Debian's copy if missing
     download: bool = False  # let torchvision download the data (needs the internet)
-    loader: Loader = Loader.resident  # same numbers as torch, 3x faster here (README)
+    loader: Loader = Loader.resident  # same numbers as torch, faster (docs/performance.md)
     batch_size: int = 64
     shuffle: bool = False  # the tutorial does not shuffle
     num_workers: int = 0  # DataLoader worker processes (loader=torch only)

@@ -51,6 +51,12 @@ def capturable(cfg: DictConfig) -> dict[str, bool]:
     return {}
 
 
+def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The trial's model on `device`, its weights seeded by trainer.seed."""
+    torch.manual_seed(cfg.trainer.seed)
+    return instantiate(cfg.model, _execution_whitelist_=TARGETS).to(device)
+
+
 def trainer_tags(device: torch.device) -> dict[str, str]:
     """A training run's tags from the process that trains it."""
     return {
@@ -234,10 +240,9 @@ def _recorded(tracker: Tracker, run: Any, outcome: Any) -> Trained | BaseExcepti
 class Alone:
     """A single run's program: the tutorial's model, step and loaders, with its lines."""
 
-    failed: dict[int, BaseException] = {}  # noqa: RUF012 (never set: a divergence raises)
-
     def __init__(self, model: nn.Module, step: TrainStep, loaders: dict, cfg: DictConfig):
         self.model, self.step, self.loaders = model, step, loaders
+        self.failed: dict[int, BaseException] = {}  # stays empty: a divergence raises
         self.device = next(model.parameters()).device
         self.log_interval = cfg.trainer.log_interval
         self.ids = [0]
@@ -299,8 +304,7 @@ def train(
         data.num_workers,
         cfg.trainer.seed,
     )
-    torch.manual_seed(cfg.trainer.seed)
-    model = instantiate(cfg.model, _execution_whitelist_=TARGETS).to(device)
+    model = build_model(cfg, device)
     optimizer = instantiate(
         cfg.optimizer,
         params=model.parameters(),
@@ -314,6 +318,8 @@ def train(
     (outcome,) = run_epochs(
         Alone(model, step, loaders, cfg), [member], tracker, trainer_tags(device)
     ).values()
+    if isinstance(outcome, BaseException):  # not from these trackers: they raise at once
+        raise outcome
     print("Done!")
     if cfg.tracking.log_model:  # the tutorial's torch.save(model.state_dict(), ...)
         print(f"Saved PyTorch Model State to model.pth in MLflow run {outcome.run_id}")

@@ -42,7 +42,8 @@ SMALL = ["data.train_size=2000", "data.test_size=500", "trainer.epochs=2", "opti
 # trial alone moved by up to 1.4e-2 in test loss and 13 of 1,000 test images between
 # ATEN_CPU_CAPABILITY=default, avx2 and avx512 (SGD at lr 0.1, momentum 0.9), by 1.6e-4
 # at lr 0.1 without momentum, and by 1e-5 at lr 0.01 (a ReLU flipping at one weight);
-# noise of 2**-23 x max|g| in its gradients moved Adam's by 1.4e-2. In float64 the same
+# noise of 2**-23 x max|g| in its gradients moved Adam's by 1.4e-2; a packed member and
+# its trial alone differed by up to 9e-2 (Adam at lr 1e-2, 2 epochs). In float64 the same
 # comparisons moved by at most 1.1e-14 under all three kernels, for SGD up to lr 0.2
 # with momentum 0.9 and Adam up to lr 1e-2: what two orders of float64 sums differ by,
 # after the chaos of training has multiplied it. So the packed members are compared
@@ -141,11 +142,13 @@ def forget() -> None:
 
     from fashion_sweep import run
     from fashion_sweep.sweeps import pruning, study
+    from fashion_sweep.tracking import runs
 
     GlobalHydra.instance().clear()
     get_reusable_executor().shutdown(wait=True)
     study.forget()
     pruning.forget()
+    runs.forget()
     if run.settle_heap.cache_info().currsize:
         run.settle_heap.cache_clear()
         gc.unfreeze()

@@ -1,4 +1,5 @@
-"""The configs compose, overrides land where the README says, bad input is refused."""
+"""The configs compose, overrides land where docs/configuration.md says, bad input is
+refused."""
 
 from __future__ import annotations
 

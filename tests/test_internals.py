@@ -135,12 +135,10 @@ def test_mlflow_writes_an_artifact_through_the_runs_repository(tmp_path):
     """tracking/runs.py writes artifacts to the repository of the run as created
     (artifact_repository_registry), not through MLflow's log_artifact, which reads the
     run back first."""
-    import mlflow
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts")))
     (tmp_path / "model.pth").write_bytes(b"weights")

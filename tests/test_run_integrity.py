@@ -55,9 +55,10 @@ def test_a_signal_ends_a_run_killed_with_its_reason_and_the_conventional_status(
     run.send_signal(signum)
     assert run.wait(timeout=60) == -signum  # the shell shows 128 + signum
     expected = f"interrupted: {signal.Signals(signum).name}"
-    assert log.read_text().strip().splitlines()[-1] == f"error: {expected}"
+    said = log.read_text().strip().splitlines()
+    assert said[-1] == f"error: {expected}"
     (found,) = all_runs(tmp_path)
-    assert found.info.status == "KILLED"
+    assert found.info.status == "KILLED", (found.info, found.data.tags, said[-12:])
     assert found.data.tags["failure_reason"] == expected
     assert found.data.metrics["train/loss"] > 0  # what it logged is kept
 
@@ -137,6 +138,17 @@ def test_a_store_that_cannot_be_reached_is_one_line_before_the_data(main, tmp_pa
     assert garbage.returncode == 2
     (line,) = garbage.stderr.strip().splitlines()
     assert line.startswith("error: tracking.uri=garbage is not a store address")
+
+
+@pytest.mark.slow
+def test_the_commands_store_error_comes_back_from_its_mlflow_process_as_one_line(cli, tmp_path):
+    """A single run's store is opened by its MLflow process (tracking/side_process.py),
+    whose error the run reports as its own."""
+    done = cli("train", *QUICK, "tracking.uri=garbage")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: tracking.uri=garbage is not a store address")
+    assert "Using" not in done.stdout
 
 
 def test_predict_wants_a_run_with_a_model_and_never_makes_a_store(main, compose, store, tmp_path):

@@ -102,7 +102,7 @@ def _wall(command: list[str], cwd: str) -> float:
     return time.perf_counter() - start
 
 
-# The pruner the README recommends, as the overrides that select it (README, Pruning).
+# The pruner docs/sweeps.md recommends, as the overrides that select it.
 RECOMMENDED_PRUNER = ["hydra/sweeper/pruner=hyperband"]
 
 

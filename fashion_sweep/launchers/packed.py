@@ -26,12 +26,11 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fashion_sweep.config import ConfigError, plain
@@ -42,6 +41,7 @@ from fashion_sweep.run import (
     SPLIT_TITLES,
     Member,
     Objective,
+    build_model,
     capturable,
     run_epochs,
     settle_heap,
@@ -295,8 +295,7 @@ def _build(members: list[Member], device: Any) -> tuple[stacked.Pack, list[dict]
         loaders.append(
             make_loaders(splits, "resident", data.batch_size, device, data.shuffle, seed=seed)
         )
-        torch.manual_seed(seed)
-        models.append(instantiate(cfg.model, _execution_whitelist_=TARGETS).to(device))
+        models.append(build_model(cfg, device))
         kwargs = OmegaConf.to_container(cfg.optimizer, resolve=True)
         kwargs.pop("_target_")
         options.append({**kwargs, **capturable(cfg)})

@@ -24,12 +24,12 @@ class Pruning:
 
     def __init__(self, url: str, name: str, number: int, pruner: DictConfig) -> None:
         spec = json.dumps(OmegaConf.to_container(pruner, resolve=True), sort_keys=True)
-        if (study.key(url), name, spec) not in _STUDIES:
+        if (url, name, spec) not in _STUDIES:
             from hydra.utils import instantiate
 
             made = instantiate(json.loads(spec), _execution_whitelist_=["optuna.pruners.*"])
-            _STUDIES[study.key(url), name, spec] = study.load(url, name, made)
-        held, where, study_id = _STUDIES[study.key(url), name, spec]
+            _STUDIES[url, name, spec] = study.load(url, name, made)
+        held, where, study_id = _STUDIES[url, name, spec]
         trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
         self.trial = optuna.trial.Trial(held, trial_id)
 

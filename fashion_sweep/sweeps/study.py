@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from fashion_sweep.config import flatten
 from fashion_sweep.sweeps.schedule import CUT_OFF, FAILURE, PRUNED
-from fashion_sweep.tracking import sqlite_wal, stores
+from fashion_sweep.tracking import sqlite_wal
 from fashion_sweep.tracking.redaction import one_line, redact
 
 log = logging.getLogger(__name__)
@@ -94,18 +94,8 @@ def storage(url: str | None, heartbeat_interval: int, grace_period: int, on_stal
             if not racing or attempt == 4:
                 raise StudyError(f"storage {redact(url)}: {one_line(error)}") from None
             time.sleep(1 + attempt)
-    _STORAGES[key(url)] = opened
+    _STORAGES[url] = opened
     return opened
-
-
-def key(url: str | None) -> str | None:
-    """A storage's URL as this process's key for it: a relative SQLite path made
-    absolute, since the same URL names another file from another folder."""
-    try:
-        path = stores.sqlite_path(url) if url else None
-    except ValueError:
-        return url
-    return f"sqlite:///{path.resolve()}" if path else url
 
 
 def forget() -> None:
@@ -279,16 +269,16 @@ def trial(url: str | None, name: str, number: int) -> tuple[optuna.Study, optuna
 
 def _for_recording(url: str | None, name: str) -> tuple[optuna.Study, Any, int] | None:
     """The study to record into, opened once per process (a worker's trials share it)."""
-    if (key(url), name) not in _RECORDING:
-        _RECORDING[key(url), name] = load(url, name)
-    return _RECORDING[key(url), name]
+    if (url, name) not in _RECORDING:
+        _RECORDING[url, name] = load(url, name)
+    return _RECORDING[url, name]
 
 
 def load(url: str | None, name: str, pruner: Any = None) -> tuple[optuna.Study, Any, int] | None:
     """Study `name` for recording into (no sampling), its storage and its id: the
     storage this process opened, or a new connection; None for a study in another
     process's memory."""
-    where = _STORAGES.get(key(url))
+    where = _STORAGES.get(url)
     if where is None:
         if url is None:
             return None  # in memory, in another process: the sweep records the outcome

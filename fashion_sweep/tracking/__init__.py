@@ -1,4 +1,5 @@
-"""The tracking layer, the only code that imports MLflow.
+"""The tracking layer: the only code that imports MLflow (but for benchmarks/commands.py,
+which reads the stores of the commands it timed).
 
 tracker.py declares what a run asks of its tracker, by run handle. Three trackers do
 it: runs.py in this process (`InProcess`), side_process.py in a process beside a single

@@ -211,6 +211,14 @@ def end_run(
     client.set_terminated(run_id, status)
 
 
+def forget() -> None:
+    """Drops what this process keeps of its stores (tests running commands in one
+    process)."""
+    stores.forget()
+    _EXPERIMENT_IDS.clear()
+    _ARTIFACT_URIS.clear()
+
+
 def preload() -> None:
     """Imports what opening a SQL store (the default, SQLite) imports, ahead of it."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401

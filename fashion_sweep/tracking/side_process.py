@@ -115,7 +115,7 @@ class SideProcess:
         try:
             return self._call("open_run", resolved, tags, overrides)
         except KeyboardInterrupt as stop:  # the run may be open there, its id not here yet
-            self._call("end_open_runs", "KILLED", signals.reason(stop), wait=False)
+            self._send("end_open_runs", "KILLED", signals.reason(stop))  # nothing collected
             raise
 
     def log_metrics(self, run: str, metrics: dict[str, float], epoch: int) -> None:
@@ -168,15 +168,18 @@ class SideProcess:
             self.proc.wait()
 
     def _call(self, name: str, *args: Any, wait: bool = True) -> Any:
+        self._send(name, *args)
+        if wait:
+            return self._collect(block=True)
+        self._collect(block=False)  # an error in an earlier call stops the run here
+        return None
+
+    def _send(self, name: str, *args: Any) -> None:
         with _held_signals():
             # the folder a relative sqlite:/// URI names: this process's (hydra.job.chdir)
             with contextlib.suppress(OSError):  # the process is gone: the answer says so
                 self.channel.send((os.getcwd(), name, args))
             self.pending += 1
-        if wait:
-            return self._collect(block=True)
-        self._collect(block=False)  # an error in an earlier call stops the run here
-        return None
 
     def _collect(self, block: bool) -> Any:
         """The answers owed (those already here, unless `block`): the last value, or
@@ -245,9 +248,9 @@ class _Server:
     the runs it opened and has not ended."""
 
     def __init__(self) -> None:
-        from fashion_sweep.tracking.runs import InProcess
+        from fashion_sweep.tracking import runs
 
-        self.tracker, self.open_runs = InProcess(), []
+        self.runs, self.tracker, self.open_runs = runs, runs.InProcess(), []
 
     def call(self, name: str, args: tuple) -> Any:
         if name == "end_open_runs":
@@ -260,8 +263,10 @@ class _Server:
         return answer
 
     def end_open_runs(self, status: str, reason: str) -> None:
+        """Ends the runs still open, each unless it has ended already (from the run's own
+        process, when this one did not answer)."""
         while self.open_runs:
-            self.tracker.end_run(self.open_runs.pop(), status, reason)
+            self.runs.end_run(self.open_runs.pop(), status, reason, if_running=True)
 
 
 def serve(fd: int) -> None:

@@ -34,6 +34,7 @@ FIRST_USE_SECONDS = 120.0  # a fresh store's migrations take seconds; a holder t
 SQLITE_HEADER = b"SQLite format 3\x00"
 DATABRICKS = ("databricks", "databricks-uc", "uc")
 PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+_ABSOLUTE: dict[str, str] = {}  # see absolute
 FORMS = (
     "sqlite:///<file>.db, a database URL (postgresql://user@host/db) "
     "or a tracking server's http(s)://host:port"
@@ -59,11 +60,19 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def absolute(uri: str) -> str:
-    """`uri` as MLflow is given it: a SQLite file by its absolute path. MLflow keeps one
-    store per URI string for the whole process, so a relative `sqlite:///mlflow.db`
-    would go on naming the file of the folder it was first opened from."""
-    path = sqlite_path(uri)
-    return f"sqlite:///{path.resolve()}" if path is not None else uri
+    """`uri` as MLflow is given it: a SQLite file by its absolute path, resolved from
+    the folder this process first used `uri` in. MLflow keeps one store per URI string
+    for the whole process, so a relative `sqlite:///mlflow.db` named that first folder's
+    file before, for a sweep's jobs too (with hydra.job.chdir=true); now the rule is
+    ours, and `forget` can start it afresh (tests running commands in one process)."""
+    if uri not in _ABSOLUTE:
+        path = sqlite_path(uri)
+        _ABSOLUTE[uri] = f"sqlite:///{path.resolve()}" if path is not None else uri
+    return _ABSOLUTE[uri]
+
+
+def forget() -> None:
+    _ABSOLUTE.clear()
 
 
 def check(key: str, uri: str, must_exist: bool = False) -> None:

@@ -103,7 +103,7 @@ class SideProcess:
             start_new_session=True,  # the terminal's signals are the run's to handle
         )
         theirs.close()
-        self.channel, self.pending, self.open_runs = _Channel(ours), 0, 0
+        self.channel, self.pending, self.sent = _Channel(ours), 0, 0  # sent: answered or not
         self.uri: str | None = None
 
     def use_experiment(self, uri: str, experiment: str) -> str:
@@ -111,7 +111,6 @@ class SideProcess:
         return self._call("use_experiment", uri, experiment)
 
     def open_run(self, resolved: dict, tags: dict[str, str], overrides: list[str]) -> str:
-        self.open_runs += 1
         try:
             return self._call("open_run", resolved, tags, overrides)
         except KeyboardInterrupt as stop:  # the run may be open there, its id not here yet
@@ -140,7 +139,6 @@ class SideProcess:
             from fashion_sweep.tracking.runs import end_run
 
             end_run(run, status, reason, if_running=True, uri=self.uri)
-        self.open_runs -= 1
 
     def run_id(self, run: str) -> str:
         return run
@@ -156,10 +154,12 @@ class SideProcess:
         pass  # every call is answered before the run ends (close)
 
     def close(self, timeout: float = 30) -> None:
-        """Ends the MLflow process: at once if it has nothing left to do, else once it
-        has done what it was sent (at most `timeout` s)."""
-        if not self.pending and not self.open_runs:
-            self.proc.kill()  # it may still be importing MLflow: nothing to wait for
+        """Ends the MLflow process: at once if it was sent nothing (it may still be
+        importing MLflow), else once it has done what it was sent and seen the socket
+        close, which it does at once when it is idle (at most `timeout` s). It is never
+        killed while it may still be writing: the run's records end in the store."""
+        if not self.sent:
+            self.proc.kill()
         self.channel.sock.close()
         try:
             self.proc.wait(timeout)
@@ -180,6 +180,7 @@ class SideProcess:
             with contextlib.suppress(OSError):  # the process is gone: the answer says so
                 self.channel.send((os.getcwd(), name, args))
             self.pending += 1
+            self.sent += 1
 
     def _collect(self, block: bool) -> Any:
         """The answers owed (those already here, unless `block`): the last value, or

@@ -6,7 +6,8 @@ saved; then the tutorial's prediction.
 (`train`, whose program is `Alone`) and for a pack of trials trained together
 (launchers/packed.py) alike. What a run's records go to is a Tracker
 (tracking/tracker.py): MLflow in this process, in a process beside it, or in a thread
-beside a pack.
+beside a pack. Kept in one module (about 350 lines) so that the recipe reads top to
+bottom in one file.
 """
 
 from __future__ import annotations

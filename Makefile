@@ -11,7 +11,7 @@ TEST_PG := PGHOST=127.0.0.1 PGPORT=55432 PGUSER=sweeper PGPASSWORD=fs-local-test
 # password from PGPASSWORD), artifacts served from ./mlartifacts.
 MLFLOW_BACKEND ?= postgresql+psycopg://$${PGUSER:-sweeper}@$${PGHOST:-127.0.0.1}:$${PGPORT:-5432}/mlflow
 
-.PHONY: venv data train sweep test lint ui server bench gpu-bundle clean
+.PHONY: venv data browser train sweep test lint ui dashboard server bench gpu-bundle clean
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -23,6 +23,12 @@ data: $(DEBIAN_DATA)
 $(DEBIAN_DATA):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+# Headless Chromium, for the test that opens a sweep's run in MLflow's UI
+browser: /usr/bin/chromium
+/usr/bin/chromium:
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 train: venv data
 	$(PY) -m fashion_sweep.train $(ARGS)
@@ -36,7 +42,7 @@ lint: venv
 
 # The whole suite, then the equivalence tests again under torch's portable CPU kernels
 # (ATEN_CPU_CAPABILITY=default), so that a CPU of another kind cannot surprise CI.
-test: venv data lint
+test: venv data browser lint
 	$(TEST_PG) .ci/postgres start
 	$(TEST_PG) FASHION_SWEEP_PG=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  $(TEST_PG) .ci/postgres stop; [ $$rc = 0 ] || exit $$rc; \
@@ -45,6 +51,13 @@ test: venv data lint
 ui: venv
 	@echo "runs table: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	.venv/bin/mlflow ui --host 127.0.0.1 --port 5000
+
+# Optuna's dashboard on the sweeps' study storage: STORAGE=postgresql+psycopg://... for another
+STORAGE ?= sqlite:///optuna.db
+dashboard: venv .venv/bin/optuna-dashboard
+	.venv/bin/optuna-dashboard --host 127.0.0.1 --port 8080 "$(STORAGE)"
+.venv/bin/optuna-dashboard:
+	.venv/bin/pip install -q 'optuna-dashboard>=0.17'
 
 server: venv
 	.venv/bin/mlflow server --host 127.0.0.1 --port 5000 \

@@ -113,6 +113,9 @@ class TrackingConfig:
     experiment: str = "fashion_sweep"
     run_name: str | None = None
     log_model: bool = True  # log model.pth (the state_dict) as an artifact
+    # a sweep's best trial, logged as an MLflow Model on the sweep's run and registered
+    # under this name (models:/<name>/latest: the newest sweep's); null: neither
+    registered_model: str | None = "fashion_sweep"
     # Set by the sweeper for each trial; not for the command line.
     parent_run_id: str | None = None
     trial: int | None = None

@@ -205,6 +205,8 @@ def train_epoch(
         metrics = epoch_metrics(
             losses[position], results, seconds / share, eval_seconds / share, train_images
         )
+        if metric in metrics:  # first: MLflow's compare view opens on the first it was sent
+            metrics = {metric: metrics[metric], **metrics}
         tracker.log_metrics(run, metrics, epoch)
         stop = prune is not None and prune(epoch, metrics[metric], last)
         if stop or last:

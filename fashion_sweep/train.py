@@ -55,7 +55,8 @@ def main(cfg: DictConfig) -> float:
 
                 prune = pruning(cfg, hydra_cfg)
             overrides = [plain(line) for line in hydra_cfg.overrides.task]
-            trained = train(cfg, overrides, prune, tracker)
+            with _output(cfg, multirun):
+                trained = train(cfg, overrides, prune, tracker)
         return Objective.of(trained, cfg.optimized_metric)
     except (ConfigError, DataError, DivergedError, side_process.AgentError) as error:
         if multirun:
@@ -67,6 +68,18 @@ def main(cfg: DictConfig) -> float:
             tracker.close()
         if multirun:
             settle_heap()
+
+
+def _output(cfg: DictConfig, multirun: bool) -> contextlib.AbstractContextManager:
+    """Where a sweep trial's output goes: its trial folder's log (sweeps/trial_output.py)."""
+    if not multirun:
+        return contextlib.nullcontext()
+    from fashion_sweep.sweeps import trial_output
+
+    job = HydraConfig.get()
+    if not trial_output.wanted(cfg, job):
+        return contextlib.nullcontext()
+    return trial_output.to_files([job], f"# {cfg.tracking.run_name}")
 
 
 if __name__ == "__main__":

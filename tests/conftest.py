@@ -35,6 +35,8 @@ TINY = [
     "data.test_size=200",
     "trainer.epochs=1",
     "optimizer.lr=tag(log,interval(1e-4,0.1))",
+    # the best model's registration (a second a sweep) is test_sweep's shared sweep's
+    "tracking.registered_model=null",
 ]
 SMALL = ["data.train_size=2000", "data.test_size=500", "trainer.epochs=2", "optimizer.lr=0.1"]
 # Tolerances of the equivalence tests (`-m equivalence`), from what rounding alone does
@@ -131,6 +133,13 @@ class Ran:
     returncode: int
     stdout: str
     stderr: str
+
+
+def trial_log(cwd: Path, trial: int) -> str:
+    """What trial `trial` of the sweep run in `cwd` wrote: its folder's train.log (the
+    sweep's console has one line per trial)."""
+    (path,) = cwd.glob(f"multirun/*/*/{trial}/train.log")
+    return path.read_text()
 
 
 def forget() -> None:

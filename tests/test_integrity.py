@@ -6,6 +6,7 @@ in this process), a study name reused for another sweep."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,6 +109,10 @@ def test_workers_started_together_draw_distinct_trials_into_their_own_folders(tm
     results = list(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
     assert len(results) == 3  # each worker its own sweep folder
     assert len({OmegaConf.load(r).best_trial for r in results}) == 1
+    # each worker says the trials it ran, counted in the study: 1 to 4 once in all
+    said = [re.findall(r"^\[(\d)/4\] trial (\d) ", out, re.M) for out in outputs]
+    assert sorted(int(n) for lines in said for n, _ in lines) == [1, 2, 3, 4], outputs
+    assert sorted(int(t) for lines in said for _, t in lines) == [t.number for t in counted]
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])

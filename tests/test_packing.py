@@ -3,6 +3,7 @@ trials train together, each still an ordinary trial in Optuna, in MLflow and on 
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from fashion_sweep.core import stacked
 from fashion_sweep.core.model import NeuralNetwork
 from fashion_sweep.launchers.packed import pack_key, task_config
 from fashion_sweep.tracking.writer import Writer
-from tests.conftest import CONF
+from tests.conftest import CONF, trial_log
 from tests.test_sweep import results, runs, study
 
 # One batch size: the sweep asks 3 trials at a time, and the 3 go into one pack. Learning
@@ -52,8 +53,11 @@ def test_packed_trials_are_the_trials_the_basic_launcher_runs(sweep, tmp_path):
             assert files == {"config.yaml", "overrides.yaml", "model.pth"}
         assert parent.info.status == "FINISHED"
         assert len(list(cwd.glob("multirun/*/*/[0-5]/.hydra/config.yaml"))) == 6
-    # the last loop was the packed sweep's
-    assert "Packed 3 trials" in done.stdout
+    # the last loop was the packed sweep's: each member's log has its pack's lines
+    assert "Packed 3 trials" in trial_log(cwd, 0) and "Packed 3 trials" in trial_log(cwd, 5)
+    assert "Packed" not in done.stdout  # the console has the trials' lines
+    said = re.findall(r"^\[(\d)/6\] trial (\d) lr=\S+  val/accuracy ", done.stdout, re.M)
+    assert sorted(said) == [(str(n + 1), str(n)) for n in range(6)], done.stdout
     path = client.download_artifacts(children[0].info.run_id, "model.pth", str(tmp_path))
     NeuralNetwork().load_state_dict(torch.load(path))  # a NeuralNetwork's state_dict
     for number, (params, value) in outcomes["basic"].items():
@@ -76,7 +80,7 @@ def test_a_diverging_trial_fails_alone_in_its_pack(sweep, tmp_path):
         "hydra.sweeper.max_failure_rate=0.5",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Packed 3 trials" in done.stdout
+    assert "Packed 3 trials" in trial_log(tmp_path, 0)
     trials = {t.params["optimizer.lr"]: t for t in study(tmp_path, "bad").trials}
     assert trials[10000.0].state == TrialState.FAIL
     reason = "DivergedError: train/loss is nan at batch "  # its type named once
@@ -109,7 +113,7 @@ def test_members_this_device_cannot_train_fail_before_their_runs_and_no_pack_tra
         "hydra.sweeper.study_name=x",
     )
     assert done.returncode == 1  # more failures than max_failure_rate allows
-    assert "Packed" not in done.stdout
+    assert "Packed" not in done.stdout + trial_log(tmp_path, 0)
     trials = study(tmp_path, "x").trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     for trial in trials:
@@ -137,7 +141,8 @@ def test_an_error_of_the_packs_fails_every_member_once(sweep, tmp_path, monkeypa
     args += ["optimizer.lr=choice(0.1,0.2,0.3)", "data.batch_size=64"]
     done = sweep(*args, "hydra.sweeper.n_jobs=3", "hydra.sweeper.study_name=x")
     assert done.returncode == 1, done.stderr[-3000:]  # more failures than the sweep allows
-    assert done.stdout.count("Packed 3 trials") == 1 and len(steps) == 1
+    assert trial_log(tmp_path, 0).count("Packed 3 trials") == 1 and len(steps) == 1
+    assert "CUDA out of memory (injected" in trial_log(tmp_path, 2)  # its traceback
     trials = study(tmp_path, "x").trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     assert all("CUDA out of memory" in t.user_attrs["failure_reason"] for t in trials)

@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from tests.conftest import trial_log
+
 pytestmark = pytest.mark.slow
 # 3 epochs on 2,000 images; a learning rate of 1e-6 stays at chance, 0.3 learns
 LOSERS = (1e-6, 2e-6)
@@ -90,9 +92,11 @@ def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(sweep, tmp_path,
     if launcher == "submitit-local":  # each trial a job of submitit's, as on a cluster
         args += ["launcher=local", "hydra.sweeper.n_jobs=1"]  # one after another, as above
     done = sweep(*args)
-    assert "pruned after epoch 1" in done.stdout + done.stderr  # the sweep's log
-    if launcher == "basic":  # the trial's own line, in the sweep's output
-        assert "Pruned after epoch 1: its val/accuracy is behind" in done.stdout
+    # the sweep's line for the trial, and the trial's own line in its log
+    said = re.findall(r"^\[\d/3\] trial (\d) .*  pruned after epoch 1 .*$", done.stdout, re.M)
+    assert said, done.stdout
+    for number in said:
+        assert "Pruned after epoch 1: its val/accuracy is behind" in trial_log(tmp_path, number)
     before = check_pruned(tmp_path, n_trials=3)
     if launcher != "basic":  # each trial in a worker process, not the sweep's
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -132,11 +136,12 @@ def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_p
         "hydra.sweeper.n_trials=4",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Packed 2 trials: 2, 3" in done.stdout
+    said = trial_log(tmp_path, 3)  # the pack's lines, in each member's log
+    assert "Packed 2 trials: 2, 3" in said
     # each epoch of the pack says what it took
     epoch_line = r"Epoch 1: 1 of 2 trials train on \(the pack's epoch: [\d.]+ s training, [\d.]+ s"
-    assert re.search(epoch_line, done.stdout), done.stdout[-2000:]
-    assert "The pack goes on with trials 3" in done.stdout  # trial 2 no longer computed
+    assert re.search(epoch_line, said), said[-2000:]
+    assert "The pack goes on with trials 3" in said  # trial 2 no longer computed
     found = {t.number: t for t in trials(tmp_path)}
     assert found[2].params["optimizer.lr"] in LOSERS and found[2].state == TrialState.PRUNED
     assert found[3].state == TrialState.COMPLETE

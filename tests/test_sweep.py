@@ -4,19 +4,29 @@ processes. (The real `mlflow server` serving a sweep: test_scale.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+import html
+import io
+import json
 import re
+import shutil
 import sqlite3
+import subprocess
+import urllib.request
 from pathlib import Path
+from urllib.parse import unquote
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from tests.conftest import TINY, copy_store, run_main
+from tests.conftest import DATA, TINY, copy_store, mlflow_server, run_main, trial_log
 
 pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or "chromium"  # Debian's, installed by `make test`
 
 
 def results(cwd: Path) -> dict:
@@ -39,11 +49,16 @@ def study(cwd: Path, name: str) -> optuna.Study:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, data_root, mlflow_template):
-    """One real 3-trial sweep, shared by the tests that only read what it left."""
+    """One real 3-trial sweep, shared by the tests that only read what it left (its
+    console in console.txt)."""
     cwd = tmp_path_factory.mktemp("sweep")
     copy_store(mlflow_template, cwd)
     args = ["hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=demo"]
-    assert run_main("train", "-m", *TINY, *args, cwd=cwd) == 0
+    args += ["tracking.registered_model=fashion_sweep"]  # the default, which TINY turns off
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        assert run_main("train", "-m", *TINY, *args, cwd=cwd) == 0
+    (cwd / "console.txt").write_text(console.getvalue())
     return cwd
 
 
@@ -99,7 +114,83 @@ def test_sweep_lands_in_mlflow_as_parent_and_children(swept):
         "plots/optimization_history.png",
         "plots/param_importances.png",
         "plots/lr_x_batch_size.png",
+        "plots/sweep.html",
     }
+
+
+def test_runs_are_named_so_a_trial_can_be_told_from_another(swept):
+    _, (parent,), children = runs(swept)
+    assert parent.info.run_name == "demo (3 trials)"
+    for child in children:
+        lr, bs = float(child.data.params["optimizer.lr"]), child.data.params["data.batch_size"]
+        assert child.info.run_name == f"trial {child.data.tags['trial']} lr={lr:.3g} bs={bs}"
+    # the space and the fixed values, as params of the parent
+    assert parent.data.params["optimizer.lr"] == "log-uniform(0.0001, 0.1)"
+    assert parent.data.params["data.batch_size"] == "choice(32, 64, 128, 256)"
+    assert parent.data.params["trainer.epochs"] == "1"
+    assert parent.data.params["data.train_size"] == "1000"
+
+
+def test_the_parent_runs_description_links_the_best_trial_and_the_compare_view(swept):
+    _, (parent,), children = runs(swept)
+    note = parent.data.tags["mlflow.note.content"]
+    best = results(swept)["best_run_id"]
+    experiment = parent.info.experiment_id
+    (winner,) = [c for c in children if c.info.run_id == best]
+    assert f"**Best: [{winner.info.run_name}](#/experiments/{experiment}/runs/{best})**" in note
+    assert f"val/accuracy **{winner.data.metrics['val/accuracy']:.4g}**" in note
+    assert f"test/accuracy **{winner.data.metrics['test/accuracy']:.4g}**" in note
+    (link,) = re.findall(r"\[compare the 3 trials side by side\]\(([^)\s]+)\)", note)
+    assert '"' not in link  # a raw quote ends a markdown link in MLflow's renderer
+    runs_json = unquote(re.search(r"runs=([^&]+)", link).group(1))
+    assert sorted(json.loads(runs_json)) == sorted(c.info.run_id for c in children)
+    for image in ("optimization_history", "param_importances", "lr_x_batch_size"):
+        assert f"get-artifact?path=plots%2F{image}.png&run_uuid={parent.info.run_id})" in note
+
+
+def test_the_interactive_plots_and_the_study_name_the_metric(swept):
+    client, (parent,), _ = runs(swept)
+    page = Path(client.download_artifacts(parent.info.run_id, "plots/sweep.html", swept))
+    text = page.read_text()
+    for title in ("Optimization history", "Slice", "Parallel coordinates", "Contour", "Timeline"):
+        assert f"<h2>{title}" in text
+    assert text.count("plotly.js v") == 1  # plotly.js inline once: it opens offline
+    assert "val/accuracy" in text and "Objective Value" not in text
+    assert study(swept, "demo").metric_names == ["val/accuracy"]
+
+
+def test_the_console_says_one_line_per_trial_and_where_the_answer_is(swept):
+    console = (swept / "console.txt").read_text()
+    found = results(swept)
+    lines = re.findall(
+        r"^\[(\d)/3\] trial (\d) lr=\S+ bs=\d+  val/accuracy (\S+)  .*$", console, re.M
+    )
+    assert [done for done, _, _ in lines] == ["1", "2", "3"], console
+    said = console.splitlines()
+    per_trial = [line for line in said if re.match(r"\[\d+/3\] ", line)]
+    assert all("ETA" in line for line in per_trial[:2]) and "ETA" not in per_trial[2]
+    best = f"best {found['best_value']:.4g} (trial {found['best_trial']})"
+    assert per_trial[2].endswith(best)
+    # the trials' own lines are in their logs, the harness's keys nowhere on the console
+    assert "Epoch 1" not in console and "Test Error" not in console
+    assert "tracking." not in console
+    parent = found["parent_run_id"]
+    assert re.search(
+        rf"Sweep run: http://127.0.0.1:5000/#/experiments/\d+/runs/{parent}$", console, re.M
+    )
+    assert "Compare the trials: http://127.0.0.1:5000/#/compare-runs?runs=%5B" in console
+    assert "python -m fashion_sweep.predict run_id=best" in console
+    assert f"Best: trial {found['best_trial']} lr=" in console
+
+
+def test_each_trials_output_is_in_its_own_log(swept):
+    _, _, children = runs(swept)
+    for child in children:
+        (log,) = swept.glob(f"multirun/*/*/{child.data.tags['trial']}/train.log")
+        text = log.read_text()
+        assert text.startswith(f"# {child.info.run_name}\n")
+        assert "Epoch 1" in text and "Test Error" in text and 'Predicted: "' in text
+        assert f"in MLflow run {child.info.run_id}" in text  # its own run, not another's
 
 
 def test_predict_best_uses_the_best_trials_model(swept, main):
@@ -110,6 +201,79 @@ def test_predict_best_uses_the_best_trials_model(swept, main):
         assert shown.returncode == 0, shown.stderr
         assert f"MLflow run {best}" in shown.stdout
         assert re.search(r'^Predicted: ".+", Actual: "Ankle boot"$', shown.stdout, re.M)
+
+
+def rendered(url: str) -> str:
+    """The page at `url` as headless Chromium renders it (MLflow's UI is a script)."""
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"]
+        + ["--virtual-time-budget=20000"]
+        + ["--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_mlflow_ui_shows_the_sweeps_answer_from_its_run_in_one_click(swept):
+    """The parent run's page in MLflow's own UI (the real server, a real browser): its
+    description's links open the compare view of every trial and the trials, best
+    first, with no error."""
+    _, (parent,), children = runs(swept)
+    experiment = parent.info.experiment_id
+    with mlflow_server(f"sqlite:///{swept / 'mlflow.db'}", swept) as ui:
+        page = rendered(f"{ui}/#/experiments/{experiment}/runs/{parent.info.run_id}")
+        hrefs = dict(
+            (html.unescape(text), html.unescape(href))
+            for href, text in re.findall(r'<a [^>]*href="([^"]+)"[^>]*>([^<]+)</a>', page)
+        )
+        compare = rendered(f"{ui}/{hrefs['compare the 3 trials side by side']}")
+        assert "Comparing 3 Runs" in compare and "Error" not in compare
+        # the parallel coordinates open on the optimized metric (each epoch logs it first)
+        chosen = re.sub(r"<[^>]*>", " ", compare[compare.index("Metrics:") :][:3000])
+        assert re.sub(r"\s+", " ", chosen).startswith("Metrics: val/accuracy &nbsp; Clear All")
+        for child in children:
+            assert child.info.run_name in compare
+        best_first = rendered(f"{ui}/{hrefs['the trials, best first']}")
+        order = sorted(children, key=lambda c: -c.data.metrics["val/accuracy"])
+        shown = [best_first.find(f">{c.info.run_name}<") for c in order]
+        assert -1 not in shown and shown == sorted(shown), "the trials, best first"
+        assert "optimizer.lr" in best_first  # a column
+        images = re.findall(r'<img src="(get-artifact\?[^"]+)"', page)
+        assert len(images) == 3  # the plots, inline in the description
+        for src in images:
+            with urllib.request.urlopen(f"{ui}/{html.unescape(src)}") as served:
+                assert served.headers["Content-Type"] == "image/png"
+
+
+def test_the_best_model_is_registered_and_predicts_what_predict_prints(swept, main):
+    import mlflow.pyfunc
+
+    from fashion_sweep.core.data import load_splits
+    from fashion_sweep.core.model import CLASSES
+
+    found = results(swept)
+    assert found["best_model_uri"] == "models:/fashion_sweep/1"
+    client, (parent,), _ = runs(swept)
+    (version,) = client.search_model_versions("name = 'fashion_sweep'")
+    assert version.run_id == parent.info.run_id  # the sweep's run holds it (Models column)
+    mlflow.set_tracking_uri(f"sqlite:///{swept / 'mlflow.db'}")
+    loaded = mlflow.pyfunc.load_model("models:/fashion_sweep/latest")
+    assert loaded.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 28, 28)
+    images = load_splits(DATA, test_size=8)["test"]
+    batch = np.stack([images[i][0].numpy() for i in range(8)])
+    logits = loaded.predict(batch)  # any batch size, not the example's one image
+    assert logits.shape == (8, 10)
+    store = f"tracking.uri=sqlite:///{swept / 'mlflow.db'}"
+    for index in (0, 7):
+        shown = main(
+            "predict", "run_id=models:/fashion_sweep/latest", f"index={index}", store, cwd=swept
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert f"MLflow run {found['best_run_id']}, test image {index}" in shown.stdout
+        assert f'Predicted: "{CLASSES[logits[index].argmax()]}"' in shown.stdout
 
 
 def test_diverging_trial_is_failed_and_the_sweep_goes_on(sweep, tmp_path):
@@ -195,3 +359,8 @@ def test_joblib_launcher_runs_trials_in_parallel_without_losing_any(sweep, tmp_p
     processes = {c.data.tags["process"] for c in children}
     sweeper = {t.user_attrs["worker"]["id"].rsplit(":", 1)[0] for t in trials}
     assert len(processes) == 2 and not processes & sweeper, (processes, sweeper)
+    # the console: a line per trial, labelled, not the workers' own lines interleaved
+    said = re.findall(r"^\[(\d)/4\] trial (\d) lr=", done.stdout, re.M)
+    assert sorted(n for n, _ in said) == ["1", "2", "3", "4"], done.stdout
+    assert "Epoch 1" not in done.stdout and "Epoch 1" in trial_log(tmp_path, 3)
+    assert "tracking." not in done.stdout + done.stderr  # no echo of the jobs' overrides

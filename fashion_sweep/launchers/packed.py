@@ -18,6 +18,7 @@ groups) runs on its own, as the basic launcher would run it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -47,6 +48,7 @@ from fashion_sweep.run import (
     settle_heap,
     trainer_tags,
 )
+from fashion_sweep.sweeps import trial_output
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,10 @@ class PackedJobs:
 
         num = HydraConfig.get().job.num
         if num not in self.results:  # a pack trains once, whatever happens
+            members = self.pack_of[num]
             try:
-                self.results.update(train_pack(self.pack_of[num]))
+                with _output(members):
+                    self.results.update(train_pack(members))
             except Exception as error:  # not a member's own: every member's
                 error = error.with_traceback(None)  # not the pack's memory
                 self.results.update({c.hydra.job.num: error for c in self.pack_of[num]})
@@ -190,6 +194,14 @@ class PackedJobs:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+
+def _output(members: list[DictConfig]) -> contextlib.AbstractContextManager:
+    """A pack's output, in each member's log file (sweeps/trial_output.py)."""
+    if not trial_output.wanted(members[0], members[0].hydra):
+        return contextlib.nullcontext()
+    names = ", ".join(str(m.tracking.run_name) for m in members)
+    return trial_output.to_files([m.hydra for m in members], f"# a pack of {names}")
 
 
 class Packed:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep import signals
-from fashion_sweep.sweeps import report, schedule, study, workers
+from fashion_sweep.sweeps import progress, report, schedule, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.opening import open_sweep
 from fashion_sweep.sweeps.settings import Settings, SweepError
@@ -55,10 +55,20 @@ class Sweep:
             self.settings, self.config, self.compose, arguments, self._on_stale
         )
         self.beats = workers.Heartbeats(self._beat, self.settings.heartbeat_interval)
+        self.progress = progress.Progress(
+            self.opened.study,
+            self.opened.n_trials,
+            self.opened.metric,
+            self.opened.study.direction == optuna.study.StudyDirection.MAXIMIZE,
+        )
+        quiet = progress.quiet_launchers() if self.settings.trial_output == "file" else None
+        self.progress.start()
         try:
             self._loop()
-            report.finish(self.opened)
+            self.progress.stop()
+            report.finish(self.opened, self.config)
         except BaseException as error:
+            self.progress.stop()
             why = signals.reason(error)  # Ctrl-C, SIGTERM, SIGHUP, or an error here
             for trial in list(self.pending):
                 try:
@@ -69,6 +79,8 @@ class Sweep:
             raise
         finally:
             self.beats.stop()
+            if quiet is not None:
+                quiet.close()
 
     def _loop(self) -> None:
         n_trials, settings = self.opened.n_trials, self.settings
@@ -161,6 +173,7 @@ class Sweep:
                 self._step_aside(trial, "duplicate")
                 continue
             asked.append(trial)
+            self.progress.add(trial.number)
         return asked
 
     def _redraw(self, trials: list[FrozenTrial], number: int) -> bool:
@@ -184,10 +197,8 @@ class Sweep:
             reason = ended[trial.number].user_attrs.get(schedule.FAILURE)
             if ended[trial.number].state == TrialState.RUNNING:  # its job could not record it
                 reason = self._record(trial, job)
-            if reason:
+            if reason and self.settings.trial_output != "file":  # else progress.py says it
                 log.warning(f"Trial {trial.number} failed: {reason}")
-            elif pruned := ended[trial.number].user_attrs.get(schedule.PRUNED):
-                log.info(f"Trial {trial.number} pruned after epoch {pruned}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
 
@@ -212,7 +223,7 @@ class Sweep:
             f"tracking.parent_run_id='{self.opened.parent}'",
             f"tracking.trial={trial.number}",
             f"tracking.study='{name}'",
-            f"tracking.run_name='{name} trial {trial.number}'",
+            f"tracking.run_name='{progress.label(trial.number, trial.params)}'",
         )
 
     def _step_aside(self, trial: optuna.Trial, why: str) -> None:

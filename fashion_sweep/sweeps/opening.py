@@ -82,6 +82,7 @@ def open_sweep(
         pruner = settings.make_pruner()  # TPE samples Hyperband's brackets apart
         held, created = study.open_study(name, where, chosen, direction, pruner)
         study.check_definition(held, defined, created)
+        study.name_metric(held, metric)
     except study.StudyError as error:
         raise SweepError(str(error)) from None
     sweep_dir = claim_sweep_dir(config, compose)
@@ -95,7 +96,12 @@ def open_sweep(
         "sweep_dir": str(Path(sweep_dir).resolve()),
         **{f"space.{k}": str(v) for k, v in searched.searched.items()},
     }
-    parent = parent_run(held, created, config, name, tags)
+    params = {  # what the trials compute: the space, and the fixed values outside runtime
+        **{key: space.describe(d) for key, d in searched.searched.items()},
+        **{key: redact(str(v)) for key, v in searched.fixed.items() if study.computed(key)},
+    }
+    parent = parent_run(held, created, config, f"{name} ({n_trials} trials)", tags, params)
+    sweep_runs.share_view(parent, metric, direction == "maximize", list(searched.searched))
     counted = len(tally(held.get_trials(deepcopy=False)).counted)
     log.info(
         f"Study {name!r} in {shown}: {counted} of {n_trials} trials finished; this worker "
@@ -162,7 +168,12 @@ def claim_sweep_dir(config: DictConfig, compose: ComposeOnce) -> str:
 
 
 def parent_run(
-    held: optuna.Study, created: bool, config: DictConfig, name: str, tags: dict[str, str]
+    held: optuna.Study,
+    created: bool,
+    config: DictConfig,
+    name: str,
+    tags: dict[str, str],
+    params: dict[str, str],
 ) -> str:
     """The study's MLflow parent run, made by the worker that created the study and
     kept in the study (user attr), so every worker and every resume finds it."""
@@ -173,7 +184,9 @@ def parent_run(
         time.sleep(0.5)
         parent = held.user_attrs.get(PARENT_RUN)
     tracking = config.tracking
-    run_id = sweep_runs.open_sweep_run(tracking.uri, tracking.experiment, name, tags, parent)
+    run_id = sweep_runs.open_sweep_run(
+        tracking.uri, tracking.experiment, name, tags, parent, params
+    )
     if run_id != parent:
         held.set_user_attr(PARENT_RUN, run_id)
     return run_id

@@ -80,6 +80,10 @@ class StudySweeperConf(OptunaSweeperConf):
     # seconds; a trial silent for grace_period seconds is failed (crashed) and run again.
     heartbeat_interval: int = 10
     grace_period: int = 60
+    # file: each trial's output (the tutorial's lines, warnings, a traceback) in its trial
+    # folder's train.log, and one line per ended trial on the console; console: the
+    # trials' output on the console, as a plain multirun prints it
+    trial_output: str = "file"
 
 
 ConfigStore.instance().store(

@@ -1,9 +1,11 @@
 """A sweep's answer, once its trials are done: optimization_results.yaml in the worker's
-sweep folder, the parent run closed with the best trial and the plots, and the best
-trial in the log."""
+sweep folder; the parent run closed with the best trial, a summary as its description,
+static plots and Optuna's interactive ones (plots/sweep.html); and on the console, the
+best trial's numbers, the links to look at them and the command that uses its model."""
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 import warnings
@@ -11,11 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from optuna.importance import BaseImportanceEvaluator, FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
-from fashion_sweep.sweeps import schedule
-from fashion_sweep.tracking import sweep_runs
+from fashion_sweep.sweeps import schedule, winner
+from fashion_sweep.tracking import links, sweep_runs
+from fashion_sweep.tracking.redaction import redact
 
 if TYPE_CHECKING:
     from fashion_sweep.sweeps.opening import Opened
@@ -23,25 +27,60 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def finish(opened: Opened) -> None:
-    metric = opened.metric
+def finish(opened: Opened, config: DictConfig) -> None:
     found = results(opened)
-    OmegaConf.save(OmegaConf.create(found), Path(opened.sweep_dir, "optimization_results.yaml"))
-    sweep_runs.close_sweep_run(
-        opened.parent,
-        None,
-        best={
-            "value": found.get("best_value"),
-            "params": found.get("best_params", {}),
-            "run_id": found.get("best_run_id"),
-            "trial": found.get("best_trial"),
-        },
-        metric=metric,
-        step=found["finished"],
-        figures=plots(opened.study),
-    )
-    log.info(f"Best trial: {found.get('best_trial')} {found.get('best_params')}")
-    log.info(f"Best {metric}: {found.get('best_value')}")
+    model = winner.register(config, opened.parent, found.get("best_run_id"))
+    if model:
+        found["best_model_uri"] = model
+    path = Path(opened.sweep_dir, "optimization_results.yaml")
+    OmegaConf.save(OmegaConf.create(found), path)
+    importances = Importances()
+    figures = plots(opened.study, opened.metric, importances)
+    pages = {"sweep.html": page(opened, importances)}
+    try:
+        sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages)
+    finally:
+        import matplotlib.pyplot as plt
+
+        for figure in figures.values():
+            plt.close(figure)
+    for text in ending(opened, config, found, path):
+        log.info(text)
+
+
+def ending(opened: Opened, config: DictConfig, found: dict[str, Any], path: Path) -> list[str]:
+    """What the console says when the sweep is done: the best trial and its numbers,
+    where to look at them, and how to use its model."""
+    uri = str(config.tracking.uri)
+    experiment_id, children = sweep_runs.trials_of(opened.parent)
+    ui = links.ui(uri)
+    said = []
+    best = next((c for c in children if c.info.run_id == found.get("best_run_id")), None)
+    if best is not None:
+        metrics = best.data.metrics
+        shown = sorted(k for k in metrics if k.split("/")[0] in ("val", "test"))
+        numbers = ", ".join(f"{key} {metrics[key]:.4g}" for key in shown)
+        said.append(f"Best: {best.info.run_name}: {numbers}")
+    else:
+        said.append("No trial completed: there is no best trial")
+    ids = [c.info.run_id for c in children]
+    said += [
+        f"Trials, best first: {ui}/{links.view(experiment_id, opened.parent)}",
+        f"Sweep run: {ui}/{links.run(experiment_id, opened.parent)}",
+        f"Compare the trials: {ui}/{links.compare(experiment_id, ids)}",
+        f"Plots: {ui}/{links.artifact(opened.parent, 'plots/sweep.html')}",
+        f"Results: {path}",
+    ]
+    if ui == links.LOCAL_UI:
+        said.append("(the links open once `mlflow ui` runs in this folder)")
+    if found.get("best_model_uri"):
+        said.append(f"Best model: mlflow.pyfunc.load_model({found['best_model_uri']!r})")
+    if best is not None:
+        store = "" if uri == links.DEFAULT_STORE else f" tracking.uri={redact(uri)}"
+        said.append(
+            f"Predict with the best model: python -m fashion_sweep.predict run_id=best{store}"
+        )
+    return said
 
 
 def results(opened: Opened) -> dict[str, Any]:
@@ -71,8 +110,30 @@ def results(opened: Opened) -> dict[str, Any]:
     return found
 
 
-def plots(handle: optuna.Study) -> dict[str, Any]:
-    """Optimisation history, parameter importances, lr x batch size; what can be drawn."""
+class Importances(BaseImportanceEvaluator):
+    """fANOVA's parameter importances (seeded), computed once for the static and the
+    interactive plot."""
+
+    def __init__(self) -> None:
+        self.evaluator = FanovaImportanceEvaluator(seed=0)
+        self.found: dict[Any, dict[str, float]] = {}
+
+    def evaluate(self, study: optuna.Study, params: Any = None, *, target: Any = None) -> Any:
+        key = (tuple(params or ()), target)
+        if key not in self.found:
+            self.found[key] = self.evaluator.evaluate(study, params, target=target)
+        return self.found[key]
+
+
+def pair(names: list[str]) -> list[str]:
+    """The two parameters a contour plot shows: lr x batch size where searched."""
+    chosen = [n for n in ("optimizer.lr", "data.batch_size") if n in names] or names[:2]
+    return chosen if len(chosen) == 2 else names[:2]
+
+
+def plots(handle: optuna.Study, metric: str, importances: Importances) -> dict[str, Any]:
+    """Optimisation history, parameter importances, lr x batch size (static images, for
+    the parent run's description); what can be drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,28 +141,80 @@ def plots(handle: optuna.Study) -> dict[str, Any]:
 
     complete = handle.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = sorted({p for t in complete for p in t.params})
-    wanted = {"optimization_history.png": lambda: vis.plot_optimization_history(handle)}
+    wanted = {
+        "optimization_history.png": lambda: vis.plot_optimization_history(
+            handle, target_name=metric
+        )
+    }
     if any(t.intermediate_values for t in handle.get_trials(deepcopy=False)):  # a pruner
         wanted["intermediate_values.png"] = lambda: vis.plot_intermediate_values(handle)
     if len(complete) >= 2 and names:
-        wanted["param_importances.png"] = lambda: vis.plot_param_importances(handle)
-    if len(names) >= 2:
-        pair = [n for n in ("optimizer.lr", "data.batch_size") if n in names] or names[:2]
-        pair = pair if len(pair) == 2 else names[:2]
-        wanted[f"{'_x_'.join(_slug(n) for n in pair)}.png"] = lambda: vis.plot_contour(
-            handle, params=pair
+        wanted["param_importances.png"] = lambda: vis.plot_param_importances(
+            handle, evaluator=importances, target_name=metric
         )
+    if len(names) >= 2:
+        shown = pair(names)
+        wanted[f"{'_x_'.join(_slug(n) for n in shown)}.png"] = lambda: vis.plot_contour(
+            handle, params=shown, target_name=metric
+        )
+    figures = {}
+    for name, axes in drawn(wanted).items():
+        axes = axes.flat[0] if hasattr(axes, "flat") else axes
+        figure = axes.get_figure()
+        figure.set_size_inches(8, 5.5)
+        figure.tight_layout()
+        figures[name] = figure
+    return figures
+
+
+def page(opened: Opened, importances: Importances) -> str:
+    """Optuna's interactive plots of the study on one HTML page (plotly.js inline once,
+    so it opens offline, and inside MLflow's artifact viewer)."""
+    from optuna import visualization as vis
+
+    handle, metric = opened.study, opened.metric
+    complete = handle.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = sorted({p for t in complete for p in t.params})
+    wanted: dict[str, Any] = {
+        "Optimization history": lambda: vis.plot_optimization_history(handle, target_name=metric),
+        "Slice (each parameter against the metric)": lambda: vis.plot_slice(
+            handle, target_name=metric
+        ),
+        "Parallel coordinates": lambda: vis.plot_parallel_coordinate(handle, target_name=metric),
+    }
+    if len(names) >= 2:
+        wanted["Contour"] = lambda: vis.plot_contour(handle, params=pair(names), target_name=metric)
+    if len(complete) >= 2 and names:
+        wanted["Parameter importances (fANOVA)"] = lambda: vis.plot_param_importances(
+            handle, evaluator=importances, target_name=metric
+        )
+    if any(t.intermediate_values for t in handle.get_trials(deepcopy=False)):
+        wanted["Intermediate values (pruning)"] = lambda: vis.plot_intermediate_values(handle)
+    wanted["Timeline"] = lambda: vis.plot_timeline(handle)
+    parts = []
+    for number, (title, figure) in enumerate(drawn(wanted).items()):
+        inline = "inline" if number == 0 else False
+        body = figure.to_html(full_html=False, include_plotlyjs=inline)
+        parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
+    title = html.escape(f"Sweep {opened.name}: {metric}")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>'
+        f'<body style="font-family: sans-serif"><h1>{title}</h1>\n'
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+
+
+def drawn(wanted: dict[str, Any]) -> dict[str, Any]:
+    """Each plot drawn, or skipped with a warning: a plot must not fail the sweep."""
     figures = {}
     for name, draw in wanted.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                axes = draw()
-        except Exception as error:  # a plot that cannot be drawn must not fail the sweep
+                figures[name] = draw()
+        except Exception as error:
             log.warning(f"plot {name} skipped: {error}")
-            continue
-        axes = axes.flat[0] if hasattr(axes, "flat") else axes
-        figures[name] = axes.get_figure()
     return figures
 
 

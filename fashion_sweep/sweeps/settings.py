@@ -31,6 +31,7 @@ class Settings:
     heartbeat_interval: int
     grace_period: int
     pruner: DictConfig | None = None
+    trial_output: str = "file"
 
     @property
     def seed(self) -> int | None:
@@ -66,6 +67,10 @@ class Settings:
             (
                 self.storage is None or isinstance(self.storage, str),
                 "hydra.sweeper.storage must be a database URL or null",
+            ),
+            (
+                self.trial_output in ("file", "console"),
+                f"hydra.sweeper.trial_output must be file or console, got {self.trial_output}",
             ),
         ]
         for ok, message in checks:

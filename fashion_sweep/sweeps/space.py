@@ -117,3 +117,15 @@ def values(distribution: BaseDistribution) -> list[Any] | None:
         count = round((distribution.high - distribution.low) / distribution.step) + 1
         return [distribution.low + k * distribution.step for k in range(count)]
     return None
+
+
+def describe(distribution: BaseDistribution) -> str:
+    """A searched parameter as the parent run's param shows it: `choice(32, 64)`,
+    `log-uniform(0.0001, 0.1)`, `int(1, 8, step 1)`."""
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choice({', '.join(map(str, distribution.choices))})"
+    kind = "int" if isinstance(distribution, IntDistribution) else "uniform"
+    if getattr(distribution, "log", False):
+        kind = f"log-{kind}"
+    step = f", step {distribution.step}" if distribution.step not in (None, 1) else ""
+    return f"{kind}({distribution.low}, {distribution.high}{step})"

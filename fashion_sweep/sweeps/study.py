@@ -120,6 +120,17 @@ def open_study(
         ), False
 
 
+def computed(key: str) -> bool:
+    """Whether a config key changes what a trial computes (not where it runs or logs)."""
+    return not _under(key.lstrip("+~"), RUNTIME_KEYS)
+
+
+def name_metric(held: optuna.Study, metric: str) -> None:
+    """The study's objective named (Optuna's plots and dashboard then say `metric`)."""
+    if held.metric_names != [metric]:
+        quiet(held.set_metric_names, [metric])
+
+
 def definition(
     config: DictConfig,
     space: dict[str, BaseDistribution],

@@ -1,5 +1,5 @@
-"""Finding a logged run again, for predict: by id, `latest`, or `best`, and reading
-back its config.yaml and model.pth."""
+"""Finding a logged run again, for predict: by id, `latest`, `best`, or a model's URI
+(`models:/<name>/<version|latest>`), and reading back its config.yaml and model.pth."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def resolve_run_id(uri: str, experiment: str, run_id: str) -> str:
     client = MlflowClient()
     if run_id == "latest":
         return _newest_with_model(client, experiment_id, experiment)
+    if run_id.startswith("models:/"):
+        run_id = _run_of_model(client, run_id)
     if run_id == "best":
         runs = client.search_runs(
             [experiment_id],
@@ -95,3 +97,23 @@ def load_run(uri: str, run_id: str) -> tuple[DictConfig, dict[str, Any]]:
         import torch
 
         return OmegaConf.load(config), torch.load(weights, map_location="cpu")
+
+
+def _run_of_model(client: MlflowClient, uri: str) -> str:
+    """The run a model URI was logged from: `models:/<name>/<version|latest>` (a
+    registered model) or `models:/<model id>`."""
+    parts = uri.removeprefix("models:/").split("/")
+    try:
+        if len(parts) == 1:
+            return mlflow.get_logged_model(parts[0]).source_run_id
+        name, version = parts
+        if version == "latest":
+            found = client.search_model_versions(
+                f"name = '{name}'", order_by=["version_number DESC"], max_results=1
+            )
+            if not found:
+                raise LookupError
+            return found[0].run_id
+        return client.get_model_version(name, version).run_id
+    except (LookupError, ValueError, mlflow.exceptions.MlflowException):
+        raise LookupError(f"run_id={uri}: no such model in the store") from None

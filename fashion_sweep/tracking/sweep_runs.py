@@ -4,38 +4,80 @@ trial number."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus, RunTag
+from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from fashion_sweep import signals
+from fashion_sweep.tracking import links
 from fashion_sweep.tracking.redaction import one_line
 from fashion_sweep.tracking.runs import KIND_TAG, end_run, use_experiment
 from fashion_sweep.tracking.stores import absolute
 
+VIEW_TAG = "mlflow.sharedViewState."  # an experiment tag: a view of its runs table
+
 
 def open_sweep_run(
-    uri: str, experiment: str, study_name: str, tags: dict[str, str], run_id: str | None
+    uri: str,
+    experiment: str,
+    name: str,
+    tags: dict[str, str],
+    run_id: str | None,
+    params: dict[str, str] | None = None,
 ) -> str:
     """The parent run of a study's trials: `run_id` reopened (a resume, another
-    worker), or a new one if there is none in this store."""
+    worker), or a new one if there is none in this store; named `name`, with the
+    sweep's space and fixed values as params."""
     experiment_id = use_experiment(uri, experiment)
     client = MlflowClient()
     try:
         if run_id is None:
             raise LookupError
         reopened = client.get_run(run_id)
-        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING), name=name)
         if "failure_reason" in reopened.data.tags:  # why it stopped last time
             client.delete_tag(run_id, "failure_reason")
     except (LookupError, mlflow.exceptions.MlflowException):
         run_id = client.create_run(
-            experiment_id, run_name=f"sweep {study_name}", tags={KIND_TAG: "sweep"}
+            experiment_id, run_name=name, tags={KIND_TAG: "sweep"}
         ).info.run_id
     log_tags(client, run_id, tags)
+    log_params(client, run_id, params or {})
     return run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Logs the params the run does not hold yet (a run's params cannot change; every
+    worker and resume of a study has the same ones, study.check_definition holds them)."""
+    held = client.get_run(run_id).data.params
+    new = [Param(key, value[:6000]) for key, value in params.items() if key not in held]
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker's, just now
+        client.log_batch(run_id, params=new)
+
+
+def share_view(parent_run_id: str, metric: str, maximize: bool, params: list[str]) -> str:
+    """A view of the runs table for the sweep's trials, best first, with the metric,
+    its test counterpart and the searched params as columns (MLflow 3.17 reads a view
+    from the experiment tag `mlflow.sharedViewState.<key>`, opened by its link:
+    links.view). The link, relative to the UI."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    shown = [metric, f"test/{metric.split('/', 1)[-1]}"]
+    state = {
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": not maximize,
+        "selectedColumns": [
+            *(f"metrics.`{key}`" for key in dict.fromkeys(shown)),
+            *(f"params.`{key}`" for key in params),
+        ],
+    }
+    client.set_experiment_tag(experiment_id, f"{VIEW_TAG}{parent_run_id}", json.dumps(state))
+    return links.view(experiment_id, parent_run_id)
 
 
 def trial_run(uri: str, parent_run_id: str, trial: int) -> mlflow.entities.Run | None:
@@ -74,12 +116,13 @@ def kill_trial_run(uri: str, run: mlflow.entities.Run | None, why: str) -> None:
 def close_sweep_run(
     run_id: str,
     error: BaseException | None,
-    best: dict[str, Any] | None = None,
-    metric: str = "",
-    step: int = 0,
+    found: dict[str, Any] | None = None,
     figures: dict[str, Any] | None = None,
+    pages: dict[str, str] | None = None,
 ) -> None:
-    """Ends the parent run: FINISHED with the best trial recorded, else FAILED/KILLED."""
+    """Ends the parent run: FINISHED with the best trial of `found` (report.results)
+    recorded, its plots (`figures`, `pages` of HTML) and a summary as its description;
+    else FAILED/KILLED."""
     client = MlflowClient()
     if error is not None:
         if isinstance(error, KeyboardInterrupt):
@@ -87,18 +130,23 @@ def close_sweep_run(
         else:
             end_run(run_id, "FAILED", one_line(error))
         return
-    if best and best.get("value") is not None:
-        client.log_metric(run_id, metric, best["value"], step=step)
-        tags = {"best_trial": str(best["trial"])}
-        if best.get("run_id"):
-            tags["best_run_id"] = best["run_id"]
-        tags.update({f"best.{key}": str(value) for key, value in best["params"].items()})
+    found = found or {}
+    if found.get("best_value") is not None:
+        metric = found["optimized_metric"]
+        client.log_metric(run_id, metric, found["best_value"], step=found["finished"])
+        tags = {"best_trial": str(found["best_trial"])}
+        if found.get("best_run_id"):
+            tags["best_run_id"] = found["best_run_id"]
+        tags.update({f"best.{key}": str(value) for key, value in found["best_params"].items()})
         log_tags(client, run_id, tags)
     if "failure_reason" in client.get_run(run_id).data.tags:  # another worker's interruption
         client.delete_tag(run_id, "failure_reason")
     for name, figure in (figures or {}).items():
-        client.log_figure(run_id, figure, f"plots/{name}")
-    log_tags(client, run_id, {"mlflow.note.content": compare_note(run_id)})
+        client.log_figure(run_id, figure, f"plots/{name}", save_kwargs={"bbox_inches": "tight"})
+    for name, page in (pages or {}).items():
+        client.log_text(run_id, page, f"plots/{name}")
+    note = summary(run_id, found, list(figures or {}), list(pages or {}))
+    log_tags(client, run_id, {"mlflow.note.content": note})
     end_run(run_id, "FINISHED")
 
 
@@ -115,8 +163,8 @@ def log_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in missing.items()])
 
 
-def compare_note(parent_run_id: str) -> str:
-    """The parent run's description: a link to the compare view of all its trials."""
+def trials_of(parent_run_id: str) -> tuple[str, list[mlflow.entities.Run]]:
+    """The experiment of a sweep's parent run, and its trials' runs, oldest first."""
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     children = client.search_runs(
@@ -125,6 +173,46 @@ def compare_note(parent_run_id: str) -> str:
         order_by=["attributes.start_time ASC"],
         max_results=1000,
     )
-    ids = ",".join(f'"{c.info.run_id}"' for c in children)
-    link = f'#/compare-runs?runs=[{ids}]&experiments=["{experiment_id}"]'
-    return f"[Compare the {len(children)} trials of this sweep side by side]({link})"
+    return experiment_id, children
+
+
+def summary(parent_run_id: str, found: dict[str, Any], images: list[str], pages: list[str]) -> str:
+    """The parent run's description (markdown): the best trial, linked, with its
+    numbers; the counts; a link to compare the trials; the plots."""
+    experiment_id, children = trials_of(parent_run_id)
+    lines = []
+    best = next((c for c in children if c.info.run_id == found.get("best_run_id")), None)
+    if best is not None:
+        metrics = best.data.metrics
+        shown = sorted(k for k in metrics if k.split("/")[0] in ("val", "test"))
+        numbers = ", ".join(f"{key} **{metrics[key]:.4g}**" for key in shown)
+        lines.append(
+            f"**Best: [{best.info.run_name}]({links.run(experiment_id, best.info.run_id)})**"
+            f" ({found['optimized_metric']}): {numbers}"
+        )
+    counts = ", ".join(
+        f"{found[key]} {key.replace('_', ' ')}"
+        for key in ("complete", "pruned", "failed", "cut_off")
+        if found.get(key)
+    )
+    ids = [c.info.run_id for c in children]
+    lines.append(
+        f"{found.get('finished', len(ids))} of {found.get('n_trials', len(ids))} trials"
+        f" finished ({counts or 'none'}): "
+        f"[the trials, best first]({links.view(experiment_id, parent_run_id)}); "
+        f"[compare the {len(ids)} trials side by side]({links.compare(experiment_id, ids)})"
+    )
+    if found.get("best_model_uri"):
+        lines.append(
+            f'Its model: `mlflow.pyfunc.load_model("{found["best_model_uri"]}")` '
+            f"(Models column, and the Model registry)"
+        )
+    if pages:
+        shown = ", ".join(
+            f"[{name}]({links.artifact(parent_run_id, f'plots/{name}')})" for name in pages
+        )
+        lines.append(f"Interactive plots (Artifacts, plots/): {shown}")
+    for name in images:
+        title = name.rsplit(".", 1)[0].replace("_", " ")
+        lines.append(f"![{title}]({links.artifact(parent_run_id, f'plots/{name}')})")
+    return "\n\n".join(lines)

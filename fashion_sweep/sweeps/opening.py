@@ -94,13 +94,8 @@ def open_sweep(
         "optuna.direction": direction,
         "optimized_metric": metric,
         "sweep_dir": str(Path(sweep_dir).resolve()),
-        **{f"space.{k}": str(v) for k, v in searched.searched.items()},
     }
-    params = {  # what the trials compute: the space, and the fixed values outside runtime
-        **{key: space.describe(d) for key, d in searched.searched.items()},
-        **{key: redact(str(v)) for key, v in searched.fixed.items() if study.computed(key)},
-    }
-    parent = parent_run(held, created, config, f"{name} ({n_trials} trials)", tags, params)
+    parent = parent_run(held, created, config, f"{name} ({n_trials} trials)", tags, searched)
     sweep_runs.share_view(parent, metric, direction == "maximize", list(searched.searched))
     counted = len(tally(held.get_trials(deepcopy=False)).counted)
     log.info(
@@ -173,10 +168,17 @@ def parent_run(
     config: DictConfig,
     name: str,
     tags: dict[str, str],
-    params: dict[str, str],
+    searched: space.Space,
 ) -> str:
     """The study's MLflow parent run, made by the worker that created the study and
-    kept in the study (user attr), so every worker and every resume finds it."""
+    kept in the study (user attr), so every worker and every resume finds it; its
+    params what the trials compute (the space, and the fixed values not of runtime),
+    the space also as tags."""
+    tags = {**tags, **{f"space.{k}": str(v) for k, v in searched.searched.items()}}
+    params = {
+        **{key: space.describe(d) for key, d in searched.searched.items()},
+        **{key: redact(str(v)) for key, v in searched.fixed.items() if study.computed(key)},
+    }
     parent = held.user_attrs.get(PARENT_RUN)
     for _ in range(0 if created else 60):  # the creator is making it: wait a little
         if parent:

@@ -55,12 +55,9 @@ def ending(opened: Opened, config: DictConfig, found: dict[str, Any], path: Path
     experiment_id, children = sweep_runs.trials_of(opened.parent)
     ui = links.ui(uri)
     said = []
-    best = next((c for c in children if c.info.run_id == found.get("best_run_id")), None)
+    best = sweep_runs.best_of(children, found)
     if best is not None:
-        metrics = best.data.metrics
-        shown = sorted(k for k in metrics if k.split("/")[0] in ("val", "test"))
-        numbers = ", ".join(f"{key} {metrics[key]:.4g}" for key in shown)
-        said.append(f"Best: {best.info.run_name}: {numbers}")
+        said.append(f"Best: {best.info.run_name}: {sweep_runs.numbers(best)}")
     else:
         said.append("No trial completed: there is no best trial")
     ids = [c.info.run_id for c in children]

@@ -176,19 +176,29 @@ def trials_of(parent_run_id: str) -> tuple[str, list[mlflow.entities.Run]]:
     return experiment_id, children
 
 
+def best_of(children: list[mlflow.entities.Run], found: dict[str, Any]) -> Any:
+    """The best trial's run among a sweep's, if there is one."""
+    return next((c for c in children if c.info.run_id == found.get("best_run_id")), None)
+
+
+def numbers(run: mlflow.entities.Run, mark: str = "") -> str:
+    """A run's validation and test numbers: `test/accuracy 0.7735, ...` (`mark` around
+    each value, `**` for bold)."""
+    metrics = run.data.metrics
+    shown = sorted(k for k in metrics if k.split("/")[0] in ("val", "test"))
+    return ", ".join(f"{key} {mark}{metrics[key]:.4g}{mark}" for key in shown)
+
+
 def summary(parent_run_id: str, found: dict[str, Any], images: list[str], pages: list[str]) -> str:
     """The parent run's description (markdown): the best trial, linked, with its
     numbers; the counts; a link to compare the trials; the plots."""
     experiment_id, children = trials_of(parent_run_id)
     lines = []
-    best = next((c for c in children if c.info.run_id == found.get("best_run_id")), None)
+    best = best_of(children, found)
     if best is not None:
-        metrics = best.data.metrics
-        shown = sorted(k for k in metrics if k.split("/")[0] in ("val", "test"))
-        numbers = ", ".join(f"{key} **{metrics[key]:.4g}**" for key in shown)
         lines.append(
             f"**Best: [{best.info.run_name}]({links.run(experiment_id, best.info.run_id)})**"
-            f" ({found['optimized_metric']}): {numbers}"
+            f" ({found['optimized_metric']}): {numbers(best, '**')}"
         )
     counts = ", ".join(
         f"{found[key]} {key.replace('_', ' ')}"

@@ -140,7 +140,7 @@ def test_the_parent_runs_description_links_the_best_trial_and_the_compare_view(s
     assert f"**Best: [{winner.info.run_name}](#/experiments/{experiment}/runs/{best})**" in note
     assert f"val/accuracy **{winner.data.metrics['val/accuracy']:.4g}**" in note
     assert f"test/accuracy **{winner.data.metrics['test/accuracy']:.4g}**" in note
-    (link,) = re.findall(r"\[compare the 3 trials side by side\]\(([^)\s]+)\)", note)
+    (link,) = re.findall(r"\[compare the 3 runs side by side\]\(([^)\s]+)\)", note)
     assert '"' not in link  # a raw quote ends a markdown link in MLflow's renderer
     runs_json = unquote(re.search(r"runs=([^&]+)", link).group(1))
     assert sorted(json.loads(runs_json)) == sorted(c.info.run_id for c in children)
@@ -179,7 +179,7 @@ def test_the_console_says_one_line_per_trial_and_where_the_answer_is(swept):
         rf"Sweep run: http://127.0.0.1:5000/#/experiments/\d+/runs/{parent}$", console, re.M
     )
     assert "Compare the trials: http://127.0.0.1:5000/#/compare-runs?runs=%5B" in console
-    assert "python -m fashion_sweep.predict run_id=best" in console
+    assert f"python -m fashion_sweep.predict run_id={found['best_run_id']}" in console
     assert f"Best: trial {found['best_trial']} lr=" in console
 
 
@@ -229,7 +229,7 @@ def test_the_mlflow_ui_shows_the_sweeps_answer_from_its_run_in_one_click(swept):
             (html.unescape(text), html.unescape(href))
             for href, text in re.findall(r'<a [^>]*href="([^"]+)"[^>]*>([^<]+)</a>', page)
         )
-        compare = rendered(f"{ui}/{hrefs['compare the 3 trials side by side']}")
+        compare = rendered(f"{ui}/{hrefs['compare the 3 runs side by side']}")
         assert "Comparing 3 Runs" in compare and "Error" not in compare
         # the parallel coordinates open on the optimized metric (each epoch logs it first)
         chosen = re.sub(r"<[^>]*>", " ", compare[compare.index("Metrics:") :][:3000])
@@ -253,12 +253,13 @@ def test_the_best_model_is_registered_and_predicts_what_predict_prints(swept, ma
 
     from fashion_sweep.core.data import load_splits
     from fashion_sweep.core.model import CLASSES
+    from fashion_sweep.sweeps import winner
 
     found = results(swept)
     assert found["best_model_uri"] == "models:/fashion_sweep/1"
     client, (parent,), _ = runs(swept)
     (version,) = client.search_model_versions("name = 'fashion_sweep'")
-    assert version.run_id == parent.info.run_id  # the sweep's run holds it (Models column)
+    assert version.run_id == found["best_run_id"]  # the trial's run holds it (Models column)
     mlflow.set_tracking_uri(f"sqlite:///{swept / 'mlflow.db'}")
     loaded = mlflow.pyfunc.load_model("models:/fashion_sweep/latest")
     assert loaded.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 28, 28)
@@ -266,6 +267,11 @@ def test_the_best_model_is_registered_and_predicts_what_predict_prints(swept, ma
     batch = np.stack([images[i][0].numpy() for i in range(8)])
     logits = loaded.predict(batch)  # any batch size, not the example's one image
     assert logits.shape == (8, 10)
+    # the sweep's end once more (a resume, another worker): the same version, no other
+    again = OmegaConf.create({"tracking": {"uri": f"sqlite:///{swept / 'mlflow.db'}"}})
+    again.tracking.registered_model = "fashion_sweep"
+    assert winner.register(again, found["best_run_id"]) == "models:/fashion_sweep/1"
+    assert len(client.search_model_versions("name = 'fashion_sweep'")) == 1
     store = f"tracking.uri=sqlite:///{swept / 'mlflow.db'}"
     for index in (0, 7):
         shown = main(
@@ -297,6 +303,14 @@ def test_diverging_trial_is_failed_and_the_sweep_goes_on(sweep, tmp_path):
     assert status["10000.0"].data.tags["failure_reason"].startswith(reason)
     assert status["0.05"].info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
+    # the console says it in one line; the traceback is in the trial's log, once
+    failed = int(status["10000.0"].data.tags["trial"])
+    assert re.search(
+        rf"^\[\d/2\] trial {failed} lr=1e\+04  failed: DivergedError: ", done.stdout, re.M
+    )
+    assert "Error executing job" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert trial_log(tmp_path, failed).count("Traceback") == 1
     assert parent.data.tags["best_run_id"] == status["0.05"].info.run_id
 
 

@@ -93,7 +93,9 @@ class ReportToStudy(Callback):
         found = trial(config.hydra.sweeper.get("storage"), name, number)
         if found is None:
             return
-        ended = outcome_of(job_return, config.tracking.uri, config.tracking.parent_run_id, number)
+        quiet = config.hydra.sweeper.get("trial_output") == "file"  # its log has it all
+        tracking = config.tracking
+        ended = outcome_of(job_return, tracking.uri, tracking.parent_run_id, number, quiet)
         if ended is None:
             return
         outcome, run_id = ended

@@ -206,7 +206,8 @@ class Sweep:
         """Records a job's outcome here (a study in this process's memory, a job whose
         process died); the reason it failed, if it did."""
         uri, parent = self.config.tracking.uri, self.opened.parent
-        ended = study.outcome_of(job, uri, parent, trial.number)
+        quiet = self.settings.trial_output == "file"
+        ended = study.outcome_of(job, uri, parent, trial.number, quiet)
         if ended is None:
             return None
         outcome, run_id = ended

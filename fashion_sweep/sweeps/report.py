@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def finish(opened: Opened, config: DictConfig) -> None:
     found = results(opened)
-    model = winner.register(config, opened.parent, found.get("best_run_id"))
+    model = winner.register(config, found.get("best_run_id"))
     if model:
         found["best_model_uri"] = model
     path = Path(opened.sweep_dir, "optimization_results.yaml")
@@ -75,7 +75,7 @@ def ending(opened: Opened, config: DictConfig, found: dict[str, Any], path: Path
     if best is not None:
         store = "" if uri == links.DEFAULT_STORE else f" tracking.uri={redact(uri)}"
         said.append(
-            f"Predict with the best model: python -m fashion_sweep.predict run_id=best{store}"
+            f"Predict with it: python -m fashion_sweep.predict run_id={best.info.run_id}{store}"
         )
     return said
 
@@ -189,7 +189,8 @@ def page(opened: Opened, importances: Importances) -> str:
         wanted["Intermediate values (pruning)"] = lambda: vis.plot_intermediate_values(handle)
     wanted["Timeline"] = lambda: vis.plot_timeline(handle)
     parts = []
-    for number, (title, figure) in enumerate(drawn(wanted).items()):
+    # the static plots said what cannot be drawn
+    for number, (title, figure) in enumerate(drawn(wanted, say=False).items()):
         inline = "inline" if number == 0 else False
         body = figure.to_html(full_html=False, include_plotlyjs=inline)
         parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
@@ -202,8 +203,9 @@ def page(opened: Opened, importances: Importances) -> str:
     )
 
 
-def drawn(wanted: dict[str, Any]) -> dict[str, Any]:
-    """Each plot drawn, or skipped with a warning: a plot must not fail the sweep."""
+def drawn(wanted: dict[str, Any], say: bool = True) -> dict[str, Any]:
+    """Each plot drawn, or skipped (with a warning if `say`): a plot must not fail the
+    sweep."""
     figures = {}
     for name, draw in wanted.items():
         try:
@@ -211,7 +213,8 @@ def drawn(wanted: dict[str, Any]) -> dict[str, Any]:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 figures[name] = draw()
         except Exception as error:
-            log.warning(f"plot {name} skipped: {error}")
+            if say:
+                log.warning(f"plot {name} skipped: {error}")
     return figures
 
 

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import time
@@ -301,12 +303,14 @@ def load(url: str | None, name: str, pruner: Any = None) -> tuple[optuna.Study, 
 
 
 def outcome_of(
-    job: Any, uri: str, parent_run_id: str, number: int
+    job: Any, uri: str, parent_run_id: str, number: int, quiet: bool = False
 ) -> tuple[float | str, str | None] | None:
     """A job's outcome (its value, or why it failed) and its MLflow run; None for a job
-    cut off by a signal, which the sweep marks."""
+    cut off by a signal, which the sweep marks. `quiet`: without Hydra's "Error
+    executing job with overrides" block on stderr (the trial's log has its traceback)."""
     try:
-        outcome = job.return_value  # re-raises the job's exception
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            outcome = job.return_value  # re-raises the job's exception
     except Exception as error:
         from fashion_sweep.tracking.sweep_runs import trial_run_id  # a failed job's run
 

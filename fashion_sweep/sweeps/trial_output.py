@@ -74,7 +74,11 @@ def to_files(hydras: list[DictConfig], header: str) -> Iterator[None]:
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):  # type: ignore[type-var]
                 yield
-        except BaseException:
+        except Exception:
+            if not files_have_them:  # else Hydra logs it there ("Job failed")
+                traceback.print_exc(file=out)
+            raise
+        except BaseException:  # an interruption, which Hydra does not log
             traceback.print_exc(file=out)
             raise
         finally:

@@ -25,12 +25,18 @@ def log_model(
 ) -> str:
     """Logs `model` as a model of run `run_id` (its Models column), registered as
     `name` unless that is empty; its URI: `models:/<name>/<version>` where registered,
-    else the logged model's (`models:/m-...`)."""
+    else the logged model's (`models:/m-...`). A run already registered as `name` is
+    not registered again: that version's URI."""
+    mlflow.set_tracking_uri(absolute(uri))
+    client = mlflow.MlflowClient()
+    if name:
+        held = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if held:
+            return f"models:/{name}/{max(int(v.version) for v in held)}"
     model = model.cpu().eval()
     with torch.no_grad():
         output = model(example)
-    mlflow.set_tracking_uri(absolute(uri))
-    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    experiment_id = client.get_run(run_id).info.experiment_id
     logged = mlflow.initialize_logged_model(
         name="model", source_run_id=run_id, experiment_id=experiment_id
     )

@@ -201,16 +201,16 @@ def summary(parent_run_id: str, found: dict[str, Any], images: list[str], pages:
             f" ({found['optimized_metric']}): {numbers(best, '**')}"
         )
     counts = ", ".join(
-        f"{found[key]} {key.replace('_', ' ')}"
-        for key in ("complete", "pruned", "failed", "cut_off")
-        if found.get(key)
+        f"{found[key]} {key}" for key in ("complete", "pruned", "failed") if found.get(key)
     )
+    if found.get("cut_off"):  # their runs KILLED, their configurations run again
+        counts += f"; {found['cut_off']} cut off and run again"
     ids = [c.info.run_id for c in children]
     lines.append(
         f"{found.get('finished', len(ids))} of {found.get('n_trials', len(ids))} trials"
         f" finished ({counts or 'none'}): "
         f"[the trials, best first]({links.view(experiment_id, parent_run_id)}); "
-        f"[compare the {len(ids)} trials side by side]({links.compare(experiment_id, ids)})"
+        f"[compare the {len(ids)} runs side by side]({links.compare(experiment_id, ids)})"
     )
     if found.get("best_model_uri"):
         lines.append(

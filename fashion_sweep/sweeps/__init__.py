@@ -5,7 +5,9 @@ its values and their checks; opening.py what a sweep opens before its first tria
 search space from space.py, the sampler from sampler.py, the study from study.py, its
 folder and MLflow parent run); loop.py the loop that asks, launches and records;
 schedule.py the loop's decisions as pure functions; workers.py whether a worker is
-alive; report.py the results, plots and parent run at the end; pruning.py a trial's
+alive; progress.py the console's line per trial; trial_output.py a trial's own output
+in its folder's log; report.py the results, plots and parent run at the end, winner.py
+the best trial's model registered; pruning.py a trial's
 side of pruning; callbacks.py the Hydra callbacks (a job's outcome recorded, a plain
 multirun's jobs checked, passwords masked); compose.py a sweep's config composed once.
 """

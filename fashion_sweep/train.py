@@ -14,11 +14,13 @@ if __name__ == "__main__":  # a single run: its MLflow process starts now, besid
     side_process.start(sys.argv[1:])
 
 import contextlib
+import shutil
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fashion_sweep import signals
 from fashion_sweep.config import CONF_DIR, ConfigError, plain, register_configs
@@ -62,12 +64,31 @@ def main(cfg: DictConfig) -> float:
         if multirun:
             raise  # the sweeper records the trial as failed and goes on
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, DivergedError | side_process.AgentError) else 2)
+        if isinstance(error, DivergedError | side_process.AgentError):
+            sys.exit(1)
+        _forget(hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        sys.exit(2)
     finally:
         if tracker is not None:
             tracker.close()
         if multirun:
             settle_heap()
+
+
+def _forget(folder: str, overrides: list[str]) -> None:
+    """A refused run's folder, left by Hydra with nothing but its .hydra/ record and an
+    empty log: removed (and its date's folder, if that is left empty). Kept where
+    anything else is there: another run started in the same second shares it."""
+    path = Path(folder)
+    record = path / ".hydra" / "overrides.yaml"
+    if not record.is_file() or OmegaConf.load(record) != OmegaConf.create(overrides):
+        return
+    if any(p.stat().st_size for p in path.glob("*") if p.is_file()):
+        return
+    if all(p.name == ".hydra" or p.is_file() for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only if empty
 
 
 def _output(cfg: DictConfig, multirun: bool) -> contextlib.AbstractContextManager:

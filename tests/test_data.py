@@ -9,9 +9,15 @@ from fashion_sweep.core import data
 from fashion_sweep.core.data import DataError, load_splits, prepare_raw
 
 
-def test_prepare_raw_unpacks_debian_copy_into_a_fresh_root(tmp_path):
+def test_prepare_raw_unpacks_debian_copy_into_a_fresh_root(tmp_path, caplog):
+    caplog.set_level("INFO", logger="fashion_sweep.core.data")
     raw = prepare_raw(tmp_path)
     assert raw == tmp_path / "FashionMNIST" / "raw"
+    said = f"data.root={tmp_path}: unpacking Debian's FashionMNIST into {raw} (55 MB, once)"
+    assert [r.getMessage() for r in caplog.records] == [said]  # the user is told, once
+    caplog.clear()
+    prepare_raw(tmp_path)
+    assert not caplog.records
     assert {p.name for p in raw.iterdir()} == set(data.RAW_FILES)
     test = load_splits(tmp_path)["test"]
     assert len(test) == 10_000 and test[0][0].shape == (1, 28, 28)

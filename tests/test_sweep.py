@@ -314,7 +314,7 @@ def test_diverging_trial_is_failed_and_the_sweep_goes_on(sweep, tmp_path):
     assert parent.data.tags["best_run_id"] == status["0.05"].info.run_id
 
 
-def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, tmp_path):
+def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_path):
     done = sweep(
         "optimizer.lr=10000.0",
         "trainer.log_interval=2",
@@ -329,6 +329,15 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, tmp_path):
     _, (parent,), children = runs(tmp_path)
     assert parent.info.status == "FAILED" and len(children) == 1
     assert children[0].info.status == "FAILED"
+    # predict from that sweep says why it has no model
+    store = f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"
+    shown = main("predict", f"run_id={parent.info.run_id}", store)
+    assert shown.returncode == 2
+    assert shown.stderr.strip() == (
+        f"error: sweep run {parent.info.run_id} has no best trial: it ended FAILED "
+        "(SweepError: 1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
+        "hydra.sweeper.n_trials=3 allows) with no trial completed"
+    )
 
 
 @pytest.mark.parametrize(

@@ -160,6 +160,7 @@ def test_bad_input_fails_in_one_line_before_training(main, tmp_path, override, n
     assert named in first, done.stderr
     assert "Epoch 1" not in done.stdout
     assert not store.exists() or no_runs(store)
+    assert not list(tmp_path.glob("multirun/*"))  # no empty record of a refused run
 
 
 def no_runs(store) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+log = logging.getLogger(__name__)
 # The uncompressed idx files torchvision reads from <root>/FashionMNIST/raw/, by size.
 RAW_FILES = {
     "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
@@ -48,6 +50,9 @@ def prepare_raw(root: str | Path, download: bool = False) -> Path:
     raw = Path(root) / "FashionMNIST" / "raw"
     if download:
         _download(root)
+    missing = [name for name in RAW_FILES if not (raw / name).exists()]
+    if missing and not download and all((DEBIAN_DIR / f"{n}.gz").exists() for n in missing):
+        log.info(f"data.root={root}: unpacking Debian's FashionMNIST into {raw} (55 MB, once)")
     for name, size in RAW_FILES.items():
         path = raw / name
         try:

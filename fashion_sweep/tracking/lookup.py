@@ -44,7 +44,7 @@ def resolve_run_id(uri: str, experiment: str, run_id: str) -> str:
     if run.data.tags.get(KIND_TAG) == "sweep":
         best = run.data.tags.get("best_run_id")
         if not best:
-            raise LookupError(f"sweep run {run.info.run_id} has no best_run_id tag yet")
+            raise LookupError(f"sweep run {run.info.run_id} has no best trial: {_why_no_best(run)}")
         run = client.get_run(best)
     if not _has_model(client, run):
         raise LookupError(f"run {run.info.run_id} has no model.pth: {_why_no_model(run)}")
@@ -117,3 +117,11 @@ def _run_of_model(client: MlflowClient, uri: str) -> str:
         return client.get_model_version(name, version).run_id
     except (LookupError, ValueError, mlflow.exceptions.MlflowException):
         raise LookupError(f"run_id={uri}: no such model in the store") from None
+
+
+def _why_no_best(run: mlflow.entities.Run) -> str:
+    status = run.info.status
+    if status == "RUNNING":
+        return "it is running, and no trial has completed yet"
+    reason = run.data.tags.get("failure_reason")
+    return f"it ended {status}{f' ({reason})' if reason else ''} with no trial completed"

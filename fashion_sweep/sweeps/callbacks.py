@@ -86,6 +86,7 @@ class ReportToStudy(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from fashion_sweep.sweeps.study import outcome_of, record, trial
+        from fashion_sweep.sweeps.trial_output import TO_FILE
 
         name, number = config.tracking.get("study"), config.tracking.get("trial")
         if not name or number is None:
@@ -93,7 +94,7 @@ class ReportToStudy(Callback):
         found = trial(config.hydra.sweeper.get("storage"), name, number)
         if found is None:
             return
-        quiet = config.hydra.sweeper.get("trial_output") == "file"  # its log has it all
+        quiet = config.hydra.sweeper.get("trial_output") == TO_FILE  # its log has it all
         tracking = config.tracking
         ended = outcome_of(job_return, tracking.uri, tracking.parent_run_id, number, quiet)
         if ended is None:

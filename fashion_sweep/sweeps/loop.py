@@ -61,7 +61,7 @@ class Sweep:
             self.opened.metric,
             self.opened.study.direction == optuna.study.StudyDirection.MAXIMIZE,
         )
-        quiet = progress.quiet_launchers() if self.settings.trial_output == "file" else None
+        quiet = progress.QuietLaunchers() if self.settings.trials_to_file else None
         self.progress.start()
         try:
             self._loop()
@@ -197,7 +197,7 @@ class Sweep:
             reason = ended[trial.number].user_attrs.get(schedule.FAILURE)
             if ended[trial.number].state == TrialState.RUNNING:  # its job could not record it
                 reason = self._record(trial, job)
-            if reason and self.settings.trial_output != "file":  # else progress.py says it
+            if reason and not self.settings.trials_to_file:  # else progress.py says it
                 log.warning(f"Trial {trial.number} failed: {reason}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
@@ -206,8 +206,7 @@ class Sweep:
         """Records a job's outcome here (a study in this process's memory, a job whose
         process died); the reason it failed, if it did."""
         uri, parent = self.config.tracking.uri, self.opened.parent
-        quiet = self.settings.trial_output == "file"
-        ended = study.outcome_of(job, uri, parent, trial.number, quiet)
+        ended = study.outcome_of(job, uri, parent, trial.number, self.settings.trials_to_file)
         if ended is None:
             return None
         outcome, run_id = ended

@@ -33,7 +33,7 @@ LAUNCHERS = (
 )
 
 
-class _Quiet(logging.Filter):
+class QuietLaunchers(logging.Filter):
     """Lets a launcher's warnings and errors through, not its per-job echo."""
 
     def __init__(self) -> None:
@@ -48,10 +48,6 @@ class _Quiet(logging.Filter):
     def close(self) -> None:
         for logger in self.loggers:
             logger.removeFilter(self)
-
-
-def quiet_launchers() -> _Quiet:
-    return _Quiet()
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -9,6 +9,7 @@ import html
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,25 +35,28 @@ def finish(opened: Opened, config: DictConfig) -> None:
         found["best_model_uri"] = model
     path = Path(opened.sweep_dir, "optimization_results.yaml")
     OmegaConf.save(OmegaConf.create(found), path)
-    importances = Importances()
-    figures = plots(opened.study, opened.metric, importances)
-    pages = {"sweep.html": page(opened, importances)}
+    what = Drawable.of(opened.study)
+    figures = plots(opened.study, opened.metric, what)
+    pages = {"sweep.html": page(opened, what)}
+    trials = sweep_runs.trials_of(opened.parent)
     try:
-        sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages)
+        sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages, trials)
     finally:
         import matplotlib.pyplot as plt
 
         for figure in figures.values():
             plt.close(figure)
-    for text in ending(opened, config, found, path):
+    for text in ending(opened, config, found, path, trials):
         log.info(text)
 
 
-def ending(opened: Opened, config: DictConfig, found: dict[str, Any], path: Path) -> list[str]:
+def ending(
+    opened: Opened, config: DictConfig, found: dict[str, Any], path: Path, trials: tuple
+) -> list[str]:
     """What the console says when the sweep is done: the best trial and its numbers,
-    where to look at them, and how to use its model."""
+    where to look at them, and how to use its model. `trials`: sweep_runs.trials_of."""
     uri = str(config.tracking.uri)
-    experiment_id, children = sweep_runs.trials_of(opened.parent)
+    experiment_id, children = trials
     ui = links.ui(uri)
     said = []
     best = sweep_runs.best_of(children, found)
@@ -128,7 +132,24 @@ def pair(names: list[str]) -> list[str]:
     return chosen if len(chosen) == 2 else names[:2]
 
 
-def plots(handle: optuna.Study, metric: str, importances: Importances) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Drawable:
+    """What a study's plots can show, read once for the static and interactive ones."""
+
+    names: list[str]  # the parameters of its complete trials
+    importances: Importances | None  # fANOVA's, where 2 complete trials have parameters
+    pruned: bool  # a trial reported values epoch by epoch (a pruner)
+
+    @classmethod
+    def of(cls, handle: optuna.Study) -> Drawable:
+        trials = handle.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        names = sorted({p for t in complete for p in t.params})
+        importances = Importances() if len(complete) >= 2 and names else None
+        return cls(names, importances, any(t.intermediate_values for t in trials))
+
+
+def plots(handle: optuna.Study, metric: str, what: Drawable) -> dict[str, Any]:
     """Optimisation history, parameter importances, lr x batch size (static images, for
     the parent run's description); what can be drawn."""
     import matplotlib
@@ -136,21 +157,19 @@ def plots(handle: optuna.Study, metric: str, importances: Importances) -> dict[s
     matplotlib.use("Agg")
     from optuna.visualization import matplotlib as vis
 
-    complete = handle.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    names = sorted({p for t in complete for p in t.params})
     wanted = {
         "optimization_history.png": lambda: vis.plot_optimization_history(
             handle, target_name=metric
         )
     }
-    if any(t.intermediate_values for t in handle.get_trials(deepcopy=False)):  # a pruner
+    if what.pruned:
         wanted["intermediate_values.png"] = lambda: vis.plot_intermediate_values(handle)
-    if len(complete) >= 2 and names:
+    if what.importances is not None:
         wanted["param_importances.png"] = lambda: vis.plot_param_importances(
-            handle, evaluator=importances, target_name=metric
+            handle, evaluator=what.importances, target_name=metric
         )
-    if len(names) >= 2:
-        shown = pair(names)
+    if len(what.names) >= 2:
+        shown = pair(what.names)
         wanted[f"{'_x_'.join(_slug(n) for n in shown)}.png"] = lambda: vis.plot_contour(
             handle, params=shown, target_name=metric
         )
@@ -164,14 +183,12 @@ def plots(handle: optuna.Study, metric: str, importances: Importances) -> dict[s
     return figures
 
 
-def page(opened: Opened, importances: Importances) -> str:
+def page(opened: Opened, what: Drawable) -> str:
     """Optuna's interactive plots of the study on one HTML page (plotly.js inline once,
     so it opens offline, and inside MLflow's artifact viewer)."""
     from optuna import visualization as vis
 
     handle, metric = opened.study, opened.metric
-    complete = handle.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    names = sorted({p for t in complete for p in t.params})
     wanted: dict[str, Any] = {
         "Optimization history": lambda: vis.plot_optimization_history(handle, target_name=metric),
         "Slice (each parameter against the metric)": lambda: vis.plot_slice(
@@ -179,13 +196,14 @@ def page(opened: Opened, importances: Importances) -> str:
         ),
         "Parallel coordinates": lambda: vis.plot_parallel_coordinate(handle, target_name=metric),
     }
-    if len(names) >= 2:
-        wanted["Contour"] = lambda: vis.plot_contour(handle, params=pair(names), target_name=metric)
-    if len(complete) >= 2 and names:
+    if len(what.names) >= 2:
+        shown = pair(what.names)
+        wanted["Contour"] = lambda: vis.plot_contour(handle, params=shown, target_name=metric)
+    if what.importances is not None:
         wanted["Parameter importances (fANOVA)"] = lambda: vis.plot_param_importances(
-            handle, evaluator=importances, target_name=metric
+            handle, evaluator=what.importances, target_name=metric
         )
-    if any(t.intermediate_values for t in handle.get_trials(deepcopy=False)):
+    if what.pruned:
         wanted["Intermediate values (pruning)"] = lambda: vis.plot_intermediate_values(handle)
     wanted["Timeline"] = lambda: vis.plot_timeline(handle)
     parts = []

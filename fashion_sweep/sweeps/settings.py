@@ -9,6 +9,8 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from fashion_sweep.sweeps.trial_output import CONSOLE, TO_FILE
+
 NO_PRUNER = "optuna.pruners.NopPruner"
 HYPERBAND = "optuna.pruners.HyperbandPruner"
 
@@ -36,6 +38,11 @@ class Settings:
     @property
     def seed(self) -> int | None:
         return self.sampler.get("seed")
+
+    @property
+    def trials_to_file(self) -> bool:
+        """Whether each trial's output goes to its folder's log (trial_output.py)."""
+        return self.trial_output == TO_FILE
 
     @property
     def prunes(self) -> bool:
@@ -69,7 +76,7 @@ class Settings:
                 "hydra.sweeper.storage must be a database URL or null",
             ),
             (
-                self.trial_output in ("file", "console"),
+                self.trial_output in (TO_FILE, CONSOLE),
                 f"hydra.sweeper.trial_output must be file or console, got {self.trial_output}",
             ),
         ]

@@ -24,11 +24,6 @@ def run(experiment_id: str, run_id: str) -> str:
     return f"#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def runs_table(experiment_id: str) -> str:
-    """The experiment's runs table ("Model training"), not its overview."""
-    return f"#/experiments/{experiment_id}/runs"
-
-
 def view(experiment_id: str, key: str) -> str:
     """The runs table as a view the experiment shares (tracking/sweep_runs.share_view)."""
     return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}"

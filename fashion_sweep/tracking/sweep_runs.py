@@ -119,10 +119,11 @@ def close_sweep_run(
     found: dict[str, Any] | None = None,
     figures: dict[str, Any] | None = None,
     pages: dict[str, str] | None = None,
+    trials: tuple[str, list[mlflow.entities.Run]] | None = None,
 ) -> None:
     """Ends the parent run: FINISHED with the best trial of `found` (report.results)
     recorded, its plots (`figures`, `pages` of HTML) and a summary as its description;
-    else FAILED/KILLED."""
+    else FAILED/KILLED. `trials`: trials_of(run_id), where the caller has it."""
     client = MlflowClient()
     if error is not None:
         if isinstance(error, KeyboardInterrupt):
@@ -145,7 +146,8 @@ def close_sweep_run(
         client.log_figure(run_id, figure, f"plots/{name}", save_kwargs={"bbox_inches": "tight"})
     for name, page in (pages or {}).items():
         client.log_text(run_id, page, f"plots/{name}")
-    note = summary(run_id, found, list(figures or {}), list(pages or {}))
+    trials = trials or trials_of(run_id)
+    note = summary(run_id, found, list(figures or {}), list(pages or {}), trials)
     log_tags(client, run_id, {"mlflow.note.content": note})
     end_run(run_id, "FINISHED")
 
@@ -189,10 +191,16 @@ def numbers(run: mlflow.entities.Run, mark: str = "") -> str:
     return ", ".join(f"{key} {mark}{metrics[key]:.4g}{mark}" for key in shown)
 
 
-def summary(parent_run_id: str, found: dict[str, Any], images: list[str], pages: list[str]) -> str:
+def summary(
+    parent_run_id: str,
+    found: dict[str, Any],
+    images: list[str],
+    pages: list[str],
+    trials: tuple[str, list[mlflow.entities.Run]],
+) -> str:
     """The parent run's description (markdown): the best trial, linked, with its
-    numbers; the counts; a link to compare the trials; the plots."""
-    experiment_id, children = trials_of(parent_run_id)
+    numbers; the counts; a link to compare the trials; the plots. `trials`: trials_of."""
+    experiment_id, children = trials
     lines = []
     best = best_of(children, found)
     if best is not None:

@@ -28,4 +28,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fashion_sweep import mistakes
+
+    mistakes.run(main)

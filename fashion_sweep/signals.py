@@ -4,11 +4,15 @@ Python turns SIGINT into KeyboardInterrupt, so the `except`/`finally` blocks tha
 end MLflow runs KILLED and cut off a sweep's trials run. SIGTERM (`timeout`, `docker
 stop`, systemd, SLURM preemption) and SIGHUP (a closed terminal) would end the
 process at once and leave its runs RUNNING. Inside `interrupts()` they raise
-`Terminated`, a KeyboardInterrupt, so the same clean-up runs; a SIGTERM or SIGHUP
-during the clean-up is ignored, so it finishes (another Ctrl-C or SIGKILL still ends
-it). The entry point then
+`Terminated`, a KeyboardInterrupt, so the same clean-up runs. Any signal during the
+clean-up is ignored, so it finishes, however often Ctrl-C is pressed: the third Ctrl-C
+more quits at once, its runs left as they are (so does SIGKILL). The entry point then
 ends the process by the same signal, so its parent sees the conventional status
 (143 for SIGTERM, 129 for SIGHUP, 130 for SIGINT).
+
+While the process starts (`hold()`, before `interrupts()`), a signal is noted and acted
+on when `interrupts()` begins: a KeyboardInterrupt raised inside torch's import aborts
+the process or prints a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from contextlib import contextmanager
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 HANDLED = (signal.SIGINT, *TERMINATING)
 _stopping = False  # a signal was turned into an exception; its clean-up is running
+_held: int | None = None  # a signal that came while starting (hold())
+_pressed = 0  # Ctrl-C presses during a clean-up
+QUIT_AFTER = 3  # more Ctrl-C presses during a clean-up that quit at once
 
 
 class Terminated(KeyboardInterrupt):
@@ -45,14 +52,41 @@ def reason(error: BaseException) -> str:
 
 
 def _raise(signum: int, _frame: object) -> None:
-    global _stopping
-    if signum == signal.SIGINT:
-        _stopping = True
-        raise KeyboardInterrupt  # as Python's own handler: a second Ctrl-C still stops
-    if _stopping:
-        return  # the first signal's clean-up is running: let it finish
+    global _stopping, _pressed
+    if _stopping:  # the first signal's clean-up is running: let it finish
+        if signum == signal.SIGINT:
+            _pressed += 1
+            if _pressed == 1:
+                _say(f"error: ending the runs first (Ctrl-C {QUIT_AFTER - 1} more times: quit now)")
+            elif _pressed >= QUIT_AFTER:
+                _say("error: quit before the runs were ended")
+                os._exit(128 + signal.SIGINT)
+        return
     _stopping = True
-    raise Terminated(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def _say(line: str) -> None:
+    """One line to the terminal from a signal handler (os.write: a handler may run inside a
+    print), from the process the terminal started (its launcher's workers get the same
+    Ctrl-C)."""
+    if os.getpid() == os.getpgrp():
+        with contextlib.suppress(OSError):
+            os.write(2, f"{line}\n".encode())
+
+
+def _hold(signum: int, _frame: object) -> None:
+    global _held
+    _held = _held or signum
+
+
+def hold() -> None:
+    """From now until `interrupts()`, Ctrl-C, SIGTERM and SIGHUP are noted, not raised;
+    `interrupts()` raises the first of them as it begins. For a process's start-up
+    (imports), where an exception from a signal handler would surface inside torch."""
+    for signum in HANDLED:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _hold)
 
 
 @contextmanager
@@ -60,7 +94,7 @@ def interrupts() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Terminated inside the block, SIGINT KeyboardInterrupt (in
     the main thread; a no-op elsewhere, and where the block is already active). A
     signal the process was started to ignore (`nohup`: SIGHUP) stays ignored."""
-    global _stopping
+    global _stopping, _held, _pressed
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -72,11 +106,15 @@ def interrupts() -> Iterator[None]:
         if handler != signal.SIG_IGN:
             signal.signal(signum, _raise)
     try:
+        if _held is not None:  # a signal while the process started
+            noted, _held = _held, None
+            _raise(noted, None)
         yield
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
         _stopping = False  # a worker process may run the next job
+        _pressed = 0
 
 
 def exit_like(error: KeyboardInterrupt) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # a single run: its MLflow process starts now, beside torch's import
+    from fashion_sweep import signals
+
+    signals.hold()  # a Ctrl-C during the imports is acted on once they are done
     from fashion_sweep.tracking import side_process
 
     side_process.start(sys.argv[1:])
@@ -106,12 +109,7 @@ def _output(cfg: DictConfig, multirun: bool) -> contextlib.AbstractContextManage
 if __name__ == "__main__":
     # note: run the imported module's main, not __main__'s, so the joblib launcher can
     # pickle the task function by reference (a __main__ function is pickled by value)
+    from fashion_sweep import mistakes
     from fashion_sweep.train import main as entry_point
 
-    try:
-        with signals.interrupts():  # the sweep's own work between trials too
-            entry_point()
-    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the runs are ended
-        with contextlib.suppress(OSError):  # no terminal left (SIGHUP)
-            print(f"error: {signals.reason(stop)}", file=sys.stderr)
-        signals.exit_like(stop)
+    mistakes.run(entry_point)

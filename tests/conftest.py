@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fashion_sweep import mistakes
 from fashion_sweep.core.data import prepare_raw
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,8 @@ def run_main(module: str, *args: str, cwd: Path) -> int:
     os.chdir(cwd)
     forget()
     try:
-        entry.main()
+        with mistakes.in_one_line():  # as the command: Hydra's refusals in one line
+            entry.main()
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     finally:

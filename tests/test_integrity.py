@@ -247,9 +247,9 @@ def test_a_study_name_reused_for_another_sweep_is_refused_before_any_trial(sweep
         "hydra.sweeper.sampler.seed=1": "sampler.seed: 0 -> 1",
     }
     refused = sweep(name, *changes, "hydra.sweeper.n_trials=2")
-    assert refused.returncode != 0
+    assert refused.returncode == 2
     last = refused.stderr.strip().splitlines()[-1]
-    assert last.startswith("hydra.sweeper.study_name=reused holds another sweep (")
+    assert last.startswith("error: hydra.sweeper.study_name=reused holds another sweep (")
     assert all(named in last for named in changes.values()), last
     assert "Traceback" not in refused.stderr
     assert len(trials(tmp_path, "reused")) == 1

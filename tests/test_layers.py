@@ -15,7 +15,7 @@ PACKAGE = PROJECT / "fashion_sweep"
 # Lowest first. A module's layer is its folder's, or its own name's at the top.
 LAYERS = [
     {"core", "signals"},  # torch (or nothing)
-    {"config", "model"},  # Hydra's schemas and checks; the model's recorded import path
+    {"config", "model", "mistakes"},  # Hydra: schemas, checks, errors; the model's import path
     {"tracking"},  # MLflow
     {"preflight"},
     {"run"},  # the recipe

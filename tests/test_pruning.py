@@ -112,9 +112,9 @@ def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(sweep, tmp_path,
 
 def test_a_pruner_without_a_shared_study_is_refused_before_the_first_trial(main, tmp_path):
     done = main("train", "-m", *SPACE, "hydra.sweeper.storage=null")
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        "hydra.sweeper.pruner needs a study its trials can reach: set "
+        "error: hydra.sweeper.pruner needs a study its trials can reach: set "
         "hydra.sweeper.storage to a database (sqlite:///optuna.db), not null"
     )
     assert not list(tmp_path.glob("multirun/*/*/0"))

@@ -225,9 +225,9 @@ def test_a_plain_multirun_checks_every_job_before_the_first(main, tmp_path):
 @pytest.mark.slow
 def test_a_sweep_refuses_a_fixed_value_no_trial_can_run_with_before_any_trial(main, seed, tmp_path):
     done = main("train", "-m", *TINY, "optimizer.nesterov=true")
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        "optimizer.nesterov=true needs optimizer.momentum > 0, got 0.0"
+        "error: optimizer.nesterov=true needs optimizer.momentum > 0, got 0.0"
     )
     assert not (tmp_path / "optuna.db").exists()
     # ...but a value that only some points of the space make bad is each trial's own

@@ -1,4 +1,6 @@
-"""SIGTERM and SIGHUP raise like Ctrl-C inside `interrupts()`, and only there."""
+"""SIGTERM and SIGHUP raise like Ctrl-C inside `interrupts()`, and only there; a signal
+during the clean-up does not stop it; Ctrl-C at any moment, however often, prints no
+traceback."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -41,9 +44,10 @@ try:
             print("ready", flush=True)
             time.sleep(30)
         finally:
-            if sys.argv[1] != "SIGINT":  # a second one during the clean-up...
+            for _ in range(int(sys.argv[2])):  # more of them during the clean-up...
                 os.kill(os.getpid(), signal.Signals[sys.argv[1]])
-            print("cleaned up", flush=True)  # ...does not stop it
+                time.sleep(0.05)
+            print("cleaned up", flush=True)  # ...do not stop it
 except KeyboardInterrupt as stop:
     signals.exit_like(stop)
 """
@@ -54,22 +58,65 @@ except KeyboardInterrupt as stop:
 )
 def test_the_process_ends_by_the_signal_after_its_clean_up(signum):
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, signal.Signals(signum).name],
+        [sys.executable, "-c", CHILD, signal.Signals(signum).name, "2"],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        cwd=os.getcwd(),
+        start_new_session=True,  # as a terminal's foreground job: it says its note
     )
     assert child.stdout.readline() == "ready\n"
     child.send_signal(signum)
-    out = child.communicate(timeout=30)[0]
+    out, err = child.communicate(timeout=30)
     assert "cleaned up" in out
     assert child.returncode == -signum  # a shell shows 128 + signum: 143, 129, 130
+    assert "Traceback" not in err and "Exception ignored" not in err
+    if signum == signal.SIGINT:  # pressed again: said once what it is doing
+        assert err == "error: ending the runs first (Ctrl-C 2 more times: quit now)\n"
+
+
+def test_ctrl_c_pressed_again_and_again_during_the_clean_up_quits_at_once():
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "SIGINT", str(1 + signals.QUIT_AFTER)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=30)
+    assert out == "" and child.returncode == 130
+    assert err.splitlines() == [
+        "error: ending the runs first (Ctrl-C 2 more times: quit now)",
+        "error: quit before the runs were ended",
+    ]
+
+
+@pytest.mark.parametrize("after", [0.3, 1.5])
+def test_ctrl_c_twice_while_the_command_starts_ends_it_in_one_line(tmp_path, after):
+    """During torch's import (a KeyboardInterrupt raised inside it aborts the process or
+    prints a traceback): noted, and acted on once the imports are done."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "fashion_sweep.train", "trainer.epochs=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    time.sleep(after)
+    for _ in range(2):
+        os.killpg(child.pid, signal.SIGINT)
+        time.sleep(0.05)
+    out, err = child.communicate(timeout=60)
+    assert (child.returncode, err, out) == (-signal.SIGINT, "error: interrupted\n", "")
+    assert not (tmp_path / "mlruns").exists()  # no run was started
 
 
 def test_a_signal_the_process_was_started_to_ignore_stays_ignored():
     """`nohup` ignores SIGHUP: a closed terminal must not end the run."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD.replace("time.sleep(30)", "time.sleep(1)"), "SIGINT"],
+        [sys.executable, "-c", CHILD.replace("time.sleep(30)", "time.sleep(1)"), "SIGINT", "0"],
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),

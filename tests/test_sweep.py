@@ -321,9 +321,9 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_pa
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.max_failure_rate=0.25",
     )
-    assert done.returncode != 0
+    assert done.returncode == 1  # it ran and failed: not a mistake typed (2)
     assert done.stderr.strip().splitlines()[-1] == (
-        "1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
+        "error: 1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
         "hydra.sweeper.n_trials=3 allows"
     )
     _, (parent,), children = runs(tmp_path)
@@ -335,7 +335,7 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_pa
     assert shown.returncode == 2
     assert shown.stderr.strip() == (
         f"error: sweep run {parent.info.run_id} has no best trial: it ended FAILED "
-        "(SweepError: 1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
+        "(SweepFailed: 1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
         "hydra.sweeper.n_trials=3 allows) with no trial completed"
     )
 
@@ -348,13 +348,23 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_pa
         ("optimizer.lr=interval(1,0.1)", "sweep parameter 'optimizer.lr'"),
         ("hydra.sweeper.direction=minimize", "set hydra.sweeper.direction=maximize"),
         ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials must be >= 1, got 0"),
+        (
+            "hydra.sweeper.n_trial=3",
+            "Key 'n_trial' not in 'StudySweeperConf'. Did you mean: 'n_trials'?",
+        ),
+        # a search space written under hydra.sweeper.params: the command line's form
+        (
+            "hydra.sweeper.params.optimizer.lr=interval(0.1,1)",
+            "given as its key, 'optimizer.lr=interval(0.1,1)'",
+        ),
     ],
 )
 def test_bad_sweep_overrides_fail_before_any_trial(sweep, tmp_path, override, message):
+    """Each in one line, `error: ...`, exit status 2, like a single run's."""
     done = sweep(override)
-    assert done.returncode != 0
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line
     assert not list(tmp_path.glob("multirun/*/*/0"))
 
 

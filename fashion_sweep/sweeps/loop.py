@@ -26,7 +26,7 @@ from fashion_sweep import signals
 from fashion_sweep.sweeps import progress, report, schedule, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.opening import open_sweep
-from fashion_sweep.sweeps.settings import Settings, SweepError
+from fashion_sweep.sweeps.settings import Settings, SweepFailed
 from fashion_sweep.tracking import sweep_runs
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Sweep:
             trials = self._reap()
             state = schedule.tally(trials)
             if why := schedule.too_many_failures(state, n_trials, settings.max_failure_rate):
-                raise SweepError(why)
+                raise SweepFailed(why)
             wanted = schedule.to_ask(state, n_trials, settings.n_jobs)
             if wanted:
                 asked = self._ask(wanted)

@@ -9,6 +9,7 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from fashion_sweep.mistakes import Failed
 from fashion_sweep.sweeps.trial_output import CONSOLE, TO_FILE
 
 NO_PRUNER = "optuna.pruners.NopPruner"
@@ -16,7 +17,11 @@ HYPERBAND = "optuna.pruners.HyperbandPruner"
 
 
 class SweepError(CompactHydraException):
-    """A sweep that cannot start or must stop; Hydra prints just this message."""
+    """A sweep that cannot start as asked: one line, exit status 2 (mistakes.run)."""
+
+
+class SweepFailed(SweepError, Failed):
+    """A sweep that started and must stop (too many failed trials): exit status 1."""
 
 
 @dataclass

@@ -141,6 +141,34 @@ def test_a_store_that_cannot_be_reached_is_one_line_before_the_data(main, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "store, why",
+    [
+        ("sqlite:////proc/nope.db", "its folder /proc cannot hold it"),
+        ("sqlite:///mlflow.db", "is MLflow's store, not an Optuna study's database"),
+    ],
+    ids=["unwritable", "MLflow's"],
+)
+def test_a_sweep_whose_study_cannot_be_opened_is_refused_before_either_store_is_written(
+    main, seed, tmp_path, store, why
+):
+    """The study's database is checked with MLflow's store, before either is set up: a
+    sweep that cannot start makes no runs.db, and adds nothing to the mlflow.db there
+    (SQLite's -shm and -wal files beside it aside: a reader's)."""
+    seed(tmp_path)  # ./mlflow.db: MLflow's store, set up
+
+    def files():
+        return {p.name: p.read_bytes() for p in tmp_path.glob("*.db")}
+
+    before = files()
+    args = [f"hydra.sweeper.storage={store}", "tracking.uri=sqlite:///runs.db"]
+    done = main("train", "-m", *TINY, *args)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: hydra.sweeper.storage={store}: ") and why in line
+    assert files() == before
+
+
 def test_the_commands_store_error_comes_back_from_its_mlflow_process_as_one_line(cli, tmp_path):
     """A single run's store is opened by its MLflow process (tracking/side_process.py),
     whose error the run reports as its own."""

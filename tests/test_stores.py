@@ -43,7 +43,7 @@ def test_sqlite_folders_are_made_or_refused_and_a_read_only_open_needs_the_file(
     stores.check("tracking.uri", f"sqlite:///{tmp_path}/new/mlflow.db")
     assert (tmp_path / "new").is_dir()  # where the store will be
     (tmp_path / "file").write_text("")
-    assert "cannot make its folder" in refused(f"sqlite:///{tmp_path}/file/mlflow.db")
+    assert "file is a file, not a folder" in refused(f"sqlite:///{tmp_path}/file/mlflow.db")
     with pytest.raises(StoreError, match="there is no MLflow store at"):
         stores.check("tracking.uri", f"sqlite:///{tmp_path}/mlfow.db", must_exist=True)
     assert not (tmp_path / "mlfow.db").exists()
@@ -79,10 +79,45 @@ def test_a_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
     assert refused(f"sqlite:///{text}").endswith(f"{text} is not a SQLite database")
     other = tmp_path / "optuna.db"
     sqlite3.connect(other).execute("create table studies (id)").connection.commit()
-    with pytest.raises(StoreError, match=f"{other} holds no MLflow store"):
+    with pytest.raises(StoreError, match=f"{other} is an Optuna study's database"):
         stores.check("tracking.uri", f"sqlite:///{other}", must_exist=True)
     with sqlite3.connect(other) as db:  # read only: nothing was added
         assert db.execute("select name from sqlite_master").fetchall() == [("studies",)]
+
+
+def unusable(tmp_path):
+    """SQLite stores that cannot be used, each with the words that refuse it."""
+    (tmp_path / "folder.db").mkdir()
+    (tmp_path / "text.db").write_text("not a database")
+    sqlite3.connect(tmp_path / "whole.db").execute("create table t (x)").connection.commit()
+    (tmp_path / "cut.db").write_bytes((tmp_path / "whole.db").read_bytes()[:100])
+    mlflow, optuna = tmp_path / "mlflow.db", tmp_path / "optuna.db"
+    sqlite3.connect(mlflow).execute("create table experiments (x)").connection.commit()
+    sqlite3.connect(optuna).execute("create table studies (x)").connection.commit()
+    return {
+        "/proc/nope.db": "its folder /proc cannot hold it",  # os.access says yes to root
+        tmp_path / "folder.db": "is not a file",
+        tmp_path / "text.db": "is not a SQLite database",
+        tmp_path / "cut.db": "cannot be read (database disk image is malformed)",
+    }, {
+        "mlflow": (optuna, "is an Optuna study's database, not MLflow's store: give MLflow"),
+        "optuna": (mlflow, "is MLflow's store, not an Optuna study's database: give the study"),
+    }
+
+
+@pytest.mark.parametrize("tool", ["mlflow", "optuna"])
+def test_every_unusable_sqlite_store_is_refused_at_once_and_left_alone(tmp_path, tool):
+    """Unwritable, not a file, not a database, damaged, the other tool's: each in one
+    line, before anything is written (MLflow waited 111 s on /proc/nope.db, retrying)."""
+    broken, other = unusable(tmp_path)
+    path, why = other[tool]
+    broken[path] = why
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for path, why in broken.items():
+        with pytest.raises(StoreError) as caught:
+            stores.check("key", f"sqlite:///{path}", tool=tool)
+        assert why in str(caught.value) and "\n" not in str(caught.value)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_first_use_of_a_sqlite_store_is_one_opener_at_a_time(tmp_path):

@@ -6,6 +6,7 @@ sweep folder, and the study's MLflow parent run. `open_sweep` returns all of it 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -25,7 +26,7 @@ from fashion_sweep.sweeps import sampler, space, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.schedule import tally
 from fashion_sweep.sweeps.settings import Settings, SweepError
-from fashion_sweep.tracking import sweep_runs
+from fashion_sweep.tracking import stores, sweep_runs
 from fashion_sweep.tracking.redaction import mask_log_records, redact
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def open_sweep(
     searched = space.parse(params + arguments, config)
     extend = _extender(settings.custom_search_space)
     chosen, n_trials = sampler.make_sampler(settings.sampler, searched.searched, settings.n_trials)
+    check_storage(settings.storage, config.tracking.uri)
     preflight(config, compose, searched)
     metric = config.optimized_metric
     direction = space.direction(settings.direction, metric)
@@ -107,6 +109,24 @@ def open_sweep(
         searched, space.points(searched.searched), extend, n_trials, metric, name, where,
         held, study_id, sweep_dir, parent,
     )  # fmt: skip
+
+
+def check_storage(storage: str | None, tracking_uri: str) -> None:
+    """The study's database checked as MLflow's store is (tracking/stores.py): usable,
+    and not MLflow's; before either is written, so a sweep that cannot open its study
+    leaves no mlflow.db behind."""
+    if storage is None:
+        return  # in memory
+    try:
+        stores.check("hydra.sweeper.storage", storage, tool="optuna")
+    except stores.StoreError as error:
+        raise SweepError(str(error)) from None
+    with contextlib.suppress(ValueError):  # a tracking.uri that is no address: preflight's
+        if stores.absolute(storage) == stores.absolute(tracking_uri):
+            raise SweepError(
+                f"hydra.sweeper.storage and tracking.uri both name {redact(storage)}: Optuna "
+                "and MLflow each need a database of their own (sqlite:///optuna.db)"
+            )
 
 
 def preflight(config: DictConfig, compose: ComposeOnce, searched: space.Space) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sqlite3
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,12 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 DATABRICKS = ("databricks", "databricks-uc", "uc")
 PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _ABSOLUTE: dict[str, str] = {}  # see absolute
+# What marks a database as one tool's: MLflow's tables, an Optuna study's. Both keep their
+# schema's version in `alembic_version`, so neither can share a database with the other.
+TOOLS = {
+    "mlflow": ("MLflow's store", {"experiments", "runs"}, "sqlite:///mlflow.db"),
+    "optuna": ("an Optuna study's database", {"studies", "trials"}, "sqlite:///optuna.db"),
+}
 FORMS = (
     "sqlite:///<file>.db, a database URL (postgresql://user@host/db) "
     "or a tracking server's http(s)://host:port"
@@ -75,17 +82,18 @@ def forget() -> None:
     _ABSOLUTE.clear()
 
 
-def check(key: str, uri: str, must_exist: bool = False) -> None:
-    """Refuses, in one line and within seconds, an address that is not a store's, a
-    SQLite file that is not a database (or, with must_exist, holds no MLflow store), a
-    folder that cannot hold one, and a server or database that does not answer or let
-    us in."""
+def check(key: str, uri: str, must_exist: bool = False, tool: str = "mlflow") -> None:
+    """Refuses, in one line and within seconds and before anything is written, an
+    address that is not a store's, a SQLite file that is not a database or cannot be
+    read (or, with must_exist, holds no MLflow store), a folder that cannot hold one, a
+    server or database that does not answer or let us in, and the other tool's database
+    (`tool`: mlflow, or optuna for a study's storage)."""
     shown = f"{key}={redact(uri)}"
     try:
         parts = urlsplit(uri)
         port = parts.port or PORTS.get(parts.scheme.split("+")[0])
         if parts.scheme == "sqlite":
-            return _check_sqlite(shown, sqlite_path(uri), must_exist)
+            return _check_sqlite(shown, sqlite_path(uri), must_exist, tool)
     except StoreError:
         raise
     except ValueError as error:  # not a URL: a bad port, a bracket, SQLAlchemy's parse
@@ -105,37 +113,64 @@ def check(key: str, uri: str, must_exist: bool = False) -> None:
     if parts.scheme in ("http", "https"):
         _check_server(shown, f"{parts.scheme}://{parts.hostname}:{port}{parts.path}", what)
     else:
-        _check_login(shown, uri)
+        _check_login(shown, uri, tool)
 
 
-def _check_sqlite(shown: str, path: Path | None, must_exist: bool) -> None:
+def _check_sqlite(shown: str, path: Path | None, must_exist: bool, tool: str) -> None:
     if path is None:
         return  # in memory
-    if must_exist:  # read only: the file must hold MLflow's tables
-        if not path.is_file():
-            raise StoreError(f"{shown}: there is no MLflow store at {path.resolve()}")
-        try:
-            with contextlib.closing(
-                sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-            ) as db:
-                found = db.execute(
-                    "select 1 from sqlite_master where type = 'table' and name = 'experiments'"
-                ).fetchone()
-        except sqlite3.Error as error:
-            raise StoreError(f"{shown}: {path.resolve()} cannot be read ({error})") from None
-        if not found:
-            raise StoreError(f"{shown}: {path.resolve()} holds no MLflow store")
-        return
+    if must_exist and not path.is_file():  # read only: the file must hold MLflow's tables
+        raise StoreError(f"{shown}: there is no MLflow store at {path.resolve()}")
+    if not must_exist:
+        _check_folder(shown, path)
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{shown}: {path.resolve()} is not a file")
+    if not path.is_file() or not path.stat().st_size:
+        return  # a new database, made on first use
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise StoreError(f"{shown}: cannot make its folder ({error.strerror})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise StoreError(f"{shown}: its folder {path.parent.resolve()} is not writable")
-    if path.is_file() and path.stat().st_size:
         with path.open("rb") as file:
             if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
                 raise StoreError(f"{shown}: {path.resolve()} is not a SQLite database")
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            tables = {
+                row[0] for row in db.execute("select name from sqlite_master where type = 'table'")
+            }
+    except (OSError, sqlite3.Error) as error:
+        why = getattr(error, "strerror", None) or error
+        raise StoreError(f"{shown}: {path.resolve()} cannot be read ({why})") from None
+    _check_tables(shown, str(path.resolve()), tables, tool)
+    if must_exist and not TOOLS["mlflow"][1] <= tables:
+        raise StoreError(f"{shown}: {path.resolve()} holds no MLflow store")
+
+
+def _check_folder(shown: str, path: Path) -> None:
+    """The folder of a new or existing SQLite file can hold it: made if missing, and a
+    file can be created there (os.access says yes to root where nothing can be: /proc)."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise StoreError(f"{shown}: {path.parent.resolve()} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        why = error.strerror or type(error).__name__
+        raise StoreError(
+            f"{shown}: its folder {path.parent.resolve()} cannot hold it ({why})"
+        ) from None
+
+
+def _check_tables(shown: str, where: str, tables: set[str], tool: str) -> None:
+    """Refuses the other tool's database: each keeps its schema's version in the same
+    table, and would fail on the other's ("Can't locate revision ...")."""
+    for other, (what, marks, _) in TOOLS.items():
+        if other != tool and marks & tables:
+            mine, _, own = TOOLS[tool]
+            whose = "MLflow" if tool == "mlflow" else "the study"
+            raise StoreError(
+                f"{shown}: {where} is {what}, not {mine}: give {whose} a database of its "
+                f"own (e.g. {own})"
+            )
 
 
 def _check_server(shown: str, url: str, what: str) -> None:
@@ -149,20 +184,23 @@ def _check_server(shown: str, url: str, what: str) -> None:
         raise StoreError(f"{shown} does not answer ({why}): {what}") from None
 
 
-def _check_login(shown: str, uri: str) -> None:
-    """A database lets us in, once: MLflow would retry a refused login for minutes."""
-    from sqlalchemy import create_engine
+def _check_login(shown: str, uri: str, tool: str) -> None:
+    """A database lets us in, once (MLflow would retry a refused login for minutes), and
+    is not the other tool's."""
+    from sqlalchemy import create_engine, inspect
 
     timeout = {"connect_timeout": int(CONNECT_SECONDS)} if uri.startswith("postgresql") else {}
     try:
         engine = create_engine(uri, connect_args=timeout)
         try:
-            engine.connect().close()
+            with engine.connect() as connection:
+                tables = set(inspect(connection).get_table_names())
         finally:
             engine.dispose()
     except Exception as error:  # a refused login, a missing driver, no such database
         reason = " ".join(str(getattr(error, "orig", None) or error).split())[:300]
         raise StoreError(f"{shown}: cannot connect ({type(error).__name__}: {reason})") from None
+    _check_tables(shown, "that database", tables, tool)
 
 
 @contextlib.contextmanager

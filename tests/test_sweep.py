@@ -314,6 +314,32 @@ def test_diverging_trial_is_failed_and_the_sweep_goes_on(sweep, tmp_path):
     assert parent.data.tags["best_run_id"] == status["0.05"].info.run_id
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "grid"])
+def test_a_space_smaller_than_n_trials_runs_each_configuration_once_and_says_so(
+    sweep, tmp_path, sampler
+):
+    """One rule for every sampler: the sweep ends when the space is used up (a repeat
+    would be the same trial, seed and all), says so, and its results say why."""
+    args = [
+        f"hydra/sweeper/sampler={sampler}",
+        "data.batch_size=choice(16,32)",
+        "optimizer.lr=0.01",
+    ]
+    done = sweep(*args, "hydra.sweeper.n_trials=5", "hydra.sweeper.study_name=small")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = study(tmp_path, "small").trials
+    assert sorted(
+        t.params["data.batch_size"] for t in trials if t.state == TrialState.COMPLETE
+    ) == [16, 32]
+    used_up = "its 2 configurations have all run (hydra.sweeper.n_trials=5 asked for more)"
+    assert f"Search space used up: {used_up}" in done.stdout + done.stderr
+    assert re.findall(r"^\[(\d)/(\d)\] trial", done.stdout, re.M) == [("1", "2"), ("2", "2")]
+    found = results(tmp_path)
+    assert (found["n_trials"], found["ended"]) == (2, f"the search space is used up: {used_up}")
+    _, (parent,), _ = runs(tmp_path)
+    assert parent.info.run_name == "small (2 trials)"
+
+
 def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_path):
     done = sweep(
         "optimizer.lr=10000.0",

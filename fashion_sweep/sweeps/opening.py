@@ -38,7 +38,7 @@ class Opened:
     space: space.Space
     points: list[dict[str, Any]] | None  # every configuration of a finite space
     extend: Callable[..., Any] | None  # hydra.sweeper.custom_search_space's function
-    n_trials: int  # the settings' n_trials, or less where the sampler has fewer (grid)
+    n_trials: int  # the settings' n_trials, or fewer: a finite space's configurations
     metric: str
     name: str  # the study's
     where: Any  # its storage
@@ -46,6 +46,23 @@ class Opened:
     study_id: int
     sweep_dir: str  # this worker's
     parent: str  # the MLflow parent run's id
+    n_asked: int  # hydra.sweeper.n_trials
+
+    @property
+    def used_up(self) -> bool:
+        """The search space holds fewer configurations than n_trials asked for: the
+        sweep ends when each has run once (a repeat would be the same trial, seed and
+        all: a seed searched, `trainer.seed=choice(0,1,2)`, gives repeats)."""
+        return self.n_trials < self.n_asked
+
+    def why_ended(self) -> str:
+        """Why a sweep that ran all it could ended, for optimization_results.yaml."""
+        if self.used_up:
+            return (
+                f"the search space is used up: its {self.n_trials} configurations have all "
+                f"run (hydra.sweeper.n_trials={self.n_asked} asked for more)"
+            )
+        return f"hydra.sweeper.n_trials={self.n_trials} trials finished"
 
 
 def open_sweep(
@@ -61,7 +78,8 @@ def open_sweep(
     params = [f"{k}={v}" for k, v in (settings.params or {}).items()]
     searched = space.parse(params + arguments, config)
     extend = _extender(settings.custom_search_space)
-    chosen, n_trials = sampler.make_sampler(settings.sampler, searched.searched, settings.n_trials)
+    chosen = sampler.make_sampler(settings.sampler, searched.searched)
+    n_trials = min(settings.n_trials, space.size(searched.searched) or settings.n_trials)
     check_storage(settings.storage, config.tracking.uri)
     preflight(config, compose, searched)
     metric = config.optimized_metric
@@ -100,14 +118,19 @@ def open_sweep(
     parent = parent_run(held, created, config, f"{name} ({n_trials} trials)", tags, searched)
     sweep_runs.share_view(parent, metric, direction == "maximize", list(searched.searched))
     counted = len(tally(held.get_trials(deepcopy=False)).counted)
+    fewer = (
+        f" (all the search space holds; hydra.sweeper.n_trials={settings.n_trials} asked for more)"
+        if n_trials < settings.n_trials
+        else ""
+    )
     log.info(
-        f"Study {name!r} in {shown}: {counted} of {n_trials} trials finished; this worker "
-        f"({workers.me()['id']}) runs up to {settings.n_jobs} at a time"
+        f"Study {name!r} in {shown}: {counted} of {n_trials} trials finished{fewer}; this "
+        f"worker ({workers.me()['id']}) runs up to {settings.n_jobs} at a time"
     )
     study_id = where.get_study_id_from_name(name)
     return Opened(
         searched, space.points(searched.searched), extend, n_trials, metric, name, where,
-        held, study_id, sweep_dir, parent,
+        held, study_id, sweep_dir, parent, settings.n_trials,
     )  # fmt: skip
 
 

@@ -58,7 +58,9 @@ def ending(
     uri = str(config.tracking.uri)
     experiment_id, children = trials
     ui = links.ui(uri)
-    said = []
+    said = (
+        [f"Search space used up: {opened.why_ended().split(': ', 1)[1]}"] if opened.used_up else []
+    )
     best = sweep_runs.best_of(children, found)
     if best is not None:
         said.append(f"Best: {best.info.run_name}: {sweep_runs.numbers(best)}")
@@ -99,6 +101,7 @@ def results(opened: Opened) -> dict[str, Any]:
         "cut_off": sum(schedule.cut_off(t) for t in trials),
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "parent_run_id": opened.parent,
+        "ended": opened.why_ended(),
     }
     if found["complete"]:
         best = opened.study.best_trial

@@ -5,7 +5,6 @@ and resumes that start the same sampler never draw the same sequence."""
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +26,9 @@ SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 SEQUENCES = (optuna.samplers.GridSampler, optuna.samplers.QMCSampler)
 
 
-def make_sampler(
-    config: DictConfig, space: dict[str, BaseDistribution], n_trials: int
-) -> tuple[BaseSampler, int]:
-    """The configured sampler, and the number of trials it can give: n_trials, or for
-    the grid sampler at most the grid's size."""
+def make_sampler(config: DictConfig, space: dict[str, BaseDistribution]) -> BaseSampler:
+    """The configured sampler (for how many trials a finite space can give, any
+    sampler's: space.size)."""
     try:
         make = instantiate(config, _partial_=True, _execution_whitelist_=SAMPLERS)
     except HydraException as error:
@@ -42,14 +39,13 @@ def make_sampler(
         if any(v is None for v in grid.values()):
             raise SweepError("the grid sampler needs a finite search space (choice, range)")
         make = functools.partial(make, grid)
-        n_trials = min(n_trials, math.prod(len(v) for v in grid.values()))
     try:
         first = make()  # its arguments, checked here, before any store opens
     except (TypeError, ValueError) as error:
         raise SweepError(f"hydra.sweeper.sampler: {str(error).splitlines()[0]}") from None
     if kind in SEQUENCES:
-        return first, n_trials
-    return PerTrialSeed(make, config.get("seed")), n_trials
+        return first
+    return PerTrialSeed(make, config.get("seed"))
 
 
 class PerTrialSeed(BaseSampler):

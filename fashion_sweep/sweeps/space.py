@@ -100,6 +100,12 @@ def some_value(distribution: BaseDistribution) -> Any:
     return choices[0] if choices else distribution.low
 
 
+def size(space: dict[str, BaseDistribution]) -> int | None:
+    """How many configurations a finite space holds; None if it is not finite."""
+    each = [values(distribution) for distribution in space.values()]
+    return None if any(v is None for v in each) else math.prod(map(len, each))
+
+
 def points(space: dict[str, BaseDistribution]) -> list[dict[str, Any]] | None:
     """Every configuration of a finite space, or None if it is not finite (or huge)."""
     each = {name: values(distribution) for name, distribution in space.items()}

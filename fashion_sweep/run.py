@@ -39,6 +39,14 @@ from fashion_sweep.tracking.tracker import Tracker
 SPLIT_TITLES = {"val": "Validation Error", "test": "Test Error"}
 # prune(epoch, value of optimized_metric, last epoch?) -> stop after this epoch?
 Prune = Callable[[int, float, bool], bool]
+# ended() -> why its sweep has ended the trial elsewhere (a resume found its sweep worker
+# gone), None while the trial is its own to run
+Ended = Callable[[], str | None]
+
+
+class CutOff(Exception):
+    """A member whose sweep ended its trial while it trained: it stopped, its run KILLED
+    as the sweep ended it; nothing of it is recorded."""
 
 
 def capturable(cfg: DictConfig) -> dict[str, bool]:
@@ -119,6 +127,7 @@ class Member:
     cfg: DictConfig
     overrides: list[str]
     prune: Prune | None = None
+    ended: Ended | None = None  # asked after each epoch, before anything of it is logged
     run: Any = None  # its tracker's handle
 
 
@@ -181,8 +190,9 @@ def train_epoch(
 ) -> dict[int, Trained | BaseException]:
     """One epoch of the program; then for each active member its metrics logged and its
     pruner asked. A member's run ends (and it leaves `active`) FINISHED after its last
-    epoch or the one its pruner stopped it after, its model.pth first, and FAILED when it
-    diverged or its records failed. The outcomes of those that ended, by number."""
+    epoch or the one its pruner stopped it after, its model.pth first, FAILED when it
+    diverged or its records failed, and KILLED (a CutOff) when its sweep has ended its
+    trial meanwhile. The outcomes of those that ended, by number."""
     metric = members[0].cfg.optimized_metric
     start = time.perf_counter()
     losses = program.train_epoch(epoch)
@@ -199,6 +209,12 @@ def train_epoch(
             active.remove(number)  # first: an interruption from here on leaves it be
             tracker.end_run(run, "FAILED", one_line(error))
             ended[number] = error.with_traceback(None)
+            continue
+        why = members[number].ended() if members[number].ended else None
+        if why is not None:  # a resume took it over: its run stays as the sweep ended it
+            active.remove(number)
+            tracker.end_run(run, "KILLED", why)
+            ended[number] = CutOff(why)
             continue
         results = {split: evaluated[split][position] for split in evaluated}
         train_images = program.train_images
@@ -283,10 +299,12 @@ def train(
     overrides: list[str] | None = None,
     prune: Prune | None = None,
     tracker: Tracker | None = None,
+    ended: Ended | None = None,
 ) -> Trained:
     """Seed, data, model, optimizer, then the epoch loop as one tracked run (run_epochs)
     and the tutorial's prediction. In a sweep with a pruner, `prune` after each epoch
-    may stop it (not after its last: a trial that trained in full is complete)."""
+    may stop it (not after its last: a trial that trained in full is complete); in a
+    sweep, `ended` after each epoch says whether the sweep has ended it (CutOff)."""
     device = check(cfg)
     tracker = tracker or in_process()
     prepare(cfg, tracker)
@@ -317,11 +335,11 @@ def train(
     )
     step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, cuda_graph=cfg.trainer.cuda_graph)
 
-    member = Member(cfg, overrides or [], prune)
+    member = Member(cfg, overrides or [], prune, ended)
     (outcome,) = run_epochs(
         Alone(model, step, loaders, cfg), [member], tracker, trainer_tags(device)
     ).values()
-    if isinstance(outcome, BaseException):  # not from these trackers: they raise at once
+    if isinstance(outcome, BaseException):  # cut off (these trackers raise their errors)
         raise outcome
     print("Done!")
     if cfg.tracking.log_model:  # the tutorial's torch.save(model.state_dict(), ...)

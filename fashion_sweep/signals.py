@@ -13,6 +13,9 @@ ends the process by the same signal, so its parent sees the conventional status
 While the process starts (`hold()`, before `interrupts()`), a signal is noted and acted
 on when `interrupts()` begins: a KeyboardInterrupt raised inside torch's import aborts
 the process or prints a traceback.
+
+`stop(why)` is SIGTERM sent from another thread of the process with a reason of its own
+(a trial whose sweep worker died: sweeps/workers.py), which the runs it ends record.
 """
 
 from __future__ import annotations
@@ -31,24 +34,34 @@ _stopping = False  # a signal was turned into an exception; its clean-up is runn
 _held: int | None = None  # a signal that came while starting (hold())
 _pressed = 0  # Ctrl-C presses during a clean-up
 QUIT_AFTER = 3  # more Ctrl-C presses during a clean-up that quit at once
+_why: str | None = None  # what stop() was asked to say
 
 
 class Terminated(KeyboardInterrupt):
-    """The process was asked to end by `signum`."""
+    """The process was asked to end by `signum` (by stop(), `why`)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    def __init__(self, signum: int, why: str | None = None) -> None:
+        super().__init__(why or signal.Signals(signum).name)
+        self.signum, self.why = signum, why
 
     def __reduce__(self) -> tuple:  # from a launcher's worker process to the sweep's
-        return (Terminated, (self.signum,))
+        return (Terminated, (self.signum, self.why))
 
 
 def reason(error: BaseException) -> str:
     """The failure_reason of a run or trial that `error` interrupted."""
     if isinstance(error, Terminated):
-        return f"interrupted: {signal.Signals(error.signum).name}"
+        return error.why or f"interrupted: {signal.Signals(error.signum).name}"
     return "interrupted"
+
+
+def stop(why: str) -> None:
+    """From any thread: the main thread is interrupted as SIGTERM interrupts it, and the
+    runs it ends record `why` as their failure_reason. Outside `interrupts()` SIGTERM
+    does what it does there (by default, ends the process)."""
+    global _why
+    _why = why
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
 def _raise(signum: int, _frame: object) -> None:
@@ -63,7 +76,9 @@ def _raise(signum: int, _frame: object) -> None:
                 os._exit(128 + signal.SIGINT)
         return
     _stopping = True
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum, _why if signum == signal.SIGTERM else None)  # stop()'s, or a signal
 
 
 def _say(line: str) -> None:
@@ -94,7 +109,7 @@ def interrupts() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Terminated inside the block, SIGINT KeyboardInterrupt (in
     the main thread; a no-op elsewhere, and where the block is already active). A
     signal the process was started to ignore (`nohup`: SIGHUP) stays ignored."""
-    global _stopping, _held, _pressed
+    global _stopping, _held, _pressed, _why
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -115,6 +130,7 @@ def interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
         _stopping = False  # a worker process may run the next job
         _pressed = 0
+        _why = None
 
 
 def exit_like(error: KeyboardInterrupt) -> None:

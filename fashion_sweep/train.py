@@ -53,15 +53,15 @@ def main(cfg: DictConfig) -> float:
         tracker.close()
         tracker = None
     try:
-        with signals.interrupts():  # also in a launcher's worker process (joblib)
-            prune = None
+        with signals.interrupts(), _watched(multirun):  # also in a launcher's worker process
+            prune = ended = None
             if multirun:  # a single run imports no Optuna
-                from fashion_sweep.sweeps.pruning import pruning
+                from fashion_sweep.sweeps.pruning import ended_elsewhere, pruning
 
-                prune = pruning(cfg, hydra_cfg)
+                prune, ended = pruning(cfg, hydra_cfg), ended_elsewhere(cfg, hydra_cfg)
             overrides = [plain(line) for line in hydra_cfg.overrides.task]
             with _output(cfg, multirun):
-                trained = train(cfg, overrides, prune, tracker)
+                trained = train(cfg, overrides, prune, tracker, ended)
         return Objective.of(trained, cfg.optimized_metric)
     except (ConfigError, DataError, DivergedError, side_process.AgentError) as error:
         if multirun:
@@ -92,6 +92,16 @@ def _forget(folder: str, overrides: list[str]) -> None:
         shutil.rmtree(path, ignore_errors=True)
         with contextlib.suppress(OSError):
             path.parent.rmdir()  # only if empty
+
+
+def _watched(multirun: bool) -> contextlib.AbstractContextManager:
+    """A sweep's job in a process a launcher started (joblib, submitit) stops, and its
+    process exits, when the sweep worker that launched it dies (sweeps/workers.py)."""
+    if not multirun:
+        return contextlib.nullcontext()
+    from fashion_sweep.sweeps.workers import watched
+
+    return watched()
 
 
 def _output(cfg: DictConfig, multirun: bool) -> contextlib.AbstractContextManager:

@@ -1,17 +1,22 @@
 """A sweep on a bad day, with real stores: workers started together, Ctrl-C, kill -9 and
-a resume in a fresh PID namespace or under another hostname, a kill right after asking
-for a trial (real processes, for what a process is for; the resumes that need none run
-in this process), a study name reused for another sweep."""
+a resume in a fresh PID namespace or under another hostname, kill -9 of a joblib sweep
+whose workers would train on, a kill right after asking for a trial (real processes,
+for what a process is for; the resumes that need none run in this process), a study
+name reused for another sweep."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -20,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from fashion_sweep.sweeps import schedule
+from fashion_sweep.sweeps import schedule, workers
 from tests.conftest import DATA, TINY, wait_for
 
 pytestmark = pytest.mark.slow
@@ -186,6 +191,217 @@ def test_killed_sweep_resumes_anywhere_without_waiting_forever(tmp_path, seed, w
     said = resumed.stderr + resumed.stdout
     assert "Trial 0 (worker " in said and "was cut off: marked failed" in said
     check_resumed(tmp_path, "killed", n_trials=2, cut=0)
+
+
+# issue 22's sweep: two trials at a time in joblib's worker processes, a quick heartbeat
+ORPHANS = [
+    "hydra/launcher=joblib",
+    "hydra.launcher.n_jobs=2",
+    "hydra.sweeper.n_jobs=2",
+    "hydra.sweeper.n_trials=4",
+    "hydra.sweeper.study_name=orphans",
+    "hydra.sweeper.heartbeat_interval=2",
+    "hydra.sweeper.grace_period=4",
+    "data.train_size=5000",
+    "trainer.epochs=16",  # long enough to train on past a resume's start
+]
+MARGIN = 5.0  # s: an interrupted trial ends its run, its process exits (on a busy CPU)
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """The processes under `pid`, each with its start time (its pid reused is not it)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if not entry.name.isdigit():
+            continue  # self, thread-self
+        parents[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, started) in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = started
+                todo.append(child)
+    return found
+
+
+def trial_runs(cwd: Path) -> list:
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    if experiment is None:
+        return []
+    found = client.search_runs([experiment.experiment_id], "tags.trial != ''", max_results=1000)
+    return [r for r in found if "trial" in r.data.tags]
+
+
+def kill_mid_epoch(cwd: Path, *args: str) -> tuple[dict[int, int], float]:
+    """A sweep killed with -9 once two of its trials are past their first epoch: the
+    processes it had started (each with its start time), and when it was killed."""
+    log = (cwd / "first.txt").open("w")
+    first = subprocess.Popen(
+        command(*args), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+    def second_epoch() -> bool:
+        found = [r for r in trial_runs(cwd) if r.info.status == "RUNNING"]
+        return len(found) == 2 and all("train/loss" in r.data.metrics for r in found)
+
+    wait_for(second_epoch, "two trials past their first epoch", timeout=120)
+    under = descendants(first.pid)  # the launcher's processes
+    first.kill()  # kill -9: the sweep's process alone; what it started is left
+    first.wait()
+    return under, time.monotonic()
+
+
+@contextlib.contextmanager
+def watching(under: dict[int, int], killed: float) -> Iterator[Callable]:
+    """The killed sweep's processes watched for 2 s (its heartbeat) + MARGIN by the
+    callable yielded, which returns those that outlived the watch and when each of the
+    others ended; whatever is left of them is killed when the block ends."""
+    lasted: dict[int, float] = {}
+
+    def watch() -> tuple[list[int], dict[int, float]]:
+        while len(lasted) < len(under) and time.monotonic() - killed < 2 + MARGIN:
+            for pid, started in under.items():
+                if pid not in lasted and workers._start_time(pid) != started:
+                    lasted[pid] = round(time.monotonic() - killed, 1)
+            time.sleep(0.1)
+        return [pid for pid in under if pid not in lasted], lasted
+
+    try:
+        yield watch
+    finally:
+        for pid, started in under.items():  # what the test started ends with it
+            if workers._start_time(pid) == started:
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(workers._kernel() is None, reason="needs Linux /proc")
+@pytest.mark.parametrize("resume", ["at-once", "late"])
+def test_a_killed_joblib_sweep_leaves_no_trial_training_and_no_late_result(tmp_path, seed, resume):
+    """kill -9 of a joblib sweep's process in its trials' second epoch (issue 22): its
+    workers stop within a heartbeat, their runs KILLED as the sweep ends them, and a
+    resume at once beside them, or after they would have finished, completes the study
+    with each configuration's result recorded once and no record rewritten."""
+    seed(tmp_path)
+    under, killed = kill_mid_epoch(tmp_path, *ORPHANS, "data.loader=torch")  # slow enough
+    # the resume is quick: the study does not depend on the loader
+    again = command(*ORPHANS, "data.loader=resident")
+    run = functools.partial(
+        subprocess.Popen, again, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    with watching(under, killed) as watch:
+        resumed = run(text=True) if resume == "at-once" else None
+        survivors, lasted = watch()
+        if resumed is None:
+            wait_for(
+                lambda: all(r.info.status != "RUNNING" for r in trial_runs(tmp_path)),
+                "the killed sweep's runs ended",
+                timeout=120,
+            )
+            resumed = run(text=True)
+        said = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, said[-3000:]
+
+    found = trials(tmp_path, "orphans")
+    assert not [t for t in found if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    counted = [t for t in found if schedule.counts(t)]
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert len(set(configs(counted))) == 4
+    after = trial_runs(tmp_path)
+    ended = {
+        r.data.tags["trial"]: (r.info.status, r.data.tags.get("failure_reason")) for r in after
+    }
+    for run in after:  # nothing the sweep ended is FINISHED afterwards
+        if run.data.tags.get("failure_reason", "").startswith("interrupted"):
+            assert run.info.status in ("KILLED", "FAILED"), ended
+    finished = [r for r in after if r.info.status == "FINISHED"]
+    # each configuration's result once: the counted trials' runs, and no other
+    assert sorted(r.info.run_id for r in finished) == sorted(
+        t.user_attrs["mlflow_run_id"] for t in counted
+    ), ended
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run in finished:  # each with every epoch's metrics and its model
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert sorted(m.step for m in history) == list(range(1, 17))
+        assert "model.pth" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    for trial in found:
+        if schedule.cut_off(trial) and trial.user_attrs.get("interrupted") == "crashed":
+            (run,) = [r for r in after if r.data.tags["trial"] == str(trial.number)]
+            assert run.info.status == "KILLED", ended
+            assert run.data.tags["failure_reason"] == workers.DEAD_WORKER
+    assert not survivors, f"alive {2 + MARGIN} s after the kill: {survivors}; ended: {lasted}"
+
+
+@pytest.mark.skipif(workers._kernel() is None, reason="needs Linux /proc")
+def test_a_killed_submitit_sweeps_tasks_stop_with_it(tmp_path, seed):
+    """submitit's local executor: each trial a task under a controller process of its
+    own, both left behind by kill -9 of the sweep's process. The task stops within a
+    heartbeat, its run KILLED as a resume would end it, and its controller ends with it.
+    (What a resume then does is the joblib test's.)"""
+    seed(tmp_path)
+    args = [a for a in ORPHANS if "launcher" not in a] + ["launcher=local", "data.loader=torch"]
+    under, killed = kill_mid_epoch(tmp_path, *args)
+    with watching(under, killed) as watch:
+        survivors, lasted = watch()
+    assert len(under) == 4  # two controllers, a task under each
+    runs = trial_runs(tmp_path)
+    assert [(r.info.status, r.data.tags.get("failure_reason")) for r in runs] == [
+        ("KILLED", workers.DEAD_WORKER)
+    ] * 2
+    assert not survivors, f"alive {2 + MARGIN} s after the kill: {survivors}; ended: {lasted}"
+
+
+def test_a_trial_its_study_ended_elsewhere_stops_at_its_next_epoch(sweep, tmp_path):
+    """A worker on another host found this one's heartbeat silent (a network cut) and
+    cut its trial off, as a resume does: the trial, trained here, stops at its next
+    epoch with its run left as that worker ended it, and its configuration runs again."""
+    args = ["data.train_size=2000", "trainer.epochs=30", "hydra.sweeper.n_trials=1"]
+    args += ["hydra.sweeper.study_name=elsewhere"]
+    ended = []
+
+    def elsewhere() -> None:
+        def training() -> bool:
+            found = trial_runs(tmp_path)
+            return bool(found) and "train/loss" in found[0].data.metrics
+
+        wait_for(training, "trial 0 past its first epoch", timeout=120)
+        (run,) = trial_runs(tmp_path)
+        assert run.info.status == "RUNNING", "trial 0 ended before it was cut off"
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+        study_id = storage.get_study_id_from_name("elsewhere")
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, 0)
+        storage.set_trial_user_attr(trial_id, schedule.CUT_OFF, "crashed")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client.set_tag(run.info.run_id, "failure_reason", "interrupted: its heartbeat stopped")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+
+    thread = threading.Thread(target=elsewhere, daemon=True)
+    thread.start()
+    done = sweep(*args)
+    thread.join(timeout=10)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ended, "trial 0 ended before it was cut off"
+
+    found = trials(tmp_path, "elsewhere")
+    assert schedule.cut_off(found[0]) and found[0].user_attrs["interrupted"] == "crashed"
+    (retry,) = [t for t in found if t.user_attrs.get("retry_of") == 0]
+    assert retry.params == found[0].params and retry.state == TrialState.COMPLETE
+    assert [t for t in found if schedule.counts(t)] == [retry]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(ended[0])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["failure_reason"] == "interrupted: its heartbeat stopped"
+    epochs = client.get_metric_history(run.info.run_id, "val/accuracy")
+    assert len(epochs) < 30 and not client.list_artifacts(run.info.run_id, "model.pth")
+    finished = [r.info.run_id for r in trial_runs(tmp_path) if r.info.status == "FINISHED"]
+    assert finished == [retry.user_attrs["mlflow_run_id"]]
 
 
 WORKER_DIES = """

@@ -133,3 +133,20 @@ def test_terminated_crosses_a_process_boundary():
 
     back = pickle.loads(pickle.dumps(Terminated(signal.SIGTERM)))
     assert isinstance(back, Terminated) and back.signum == signal.SIGTERM
+
+
+def test_another_thread_interrupts_the_main_one_with_a_reason_of_its_own():
+    """signals.stop: how a trial's watch on its sweep worker ends the trial's runs."""
+    import pickle
+    import threading
+
+    with pytest.raises(KeyboardInterrupt) as caught, interrupts():
+        threading.Thread(target=signals.stop, args=("interrupted: its sweep worker died",)).start()
+        threading.Event().wait(30)  # woken by the signal
+    assert isinstance(caught.value, Terminated) and caught.value.signum == signal.SIGTERM
+    assert signals.reason(caught.value) == "interrupted: its sweep worker died"
+    back = pickle.loads(pickle.dumps(caught.value))
+    assert signals.reason(back) == "interrupted: its sweep worker died"
+    with pytest.raises(KeyboardInterrupt) as plain, interrupts():  # the reason is not kept
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signals.reason(plain.value) == "interrupted: SIGTERM"

@@ -119,3 +119,62 @@ def test_outcomes_are_recorded_once(tmp_path):
     assert trials[1].state == TrialState.FAIL
     assert trials[1].user_attrs[FAILURE] == "ValueError: bad"
     assert trials[2].state == TrialState.FAIL and trials[2].user_attrs[CUT_OFF] == "interrupted"
+
+
+def test_a_result_that_comes_after_its_trial_was_cut_off_changes_no_record(
+    compose, store, tmp_path
+):
+    """A trial's process that outlived its sweep worker ends its run FINISHED just after
+    a resume cut the trial off: the study keeps the cut-off, the run ends KILLED as the
+    resume ended it, and nothing ends a KILLED run FINISHED or gives it a model."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from fashion_sweep.run import Objective
+    from fashion_sweep.sweeps.callbacks import ReportToStudy
+    from fashion_sweep.sweeps.workers import DEAD_WORKER
+    from fashion_sweep.tracking import runs
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    held = optuna.create_study(study_name="late", storage=storage, direction="maximize")
+    cut, recorded = held.ask(SPACE), held.ask(SPACE)
+    client = MlflowClient(store)
+
+    def job(number: int) -> tuple:
+        cfg = compose(
+            "sweep=optuna",
+            f"hydra.sweeper.storage={storage}",
+            "tracking.study=late",
+            f"tracking.trial={number}",
+            f"tracking.uri={store}",
+            hydra=True,
+        )
+        task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+        resolved = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
+        run_id = runs.open_run(resolved, {}, [])
+        runs.log_metrics(run_id, {"val/accuracy": 0.5}, 1)
+        returned = JobReturn(status=JobStatus.COMPLETED)
+        returned.return_value = Objective(0.5, run_id)
+        return cfg, run_id, returned
+
+    cfg, run_id, returned = job(cut.number)
+    assert study.cut_off(held, cut, "crashed")  # the resume, while the trial trains on
+    runs.end_run(run_id, "FINISHED")  # its last epoch, a moment later
+    ReportToStudy().on_job_end(cfg, returned)  # its result: too late
+    after = client.get_run(run_id)
+    assert (after.info.status, after.data.tags.get("failure_reason")) == ("KILLED", DEAD_WORKER)
+    runs.end_run(run_id, "FINISHED")  # anyone's, later still: KILLED it stays
+    runs.log_model(run_id, {})
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not client.list_artifacts(run_id, "model.pth")
+    assert held.trials[cut.number].state == TrialState.FAIL
+    assert held.trials[cut.number].user_attrs[CUT_OFF] == "crashed"
+
+    # a resume that found the run FINISHED recorded it first, as its run ended: it stays
+    cfg, run_id, returned = job(recorded.number)
+    runs.end_run(run_id, "FINISHED")
+    assert study.record(held, recorded, 0.5, run_id)
+    ReportToStudy().on_job_end(cfg, returned)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert held.trials[recorded.number].state == TrialState.COMPLETE

@@ -1,11 +1,15 @@
-"""Whether a worker is alive: real processes, a real SQLite study with heartbeats."""
+"""Whether a worker is alive, and a trial's process that outlives its sweep worker:
+real processes, a real SQLite study with heartbeats."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -31,6 +35,12 @@ def test_a_worker_is_alive_while_its_process_is_and_not_after():
         child.kill()
         child.wait()
     assert workers.alive(worker) is False
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    worker = identity_of(zombie.pid)
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        time.sleep(0.05)  # ended, not yet reaped by its parent
+    assert workers.alive(worker) is False
+    zombie.wait()
     # its pid now held by another process (pid reuse): a different start, so gone
     assert workers.alive({**identity_of(os.getppid()), "started": 1}) is False
 
@@ -70,3 +80,62 @@ def test_a_trial_whose_heartbeats_stop_is_failed_after_the_grace_period(tmp_path
     states = {t.number: t.state for t in held.trials}
     assert states == {beating.number: TrialState.RUNNING, silent.number: TrialState.FAIL}
     assert stale == [silent.number]
+
+
+# A launcher's worker process: a job's block, then idle (as joblib's workers wait for
+# the next job); `job` or `idle` says when the sweep worker dies.
+TRIAL = """
+import sys, time
+from fashion_sweep import signals
+from fashion_sweep.sweeps import workers
+try:
+    with signals.interrupts(), workers.watched():
+        print("job", flush=True)
+        time.sleep(0 if sys.argv[1] == "idle" else 60)
+    print("idle", flush=True)
+    time.sleep(60)
+except KeyboardInterrupt as stop:
+    print(signals.reason(stop), flush=True)  # where its runs are ended
+    time.sleep(60)  # the process exits all the same once the job has ended them
+"""
+
+
+@pytest.mark.skipif(workers._kernel() is None, reason="needs Linux /proc")
+@pytest.mark.parametrize("when", ["job", "idle"])
+def test_a_trials_process_stops_once_its_sweep_worker_is_gone(when):
+    sweep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    env = {**os.environ, workers.ENV: json.dumps(identity_of(sweep.pid))}
+    trial = subprocess.Popen(
+        [sys.executable, "-c", TRIAL, when], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert trial.stdout.readline() == "job\n"
+        if when == "idle":
+            assert trial.stdout.readline() == "idle\n"
+        time.sleep(1.5)  # watched, and left alone while its sweep worker lives
+        assert trial.poll() is None
+        sweep.kill()
+        sweep.wait()
+        gone = time.monotonic()
+        rest = trial.communicate(timeout=30)[0]
+        lasted = time.monotonic() - gone
+    finally:
+        for process in (sweep, trial):
+            process.kill()
+            process.wait()
+    assert trial.returncode == 128 + signal.SIGTERM
+    assert lasted < workers.WATCH_SECONDS + 1.5, lasted
+    said = rest.splitlines()
+    assert said == ([workers.DEAD_WORKER] if when == "job" else [])
+
+
+def test_a_job_in_the_sweeps_own_process_or_out_of_sight_is_not_watched(monkeypatch):
+    monkeypatch.delenv(workers.ENV, raising=False)
+    assert workers.launcher() is None  # a single run, a plain multirun
+    with workers.handed_down():  # the basic and packed launchers: the sweep's own process
+        assert json.loads(os.environ[workers.ENV]) == workers.me()
+        assert workers.launcher() is None
+    assert workers.ENV not in os.environ
+    elsewhere = {**workers.me(), "id": "x:1:y", "kernel": "another-boot/pid:[1]"}
+    monkeypatch.setenv(workers.ENV, json.dumps(elsewhere))
+    assert workers.launcher() is None  # left to its study (pruning.ended_elsewhere)

@@ -256,7 +256,7 @@ class Packed:
 def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     """Trains the jobs of one pack together; each job's outcome by its number: an
     Objective or the exception it failed with."""
-    from fashion_sweep.sweeps.pruning import pruning
+    from fashion_sweep.sweeps.pruning import ended_elsewhere, pruning
     from fashion_sweep.tracking.writer import Writer  # MLflow: imported where a pack trains
 
     outcomes: dict[int, Any] = {}
@@ -270,7 +270,8 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
             outcomes[config.hydra.job.num] = error.with_traceback(None)  # not the pack's memory
             continue
         overrides = [plain(line) for line in config.hydra.overrides.task]
-        members.append(Member(cfg, overrides, pruning(cfg, config.hydra)))
+        prune, ended = pruning(cfg, config.hydra), ended_elsewhere(cfg, config.hydra)
+        members.append(Member(cfg, overrides, prune, ended))
         numbers.append(config.hydra.job.num)
     if not members:
         return outcomes

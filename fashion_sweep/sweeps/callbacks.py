@@ -82,11 +82,15 @@ class CheckJobs(Callback):
 
 class ReportToStudy(Callback):
     """Records each trial's outcome from the process that ran it, as its job returns. A
-    job cut off by a signal is left to the sweep, which marks it so."""
+    job cut off by a signal is left to the sweep, which marks it so. A result that comes
+    after the sweep cut its trial off (a resume found its worker gone) is not recorded,
+    and its run ends as the sweep ended it (KILLED), whatever the job ended it as."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from fashion_sweep.sweeps.study import outcome_of, record, trial
+        from fashion_sweep.sweeps import schedule
+        from fashion_sweep.sweeps.study import held, outcome_of, record, trial
         from fashion_sweep.sweeps.trial_output import TO_FILE
+        from fashion_sweep.tracking.runs import end_run
 
         name, number = config.tracking.get("study"), config.tracking.get("trial")
         if not name or number is None:
@@ -100,5 +104,12 @@ class ReportToStudy(Callback):
         if ended is None:
             return
         outcome, run_id = ended
-        if not record(*found, outcome, run_id):
-            log.warning(f"Trial {number} had been cut off before its result came; not recorded")
+        if record(*found, outcome, run_id):
+            return
+        now = held(config.hydra.sweeper.get("storage"), name, number)
+        if now is None or not schedule.cut_off(now):
+            return  # recorded already, as its run ended (by a sweep that found it dead)
+        why = schedule.run_reason(now.user_attrs.get(schedule.CUT_OFF))
+        log.warning(f"Trial {number} had been cut off before its result came ({why}): not recorded")
+        if run_id:
+            end_run(run_id, "KILLED", why, uri=tracking.uri)

@@ -31,7 +31,6 @@ from fashion_sweep.tracking import sweep_runs
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0  # how often a worker with nothing to run looks at the others' trials
-DEAD_WORKER = "interrupted: its sweep worker died"  # failure_reason of a crashed trial's run
 SAY_EVERY = 30.0  # seconds between the lines saying what a waiting worker waits for
 
 
@@ -64,7 +63,8 @@ class Sweep:
         quiet = progress.QuietLaunchers() if self.settings.trials_to_file else None
         self.progress.start()
         try:
-            self._loop()
+            with workers.handed_down():  # a trial in a process of its own watches this one
+                self._loop()
             self.progress.stop()
             report.finish(self.opened, self.config)
         except BaseException as error:
@@ -137,7 +137,7 @@ class Sweep:
             return False
         if not study.cut_off(holder, trial, why):
             return False
-        sweep_runs.kill_trial_run(uri, run, DEAD_WORKER if why == "crashed" else why)
+        sweep_runs.kill_trial_run(uri, run, schedule.run_reason(why))
         return True
 
     def _on_stale(self, _: optuna.Study, trial: FrozenTrial) -> None:
@@ -145,7 +145,7 @@ class Sweep:
         log.warning(self._gone(trial))
         uri = self.config.tracking.uri
         run = sweep_runs.trial_run(uri, self.opened.parent, trial.number)
-        sweep_runs.kill_trial_run(uri, run, DEAD_WORKER)
+        sweep_runs.kill_trial_run(uri, run, workers.DEAD_WORKER)
 
     def _gone(self, trial: FrozenTrial) -> str:
         worker = workers.name(trial.user_attrs.get("worker"))

@@ -1,5 +1,8 @@
-"""A trial's side of pruning, in whatever process trains it: each epoch's value of the
-optimized metric goes to its Optuna trial, and the study's pruner says whether to stop.
+"""A trial's side of its study, in whatever process trains it: each epoch's value of the
+optimized metric goes to its Optuna trial, and the study's pruner says whether to stop
+(`pruning`); after each epoch the trial also asks whether the study still holds it as
+running (`ended_elsewhere`): a resume that found its sweep worker gone has cut it off
+and runs its configuration again, so it stops and its run stays as the sweep ended it.
 Hydra's Optuna sweeper cannot do this (hydra #1710, #1954): its jobs never see their
 trial; here every trial lives in the persistent study, which the job opens itself."""
 
@@ -10,8 +13,9 @@ from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
-from fashion_sweep.sweeps import study
+from fashion_sweep.sweeps import schedule, study
 from fashion_sweep.sweeps.settings import NO_PRUNER
 
 # The studies this process reports into, by (storage, study, pruner): a worker's trials
@@ -49,6 +53,37 @@ def pruning(cfg: DictConfig, hydra_cfg: DictConfig) -> Pruning | None:
     if not pruner or pruner._target_ == NO_PRUNER or cfg.tracking.trial is None:
         return None
     return Pruning(hydra_cfg.sweeper.storage, cfg.tracking.study, cfg.tracking.trial, pruner)
+
+
+class EndedElsewhere:
+    """For run.run_epochs, after each epoch: why the study has ended trial `number` while
+    it trained (the failure_reason the sweep gave its run), None while it holds it as
+    running."""
+
+    def __init__(self, url: str | None, name: str, number: int) -> None:
+        self.url, self.name, self.number = url, name, number
+
+    def __call__(self) -> str | None:
+        try:
+            trial = study.held(self.url, self.name, self.number)
+        except Exception:  # the study out of reach a moment: asked again after the next epoch
+            return None
+        if trial is None or trial.state == TrialState.RUNNING:
+            return None  # a study in another process's memory: only that one ends it
+        if schedule.cut_off(trial):
+            return schedule.run_reason(trial.user_attrs.get(schedule.CUT_OFF))
+        return f"interrupted: the study holds trial {self.number} as {trial.state.name}"
+
+
+def ended_elsewhere(cfg: DictConfig, hydra_cfg: DictConfig) -> EndedElsewhere | None:
+    """A trial's question to its study; None (no question) for a single run and for a
+    job that is no trial of ours."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN or cfg.tracking.get("trial") is None:
+        return None
+    url = hydra_cfg.sweeper.get("storage")
+    return EndedElsewhere(url, cfg.tracking.study, cfg.tracking.trial)
 
 
 def forget() -> None:

@@ -25,6 +25,8 @@ from typing import Any
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from fashion_sweep.sweeps.workers import DEAD_WORKER
+
 FAILURE = "failure_reason"  # user attr: why a trial failed on its own
 PRUNED = "pruned"  # user attr of a PRUNED trial (and tag of its MLflow run): its last epoch
 CUT_OFF = "interrupted"  # user attr: why the sweep cut a trial off, where it knows
@@ -34,6 +36,13 @@ NOT_RUN = ("surplus", "duplicate")  # cut off before it ran: nothing to run agai
 
 def cut_off(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and FAILURE not in trial.user_attrs
+
+
+def run_reason(why: str | None) -> str:
+    """The failure_reason of the MLflow run of a trial cut off for `why` (its user attr
+    `interrupted`): a dead worker's trial (`crashed`, or none where Optuna failed it for
+    its silent heartbeat) says its sweep worker died."""
+    return DEAD_WORKER if why in (None, "crashed") else why
 
 
 def counts(trial: FrozenTrial) -> bool:

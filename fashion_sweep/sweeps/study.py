@@ -7,7 +7,7 @@
   default name is derived from it.
 - `record` and `cut_off` tell the study how a trial ended, once; `trial` finds a trial
   to record from any process (callbacks.ReportToStudy records each job's outcome from
-  the process that ran it).
+  the process that ran it), `held` reads it as the study holds it now.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.samplers import BaseSampler
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep.config import flatten
 from fashion_sweep.sweeps.schedule import CUT_OFF, FAILURE, PRUNED
@@ -53,6 +53,7 @@ RUNTIME_KEYS = (
 # sweep's own process record into the sweep's storage; and the studies it records into.
 _STORAGES: dict[str | None, Any] = {}
 _RECORDING: dict[tuple[str | None, str], tuple[optuna.Study, Any, int] | None] = {}
+_TRIAL_IDS: dict[tuple[str | None, str, int], int] = {}  # (storage, study, number) -> id
 _ABSENT = object()
 # what a database says to a worker that lost the race to create its tables
 RACE_SIGNS = ("already exists", "duplicate key", "database is locked", "UNIQUE constraint")
@@ -104,6 +105,7 @@ def forget() -> None:
     """Drops what this process holds open (tests that run sweeps in one process)."""
     _STORAGES.clear()
     _RECORDING.clear()
+    _TRIAL_IDS.clear()
 
 
 def open_study(
@@ -278,6 +280,20 @@ def trial(url: str | None, name: str, number: int) -> tuple[optuna.Study, optuna
     recording, where, study_id = opened
     trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
     return recording, optuna.trial.Trial(recording, trial_id)
+
+
+def held(url: str | None, name: str, number: int) -> FrozenTrial | None:
+    """Trial `number` as the study holds it now, from any process; None for a study in
+    another process's memory."""
+    opened = _for_recording(url, name)
+    if opened is None:
+        return None
+    _, where, study_id = opened
+    if (url, name, number) not in _TRIAL_IDS:  # asked after every epoch: one query, not two
+        _TRIAL_IDS[url, name, number] = where.get_trial_id_from_study_id_trial_number(
+            study_id, number
+        )
+    return where.get_trial(_TRIAL_IDS[url, name, number])
 
 
 def _for_recording(url: str | None, name: str) -> tuple[optuna.Study, Any, int] | None:

@@ -11,19 +11,38 @@ trials carry it as the user attr `worker`. Whether a worker is alive is known tw
   is gone when its pid is gone or now belongs to a process started at another time.
 
 Anything else (another machine, another namespace, no /proc) waits for the heartbeat.
+
+A trial run in a process of its own (joblib's workers, submitit's tasks) knows the
+sweep worker that launched it (`handed_down`, through the environment the launcher's
+processes inherit) and watches it (`watched`): once that worker is provably gone, the
+trial is interrupted, its MLflow run ended KILLED (DEAD_WORKER), and the process exits,
+idle or not, rather than train on for a sweep that is no longer there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import signal
 import socket
+import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from fashion_sweep import signals
+
+log = logging.getLogger(__name__)
+DEAD_WORKER = "interrupted: its sweep worker died"  # failure_reason of a crashed trial's run
+ENV = "FASHION_SWEEP_WORKER"  # the sweep worker that launched this process's jobs (JSON)
+WATCH_SECONDS = 1.0  # how often a trial's process looks whether its sweep worker lives
+CLEAN_UP_SECONDS = 30.0  # what an interrupted trial may take to end its run before exit
 
 
 @cache
@@ -68,12 +87,98 @@ def _kernel() -> str | None:
 
 
 def _start_time(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot), None if there is none."""
+    """When process `pid` started (clock ticks since boot), None if there is none (or
+    it has ended and waits to be reaped: a zombie)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rpartition(")")[2].split()[19])  # field 22, after the command name
+    fields = stat.rpartition(")")[2].split()  # from field 3 on, after the command name
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22
+
+
+@contextlib.contextmanager
+def handed_down() -> Iterator[None]:
+    """Names this process, while the block runs, as the sweep worker of the jobs it
+    launches: the processes a launcher starts inherit it in their environment."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = json.dumps(me())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def launcher() -> dict[str, Any] | None:
+    """The sweep worker that launched this process's job, if it is another process
+    whose life this process can judge; else None."""
+    try:
+        worker = json.loads(os.environ.get(ENV, "null"))
+    except ValueError:
+        return None
+    if not isinstance(worker, dict) or worker.get("id") == me()["id"]:
+        return None  # no sweep's, or a job in the sweep's own process (basic, packed)
+    return worker if alive(worker) is not None else None
+
+
+class _Watch:
+    """The daemon thread of a trial's process that watches its sweep worker."""
+
+    def __init__(self, worker: dict[str, Any]) -> None:
+        self.worker = worker
+        self.lock = threading.Lock()
+        self.busy = False  # a job runs in the main thread
+        self.idle = threading.Event()  # set when none does
+        threading.Thread(target=self._run, name="sweep-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while alive(self.worker) is not False:
+            time.sleep(WATCH_SECONDS)
+        log.warning(f"The sweep worker {name(self.worker)} is gone: this process stops")
+        with self.lock:
+            busy = self.busy
+        if busy:  # its run ends KILLED, as the sweep's resume ends it
+            signals.stop(DEAD_WORKER)
+            self.idle.wait(CLEAN_UP_SECONDS)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(128 + signal.SIGTERM)  # nothing is left to return a result to
+
+
+_WATCH: _Watch | None = None
+
+
+@contextlib.contextmanager
+def watched() -> Iterator[None]:
+    """A job's block, in a process a launcher started: if the sweep worker that launched
+    it dies, the block is interrupted (signals.stop, DEAD_WORKER) and the process exits
+    once the block has ended; between blocks, it exits at once. Inside
+    signals.interrupts(). Elsewhere (the sweep's own process, a sweep worker this
+    process cannot judge) the block just runs."""
+    global _WATCH
+    worker = launcher()
+    if worker is None:
+        yield
+        return
+    if _WATCH is None:  # one thread for the process's life, idle time included
+        _WATCH = _Watch(worker)
+    watch = _WATCH
+    with watch.lock:
+        watch.worker = worker  # the same for every job of a launcher's process
+        watch.busy = True
+        watch.idle.clear()
+    try:
+        yield
+    finally:
+        with watch.lock:
+            watch.busy = False
+            watch.idle.set()
 
 
 class Heartbeats:

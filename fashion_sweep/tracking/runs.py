@@ -183,9 +183,12 @@ def log_artifact(run_id: str, path: str) -> None:
 
 
 def log_model(run_id: str, state_dict: dict[str, Any]) -> None:
-    """model.pth: exactly the tutorial's `torch.save(model.state_dict(), ...)`."""
+    """model.pth: exactly the tutorial's `torch.save(model.state_dict(), ...)`; none for
+    a run ended meanwhile (a trial its sweep cut off: the run stays as the sweep ended it)."""
     import torch  # note: here, so the side process beside a single run never imports it
 
+    if MlflowClient().get_run(run_id).info.status != "RUNNING":
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.pth")
         torch.save(state_dict, path)
@@ -198,17 +201,24 @@ def end_run(
     reason: str | None = None,
     *,
     if_running: bool = False,
+    anew: bool = False,
     uri: str | None = None,
-) -> None:
+) -> bool:
     """The one way a run ends: FINISHED, or FAILED/KILLED with its `failure_reason`.
-    With if_running, a run that has ended already is left as it ended; `uri` for a
-    process that has not pointed MLflow at the store (use_experiment)."""
+    A run ended KILLED or FAILED stays as it ended: whatever comes later (a trial's
+    process that outlived its sweep) does not rewrite it. With if_running, a FINISHED
+    run is left as it ended too; with anew (a sweep's parent run, which each worker and
+    resume reopens), the run ends as asked whatever it was. `uri` for a process that has
+    not pointed MLflow at the store (use_experiment). True if it ended here."""
     client = MlflowClient(stores.absolute(uri) if uri else None)
-    if if_running and client.get_run(run_id).info.status != "RUNNING":
-        return
+    if not anew:
+        ended = client.get_run(run_id).info.status
+        if ended in ("KILLED", "FAILED") or (if_running and ended != "RUNNING"):
+            return False
     if reason is not None:
         client.set_tag(run_id, "failure_reason", reason)
     client.set_terminated(run_id, status)
+    return True
 
 
 def forget() -> None:

@@ -108,7 +108,9 @@ def ended_as(run: mlflow.entities.Run, metric: str) -> float | str | None:
 
 
 def kill_trial_run(uri: str, run: mlflow.entities.Run | None, why: str) -> None:
-    """Ends a cut-off trial's run KILLED, if it was still running."""
+    """Ends a cut-off trial's run KILLED, if it was running when `run` was read: also if
+    its process, still alive, has ended it FINISHED since (the study holds the trial cut
+    off, its configuration runs again); one it ended KILLED or FAILED stays so."""
     if run is not None and run.info.status == "RUNNING":
         end_run(run.info.run_id, "KILLED", why, uri=uri)
 
@@ -127,9 +129,9 @@ def close_sweep_run(
     client = MlflowClient()
     if error is not None:
         if isinstance(error, KeyboardInterrupt):
-            end_run(run_id, "KILLED", signals.reason(error))
+            end_run(run_id, "KILLED", signals.reason(error), anew=True)
         else:
-            end_run(run_id, "FAILED", one_line(error))
+            end_run(run_id, "FAILED", one_line(error), anew=True)
         return
     found = found or {}
     if found.get("best_value") is not None:
@@ -149,7 +151,7 @@ def close_sweep_run(
     trials = trials or trials_of(run_id)
     note = summary(run_id, found, list(figures or {}), list(pages or {}), trials)
     log_tags(client, run_id, {"mlflow.note.content": note})
-    end_run(run_id, "FINISHED")
+    end_run(run_id, "FINISHED", anew=True)
 
 
 def log_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:

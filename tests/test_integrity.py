@@ -285,17 +285,18 @@ def watching(under: dict[int, int], killed: float) -> Iterator[Callable]:
 def test_a_killed_joblib_sweep_leaves_no_trial_training_and_no_late_result(tmp_path, seed, resume):
     """kill -9 of a joblib sweep's process in its trials' second epoch (issue 22): its
     workers stop within a heartbeat, their runs KILLED as the sweep ends them, and a
-    resume at once beside them, or after they would have finished, completes the study
-    with each configuration's result recorded once and no record rewritten."""
+    resume at once beside them, or late, once none of their runs is RUNNING (before the
+    fix: once they had trained to the end), completes the study with each
+    configuration's result recorded once and no record rewritten."""
     seed(tmp_path)
     under, killed = kill_mid_epoch(tmp_path, *ORPHANS, "data.loader=torch")  # slow enough
     # the resume is quick: the study does not depend on the loader
     again = command(*ORPHANS, "data.loader=resident")
-    run = functools.partial(
+    resume_now = functools.partial(
         subprocess.Popen, again, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     with watching(under, killed) as watch:
-        resumed = run(text=True) if resume == "at-once" else None
+        resumed = resume_now(text=True) if resume == "at-once" else None
         survivors, lasted = watch()
         if resumed is None:
             wait_for(
@@ -303,7 +304,7 @@ def test_a_killed_joblib_sweep_leaves_no_trial_training_and_no_late_result(tmp_p
                 "the killed sweep's runs ended",
                 timeout=120,
             )
-            resumed = run(text=True)
+            resumed = resume_now(text=True)
         said = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, said[-3000:]
 

@@ -15,7 +15,11 @@ one after another and then packed into one program (core/stacked.py), and report
 trials per minute each way (eagerly; on CUDA with CUDA-graph-captured steps too).
 `--fixed-cost N` times a single run's command N times against the bare
 `import torch, torchvision`, and splits its wall time into training, evaluation and the
-fixed cost (start-up, MLflow, the model file). The measurements are in benchmarks/.
+fixed cost (start-up, MLflow, the model file). `--sweep OVERRIDE ...` (alone: no paths
+are compared) runs that sweep under each of `--launchers`, `--rounds` times in
+alternation, and reports where its time goes: wall time, training and evaluation, the
+busy fraction of what trains at once and the harness's share, trials per minute; each
+run's timeline goes into its parent run. The measurements are in benchmarks/.
 """
 
 from __future__ import annotations
@@ -86,11 +90,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         metavar="OVERRIDE",
         help=f"the run that --fixed-cost times (default: {' '.join(commands.TINY_RUN)})",
     )
+    add("--sweep", nargs="+", default=None, metavar="OVERRIDE", help="a sweep's overrides")
+    add("--launchers", nargs="+", default=["basic", "packed", "joblib"])
+    add("--rounds", type=_at_least(1), default=2, help="alternations of the --sweep launchers")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(argv)
+    if args.sweep is not None:
+        return where_sweeps_spend(args)
     device = torch.device(args.device)
     prepare_raw(args.data_root)
     splits = load_splits(args.data_root, train_size=args.train_size)
@@ -123,6 +132,28 @@ def main(argv: list[str] | None = None) -> dict:
             args.data_root, args.fixed_cost, args.fixed_cost_run
         )
         show_fixed_cost(report["fixed_cost"])
+    print("\n" + json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def where_sweeps_spend(args: argparse.Namespace) -> dict:
+    from fashion_sweep.benchmarks import sweep_time
+
+    prepare_raw(args.data_root)
+    report = sweep_time.sweeps(args.data_root, args.sweep, args.launchers, args.rounds)
+    print(f"sweep: {' '.join(args.sweep)}; medians of {args.rounds} alternations\n")
+    print(
+        f"{'launcher':<16}{'wall s':>8}{'train+eval s':>14}{'slots':>7}{'busy':>7}"
+        f"{'harness':>9}{'trials/min':>12}"
+    )
+    for name, m in report["medians"].items():
+        print(
+            f"{name:<16}{m['wall_seconds']:>8.1f}{m['train_eval_seconds']:>14.1f}"
+            f"{max(r['slots'] for r in report['runs'][name]):>7}{100 * m['busy_fraction']:>6.0f}%"
+            f"{100 * m['harness_share']:>8.0f}%{m['trials_per_minute']:>12.1f}"
+        )
     print("\n" + json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

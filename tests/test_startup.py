@@ -124,3 +124,37 @@ def test_the_bench_splits_a_runs_wall_time_into_training_evaluation_and_fixed_co
     assert 0 < cost["import_seconds"] < cost["wall_seconds"]
     show_fixed_cost(cost)
     assert "s fixed cost" in capsys.readouterr().out
+
+
+def test_the_bench_says_where_a_sweeps_time_goes_a_packs_epochs_counted_once(tmp_path):
+    """`bench --sweep`: each launcher's sweep timed from outside; its training and
+    evaluation read from its trials' runs (a pack's shared epochs once); its timeline
+    in its parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from fashion_sweep.benchmarks.sweep_time import sweeps
+
+    sweep = ["data.train_size=256", "data.val_size=256", "data.test_size=64", "data.batch_size=64"]
+    sweep += ["trainer.epochs=1", "hydra.sweeper.n_jobs=3", "hydra.sweeper.n_trials=3"]
+    report = sweeps(str(DATA), sweep, ["basic", "packed"], 1, folder=str(tmp_path))
+    for name in ("basic", "packed"):
+        (row,) = report["runs"][name]
+        client = MlflowClient(f"sqlite:///{tmp_path / f'{name}-0' / 'mlflow.db'}")
+        found = client.search_runs([client.get_experiment_by_name("fashion_sweep").experiment_id])
+        trials = [r for r in found if r.data.tags["fashion_sweep.kind"] == "train"]
+        (parent,) = [r for r in found if r.data.tags["fashion_sweep.kind"] == "sweep"]
+        spent = {  # each trial's training and evaluation, as its run logged them
+            r.data.tags.get("pack", r.info.run_id): r.data.metrics["perf/epoch_seconds"]
+            + r.data.metrics["perf/eval_seconds"]
+            for r in trials
+        }
+        assert len(trials) == row["trials"] == 3
+        assert len(spent) == (1 if name == "packed" else 3)  # one pack of three
+        assert row["train_eval_seconds"] == pytest.approx(sum(spent.values()))
+        assert 0 < row["train_eval_seconds"] < row["wall_seconds"]
+        assert row["busy_fraction"] + row["harness_share"] == pytest.approx(1)
+        assert row["trials_per_minute"] == pytest.approx(3 * 60 / row["wall_seconds"])
+        assert "plots/timeline.png" in {
+            a.path for a in client.list_artifacts(parent.info.run_id, "plots")
+        }
+    assert report["medians"]["basic"]["wall_seconds"] == report["runs"]["basic"][0]["wall_seconds"]

@@ -284,7 +284,7 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     trials = ", ".join(str(m.cfg.tracking.trial) for m in members)
     print(f"Packed {len(members)} trials: {trials}")
     writer = Writer()  # the members' MLflow runs, written beside the training
-    tags = {**trainer_tags(device), "pack": f"{len(members)} trials"}
+    tags = {**trainer_tags(device), "pack": f"{len(members)} trials: {trials}"}
     try:
         done = run_epochs(program, members, writer, tags)
     finally:

@@ -1,0 +1,134 @@
+"""Where a sweep's time goes (`bench --sweep`): the same sweep run under each launcher,
+in alternation, each run a subprocess of the train command in a folder of its own, its
+stores read afterwards.
+
+Per run: the wall time of the command; the seconds its trials trained and evaluated
+(the perf/epoch_seconds and perf/eval_seconds each trial's MLflow run logged, a pack's
+once: its members share the pack's epochs); the busy fraction of the slots (those seconds over
+wall time x slots, where the slots are what trains at once: the sweep's own process
+under basic and packed, the launcher's processes under joblib and submitit) and the
+harness's share (1 - busy); trials per minute. Each run's timeline (one bar per trial, Optuna's)
+goes into the sweep's parent run as plots/timeline.png.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+POOLS = ("joblib", "submitit_local")  # launchers whose trials train in processes of their own
+
+
+def sweeps(
+    data_root: str,
+    overrides: list[str],
+    launchers: list[str],
+    rounds: int,
+    folder: str | None = None,
+) -> dict[str, Any]:
+    """`rounds` alternations of the sweep `overrides` under each of `launchers`; every
+    run's figures, and each launcher's medians. Each run's folder is kept under
+    `folder` (`<launcher>-<round>`), if given."""
+    runs: dict[str, list[dict]] = {name: [] for name in launchers}
+    for round_ in range(rounds):
+        for name in launchers:
+            with tempfile.TemporaryDirectory() as scratch:
+                cwd = Path(folder, f"{name}-{round_}") if folder else Path(scratch)
+                cwd.mkdir(parents=True, exist_ok=True)
+                runs[name].append(one(data_root, overrides, name, str(cwd)))
+    medians = {
+        name: {key: statistics.median(r[key] for r in rows) for key in rows[0] if key != "slots"}
+        for name, rows in runs.items()
+    }
+    return {"overrides": overrides, "rounds": rounds, "runs": runs, "medians": medians}
+
+
+def one(data_root: str, overrides: list[str], launcher: str, cwd: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "fashion_sweep.train", "-m", "sweep=optuna"]
+    command += [f"hydra/launcher={launcher}", f"data.root={os.path.abspath(data_root)}"]
+    command += [*overrides, "hydra.sweeper.study_name=bench"]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"the {launcher} sweep failed: {done.stderr.strip()[-2000:]}")
+    return figures(cwd, wall, launcher in POOLS)
+
+
+def concurrency(runs: list[Any]) -> int:
+    """The most trials that trained at once: their MLflow runs' overlap (Optuna's start
+    is when a trial was asked, before its launcher started it)."""
+    edges = []
+    for run in runs:
+        if run.info.start_time and run.info.end_time:
+            edges += [(run.info.start_time, 1), (run.info.end_time, -1)]
+    running = most = 0
+    for _, step in sorted(edges, key=lambda edge: (edge[0], edge[1])):
+        running += step
+        most = max(most, running)
+    return max(most, 1)
+
+
+def figures(cwd: str, wall: float, pooled: bool) -> dict[str, float]:
+    """A finished sweep's figures from its stores; its timeline logged to its parent.
+    Its slots: the sweep's process (basic, packed), or as many of a pool's processes as
+    ran trials at once (`pooled`)."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{Path(cwd, 'optuna.db')}")
+    client = MlflowClient(f"sqlite:///{Path(cwd, 'mlflow.db')}")
+    experiment = client.get_experiment_by_name("fashion_sweep")
+    found = client.search_runs([experiment.experiment_id], max_results=10_000)
+    trials = [r for r in found if r.data.tags.get("fashion_sweep.kind") == "train"]
+    busy, packs = 0.0, set()
+    for run in trials:
+        pack = run.data.tags.get("pack")  # "4 trials: 0, 1, 2, 3"
+        if pack:
+            if pack in packs:
+                continue  # the pack's epochs, counted with its first member
+            packs.add(pack)
+        for key in ("perf/epoch_seconds", "perf/eval_seconds"):
+            busy += sum(m.value for m in client.get_metric_history(run.info.run_id, key))
+    (parent,) = [r for r in found if r.data.tags.get("fashion_sweep.kind") == "sweep"]
+    timeline(study, client, parent.info.run_id)
+    counted = sum(t.state.is_finished() for t in study.trials)
+    slots = concurrency(trials) if pooled else 1
+    return {
+        "wall_seconds": wall,
+        "train_eval_seconds": busy,
+        "trials": counted,
+        "trials_per_minute": 60 * counted / wall,
+        "slots": slots,
+        "busy_fraction": busy / (wall * slots),
+        "harness_share": 1 - busy / (wall * slots),
+    }
+
+
+def timeline(study: Any, client: Any, run_id: str) -> None:
+    """Optuna's timeline of the study (a bar per trial) as plots/timeline.png."""
+    import matplotlib
+    import optuna
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_timeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = plot_timeline(study)
+    figure = axes.get_figure()
+    figure.set_size_inches(10, max(3, 0.2 * len(study.trials)))
+    figure.tight_layout()
+    try:
+        client.log_figure(run_id, figure, "plots/timeline.png")
+    finally:
+        plt.close(figure)

@@ -3,12 +3,12 @@ in alternation, each run a subprocess of the train command in a folder of its ow
 stores read afterwards.
 
 Per run: the wall time of the command; the seconds its trials trained and evaluated
-(the perf/epoch_seconds and perf/eval_seconds each trial's MLflow run logged, a pack's
-once: its members share the pack's epochs); the busy fraction of the slots (those seconds over
-wall time x slots, where the slots are what trains at once: the sweep's own process
-under basic and packed, the launcher's processes under joblib and submitit) and the
-harness's share (1 - busy); trials per minute. Each run's timeline (one bar per trial, Optuna's)
-goes into the sweep's parent run as plots/timeline.png.
+(the perf/epoch_seconds and perf/eval_seconds each trial's MLflow run logged; a pack's
+members log its epochs' seconds divided among them); the busy fraction of the slots
+(those seconds over wall time x slots, where the slots are what trains at once: the
+sweep's own process under basic and packed, the launcher's processes under joblib and
+submitit) and the harness's share (1 - busy); trials per minute. Each run's timeline
+(one bar per trial, Optuna's) goes into the sweep's parent run as plots/timeline.png.
 """
 
 from __future__ import annotations
@@ -89,13 +89,8 @@ def figures(cwd: str, wall: float, pooled: bool) -> dict[str, float]:
     experiment = client.get_experiment_by_name("fashion_sweep")
     found = client.search_runs([experiment.experiment_id], max_results=10_000)
     trials = [r for r in found if r.data.tags.get("fashion_sweep.kind") == "train"]
-    busy, packs = 0.0, set()
-    for run in trials:
-        pack = run.data.tags.get("pack")  # "4 trials: 0, 1, 2, 3"
-        if pack:
-            if pack in packs:
-                continue  # the pack's epochs, counted with its first member
-            packs.add(pack)
+    busy = 0.0
+    for run in trials:  # a pack's members log its epochs' seconds divided among them
         for key in ("perf/epoch_seconds", "perf/eval_seconds"):
             busy += sum(m.value for m in client.get_metric_history(run.info.run_id, key))
     (parent,) = [r for r in found if r.data.tags.get("fashion_sweep.kind") == "sweep"]

@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 # Absolute, so Hydra finds it however the entry point was imported.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -210,8 +211,28 @@ def _known_keys(cfg: DictConfig) -> None:
             )
 
 
+def _resolvable(cfg: DictConfig) -> None:
+    """Every value the run reads has one (not ???) and resolves (${oops}, an unset
+    ${oc.env:...}); Hydra's own are not the run's (a sweep's job dir names its trial)."""
+    missing = []
+    try:
+        for key in (k for k in cfg if k != "hydra"):
+            if OmegaConf.is_missing(cfg, key):
+                missing.append(key)
+                continue
+            value = cfg[key]  # resolves it
+            if OmegaConf.is_config(value):
+                missing += sorted(OmegaConf.missing_keys(value))  # full keys
+                if not missing:
+                    OmegaConf.to_container(value, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"a value cannot be resolved: {str(error).splitlines()[0]}") from None
+    _check(not missing, f"{', '.join(missing)}: no value given (???): set it", *missing)
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks what the schema's types cannot; raises ConfigError naming the key."""
+    _resolvable(cfg)
     data, opt, trainer = cfg.data, cfg.optimizer, cfg.trainer
     _known_keys(cfg)
     _number(cfg, "optimizer.lr", 0, strict=True)

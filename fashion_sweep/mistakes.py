@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from hydra.errors import CompactHydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
 
 from fashion_sweep import signals
 
@@ -44,17 +45,22 @@ def in_one_line() -> Iterator[None]:
     """Inside the block Hydra raises its refusals (HYDRA_FULL_ERROR, unless the user set
     it: then Hydra's own report); each is said as `error: ...`, and SystemExit 2 (1 for
     a `Failed`)."""
-    if "HYDRA_FULL_ERROR" in os.environ:
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    if before == "1":  # as Hydra reads it
         yield
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
-    except CompactHydraException as error:
+    except (CompactHydraException, OmegaConfBaseException) as error:
+        # an OmegaConf error: an interpolation that cannot be resolved, a value left ???
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(1 if isinstance(error, Failed) else 2)
     finally:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def one_line(error: BaseException) -> str:

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import sys
 
+if __name__ == "__main__":
+    from fashion_sweep import signals
+
+    signals.hold()  # a Ctrl-C during the imports is acted on once they are done
+
 import hydra
 from omegaconf import DictConfig
 

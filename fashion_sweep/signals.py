@@ -27,6 +27,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 HANDLED = (signal.SIGINT, *TERMINATING)
@@ -35,6 +36,8 @@ _held: int | None = None  # a signal that came while starting (hold())
 _pressed = 0  # Ctrl-C presses during a clean-up
 QUIT_AFTER = 3  # more Ctrl-C presses during a clean-up that quit at once
 _why: str | None = None  # what stop() was asked to say
+_original: dict[int, Any] = {}  # the handlers hold() replaced
+_speaks = True  # says the Ctrl-C notes (a launcher's worker does not: its sweep does)
 
 
 class Terminated(KeyboardInterrupt):
@@ -83,11 +86,18 @@ def _raise(signum: int, _frame: object) -> None:
 
 def _say(line: str) -> None:
     """One line to the terminal from a signal handler (os.write: a handler may run inside a
-    print), from the process the terminal started (its launcher's workers get the same
-    Ctrl-C)."""
-    if os.getpid() == os.getpgrp():
+    print), unless this process is a launcher's worker (`quiet`), which gets the same
+    Ctrl-C as the sweep that says it."""
+    if _speaks:
         with contextlib.suppress(OSError):
             os.write(2, f"{line}\n".encode())
+
+
+def quiet() -> None:
+    """This process runs a sweep's jobs for another (sweeps/workers.py): the sweep's own
+    process says the Ctrl-C notes."""
+    global _speaks
+    _speaks = False
 
 
 def _hold(signum: int, _frame: object) -> None:
@@ -100,8 +110,15 @@ def hold() -> None:
     `interrupts()` raises the first of them as it begins. For a process's start-up
     (imports), where an exception from a signal handler would surface inside torch."""
     for signum in HANDLED:
-        if signal.getsignal(signum) != signal.SIG_IGN:
+        handler = signal.getsignal(signum)
+        if handler != signal.SIG_IGN and handler is not _hold:
+            _original[signum] = handler
             signal.signal(signum, _hold)
+
+
+def _quit(signum: int, _frame: object) -> None:
+    """Ctrl-C once the work is done (interpreter shutdown): quits, quietly."""
+    os._exit(128 + signum)
 
 
 @contextmanager
@@ -127,6 +144,8 @@ def interrupts() -> Iterator[None]:
         yield
     finally:
         for signum, handler in before.items():
+            if handler is _hold:  # the work is done: Ctrl-C quits, the others as before hold()
+                handler = _quit if signum == signal.SIGINT else _original.get(signum, handler)
             signal.signal(signum, handler)
         _stopping = False  # a worker process may run the next job
         _pressed = 0

@@ -24,6 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fashion_sweep import signals
 from fashion_sweep.config import CONF_DIR, ConfigError, plain, register_configs
@@ -63,13 +64,19 @@ def main(cfg: DictConfig) -> float:
             with _output(cfg, multirun):
                 trained = train(cfg, overrides, prune, tracker, ended)
         return Objective.of(trained, cfg.optimized_metric)
-    except (ConfigError, DataError, DivergedError, side_process.AgentError) as error:
+    except (
+        ConfigError,
+        DataError,
+        DivergedError,
+        side_process.AgentError,
+        OmegaConfBaseException,  # an override whose value cannot be resolved
+    ) as error:
         if multirun:
             raise  # the sweeper records the trial as failed and goes on
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         if isinstance(error, DivergedError | side_process.AgentError):
             sys.exit(1)
-        _forget(hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        _forget(hydra_cfg.runtime.output_dir, OmegaConf.to_container(hydra_cfg.overrides.task))
         sys.exit(2)
     finally:
         if tracker is not None:
@@ -84,7 +91,7 @@ def _forget(folder: str, overrides: list[str]) -> None:
     anything else is there: another run started in the same second shares it."""
     path = Path(folder)
     record = path / ".hydra" / "overrides.yaml"
-    if not record.is_file() or OmegaConf.load(record) != OmegaConf.create(overrides):
+    if not record.is_file() or OmegaConf.to_container(OmegaConf.load(record)) != overrides:
         return
     if any(p.stat().st_size for p in path.glob("*") if p.is_file()):
         return

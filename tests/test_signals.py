@@ -150,3 +150,30 @@ def test_another_thread_interrupts_the_main_one_with_a_reason_of_its_own():
     with pytest.raises(KeyboardInterrupt) as plain, interrupts():  # the reason is not kept
         os.kill(os.getpid(), signal.SIGTERM)
     assert signals.reason(plain.value) == "interrupted: SIGTERM"
+
+
+HELD = """
+import os, signal, sys, time
+from fashion_sweep import signals
+signals.hold()
+with signals.interrupts():
+    pass
+print("done", flush=True)
+os.kill(os.getpid(), signal.Signals[sys.argv[1]])
+time.sleep(10)
+print("still here", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_once_the_work_is_done_a_signal_ends_the_process_quietly(signum):
+    """hold()'s noting handlers do not outlive the command's work: a SIGTERM during
+    shutdown ends it as before hold(), a Ctrl-C quits without a traceback."""
+    child = subprocess.run(
+        [sys.executable, "-c", HELD, signal.Signals(signum).name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert child.stdout == "done\n" and child.stderr == ""
+    assert child.returncode in (-signum, 128 + signum)

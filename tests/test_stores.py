@@ -81,6 +81,11 @@ def test_a_file_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
     sqlite3.connect(other).execute("create table studies (id)").connection.commit()
     with pytest.raises(StoreError, match=f"{other} is an Optuna study's database"):
         stores.check("tracking.uri", f"sqlite:///{other}", must_exist=True)
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")  # predict reads: it must not set up MLflow's schema there
+    with pytest.raises(StoreError, match=f"{empty} holds no MLflow store"):
+        stores.check("tracking.uri", f"sqlite:///{empty}", must_exist=True)
+    assert empty.read_bytes() == b""
     with sqlite3.connect(other) as db:  # read only: nothing was added
         assert db.execute("select name from sqlite_master").fetchall() == [("studies",)]
 

@@ -340,6 +340,22 @@ def test_a_space_smaller_than_n_trials_runs_each_configuration_once_and_says_so(
     assert parent.info.run_name == "small (2 trials)"
 
 
+def momentum_too(config, trial) -> None:
+    """A custom_search_space: one more parameter, not finite."""
+    trial.suggest_float("optimizer.momentum", 0.0, 0.9)
+
+
+def test_a_space_a_custom_search_space_extends_is_not_held_to_the_declared_points(sweep, tmp_path):
+    extended = f"hydra.sweeper.custom_search_space={__name__}.momentum_too"
+    args = ["data.batch_size=choice(16,32)", "optimizer.lr=0.01", extended]
+    done = sweep(*args, "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=extended")
+    assert done.returncode == 0, done.stderr[-3000:]
+    complete = [t for t in study(tmp_path, "extended").trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and all("optimizer.momentum" in t.params for t in complete)
+    assert "used up" not in done.stdout + done.stderr
+    assert results(tmp_path)["ended"] == "hydra.sweeper.n_trials=3 trials finished"
+
+
 def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_path):
     done = sweep(
         "optimizer.lr=10000.0",

@@ -147,6 +147,10 @@ BAD = [  # Hydra's refusals with its own words, its "did you mean" kept; then ou
     ("data.batch_size=big", "data.batch_size"),
     ("optimizer=rmsprop", "Could not find 'optimizer/rmsprop'; options: adam, adamw, sgd"),
     ("optimizer.lr=[1", "cannot parse 'optimizer.lr=[1'"),
+    ("sweep=optuan", "Could not find 'sweep/optuan'; options: optuna"),  # not ignored
+    ("launcher=slrum", "Could not find 'launcher/slrum'; options: local, slurm"),
+    ("optimizer.lr=???", "optimizer.lr: no value given (???): set it"),
+    ("optimizer.lr=${oops}", "Interpolation key 'oops' not found"),
     ("optimizer.lr=0", "optimizer.lr must be a finite number > 0"),
     ("data.batch_size=0", "data.batch_size must be > 0"),
     ("data.test_size=20000", "data.test_size"),
@@ -154,7 +158,8 @@ BAD = [  # Hydra's refusals with its own words, its "did you mean" kept; then ou
 
 
 @pytest.mark.parametrize("override, named", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_fails_in_one_line_before_training(main, tmp_path, override, named):
+def test_bad_input_fails_in_one_line_before_training(main, tmp_path, monkeypatch, override, named):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # as Hydra reads it: not set
     store = tmp_path / "mlflow.db"
     done = main("train", override, f"tracking.uri=sqlite:///{store}")
     assert done.returncode == 2

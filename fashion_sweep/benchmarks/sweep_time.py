@@ -95,7 +95,7 @@ def figures(cwd: str, wall: float, pooled: bool) -> dict[str, float]:
             busy += sum(m.value for m in client.get_metric_history(run.info.run_id, key))
     (parent,) = [r for r in found if r.data.tags.get("fashion_sweep.kind") == "sweep"]
     timeline(study, client, parent.info.run_id)
-    counted = sum(t.state.is_finished() for t in study.trials)
+    counted = len(trials)  # runs: not the trials that stepped aside before they ran
     slots = concurrency(trials) if pooled else 1
     return {
         "wall_seconds": wall,

@@ -87,7 +87,8 @@ class Sweep:
         while True:
             trials = self._reap()
             state = schedule.tally(trials)
-            if why := schedule.too_many_failures(state, n_trials, settings.max_failure_rate):
+            whole = f"the {n_trials} trials the search space holds" if self.opened.used_up else None
+            if why := schedule.too_many_failures(state, n_trials, settings.max_failure_rate, whole):
                 raise SweepFailed(why)
             wanted = schedule.to_ask(state, n_trials, settings.n_jobs)
             if wanted:

@@ -58,9 +58,14 @@ class Opened:
     def why_ended(self) -> str:
         """Why a sweep that ran all it could ended, for optimization_results.yaml."""
         if self.used_up:
+            them = (
+                "its configuration has"
+                if self.n_trials == 1
+                else f"its {self.n_trials} configurations have all"
+            )
             return (
-                f"the search space is used up: its {self.n_trials} configurations have all "
-                f"run (hydra.sweeper.n_trials={self.n_asked} asked for more)"
+                f"the search space is used up: {them} run (hydra.sweeper.n_trials="
+                f"{self.n_asked} asked for more)"
             )
         return f"hydra.sweeper.n_trials={self.n_trials} trials finished"
 
@@ -79,7 +84,10 @@ def open_sweep(
     searched = space.parse(params + arguments, config)
     extend = _extender(settings.custom_search_space)
     chosen = sampler.make_sampler(settings.sampler, searched.searched)
-    n_trials = min(settings.n_trials, space.size(searched.searched) or settings.n_trials)
+    # a finite space is run once, point by point; one a custom_search_space extends is not
+    # known here
+    size = space.size(searched.searched) if extend is None else None
+    n_trials = min(settings.n_trials, size or settings.n_trials)
     check_storage(settings.storage, config.tracking.uri)
     preflight(config, compose, searched)
     metric = config.optimized_metric
@@ -129,7 +137,8 @@ def open_sweep(
     )
     study_id = where.get_study_id_from_name(name)
     return Opened(
-        searched, space.points(searched.searched), extend, n_trials, metric, name, where,
+        searched, space.points(searched.searched) if extend is None else None, extend,
+        n_trials, metric, name, where,
         held, study_id, sweep_dir, parent, settings.n_trials,
     )  # fmt: skip
 

@@ -75,13 +75,17 @@ def to_ask(state: Tally, n_trials: int, n_jobs: int) -> int:
     return max(0, min(n_jobs, n_trials - len(state.counted) - len(state.running)))
 
 
-def too_many_failures(state: Tally, n_trials: int, max_failure_rate: float) -> str | None:
-    """Why the sweep must stop, if more trials failed than max_failure_rate allows."""
+def too_many_failures(
+    state: Tally, n_trials: int, max_failure_rate: float, whole: str | None = None
+) -> str | None:
+    """Why the sweep must stop, if more trials failed than max_failure_rate allows of
+    its n_trials (named `whole`, where that is not hydra.sweeper.n_trials)."""
     if len(state.failed) <= max_failure_rate * n_trials:
         return None
+    whole = whole or f"hydra.sweeper.n_trials={n_trials}"
     return (
         f"{len(state.failed)} trials failed, more than hydra.sweeper.max_failure_rate="
-        f"{max_failure_rate} of hydra.sweeper.n_trials={n_trials} allows"
+        f"{max_failure_rate} of {whole} allows"
     )
 
 

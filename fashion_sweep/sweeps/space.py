@@ -101,16 +101,28 @@ def some_value(distribution: BaseDistribution) -> Any:
 
 
 def size(space: dict[str, BaseDistribution]) -> int | None:
-    """How many configurations a finite space holds; None if it is not finite."""
-    each = [values(distribution) for distribution in space.values()]
-    return None if any(v is None for v in each) else math.prod(map(len, each))
+    """How many configurations a finite space holds (counted, not listed: an int range
+    may hold billions); None if it is not finite."""
+    each = [_count(distribution) for distribution in space.values()]
+    return None if any(n is None for n in each) else math.prod(each)
+
+
+def _count(distribution: BaseDistribution) -> int | None:
+    if isinstance(distribution, CategoricalDistribution):
+        return len(distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return len(range(distribution.low, distribution.high + 1, distribution.step))
+    if isinstance(distribution, FloatDistribution) and distribution.step is not None:
+        return round((distribution.high - distribution.low) / distribution.step) + 1
+    return None
 
 
 def points(space: dict[str, BaseDistribution]) -> list[dict[str, Any]] | None:
     """Every configuration of a finite space, or None if it is not finite (or huge)."""
-    each = {name: values(distribution) for name, distribution in space.items()}
-    if any(v is None for v in each.values()) or math.prod(map(len, each.values())) > MAX_POINTS:
+    counted = size(space)
+    if counted is None or counted > MAX_POINTS:
         return None
+    each = {name: values(distribution) for name, distribution in space.items()}
     return [dict(zip(each, combo, strict=True)) for combo in itertools.product(*each.values())]
 
 

@@ -166,6 +166,7 @@ def watched() -> Iterator[None]:
     if worker is None:
         yield
         return
+    signals.quiet()  # its sweep's process says what a Ctrl-C does
     if _WATCH is None:  # one thread for the process's life, idle time included
         _WATCH = _Watch(worker)
     watch = _WATCH

@@ -126,6 +126,8 @@ def _check_sqlite(shown: str, path: Path | None, must_exist: bool, tool: str) ->
     if path.exists() and not path.is_file():
         raise StoreError(f"{shown}: {path.resolve()} is not a file")
     if not path.is_file() or not path.stat().st_size:
+        if must_exist:
+            raise StoreError(f"{shown}: {path.resolve()} holds no MLflow store")
         return  # a new database, made on first use
     try:
         with path.open("rb") as file:

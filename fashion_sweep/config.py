@@ -214,20 +214,17 @@ def _known_keys(cfg: DictConfig) -> None:
 def _resolvable(cfg: DictConfig) -> None:
     """Every value the run reads has one (not ???) and resolves (${oops}, an unset
     ${oc.env:...}); Hydra's own are not the run's (a sweep's job dir names its trial)."""
-    missing = []
+    keys = [key for key in cfg if key != "hydra"]
+    missing = sorted(key for key in keys if OmegaConf.is_missing(cfg, key))
     try:
-        for key in (k for k in cfg if k != "hydra"):
-            if OmegaConf.is_missing(cfg, key):
-                missing.append(key)
-                continue
-            value = cfg[key]  # resolves it
-            if OmegaConf.is_config(value):
-                missing += sorted(OmegaConf.missing_keys(value))  # full keys
-                if not missing:
-                    OmegaConf.to_container(value, resolve=True)
+        nodes = [cfg[key] for key in keys if key not in missing]  # resolves plain values
+        for node in (n for n in nodes if OmegaConf.is_config(n)):
+            missing += sorted(OmegaConf.missing_keys(node))  # full keys
+        _check(not missing, f"{', '.join(missing)}: no value given (???): set it", *missing)
+        for node in (n for n in nodes if OmegaConf.is_config(n)):
+            OmegaConf.to_container(node, resolve=True)
     except OmegaConfBaseException as error:
         raise ConfigError(f"a value cannot be resolved: {str(error).splitlines()[0]}") from None
-    _check(not missing, f"{', '.join(missing)}: no value given (???): set it", *missing)
 
 
 def validate(cfg: DictConfig) -> None:

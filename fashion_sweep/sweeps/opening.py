@@ -55,18 +55,19 @@ class Opened:
         all: a seed searched, `trainer.seed=choice(0,1,2)`, gives repeats)."""
         return self.n_trials < self.n_asked
 
+    def all_run(self) -> str:
+        """What a used-up space has run: `its 2 configurations have all run (...)`."""
+        them = (
+            "configuration has"
+            if self.n_trials == 1
+            else f"{self.n_trials} configurations have all"
+        )
+        return f"its {them} run (hydra.sweeper.n_trials={self.n_asked} asked for more)"
+
     def why_ended(self) -> str:
         """Why a sweep that ran all it could ended, for optimization_results.yaml."""
         if self.used_up:
-            them = (
-                "its configuration has"
-                if self.n_trials == 1
-                else f"its {self.n_trials} configurations have all"
-            )
-            return (
-                f"the search space is used up: {them} run (hydra.sweeper.n_trials="
-                f"{self.n_asked} asked for more)"
-            )
+            return f"the search space is used up: {self.all_run()}"
         return f"hydra.sweeper.n_trials={self.n_trials} trials finished"
 
 

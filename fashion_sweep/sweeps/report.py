@@ -58,9 +58,7 @@ def ending(
     uri = str(config.tracking.uri)
     experiment_id, children = trials
     ui = links.ui(uri)
-    said = (
-        [f"Search space used up: {opened.why_ended().split(': ', 1)[1]}"] if opened.used_up else []
-    )
+    said = [f"Search space used up: {opened.all_run()}"] if opened.used_up else []
     best = sweep_runs.best_of(children, found)
     if best is not None:
         said.append(f"Best: {best.info.run_name}: {sweep_runs.numbers(best)}")

@@ -2,11 +2,14 @@
 
 `Sweep.run` opens the sweep (opening.py), then loops: fail the trials whose workers are
 gone and queue their configurations again, stop when too many trials failed, ask for as
-many trials as are missing (never a configuration the study holds), launch them, and
-wait for other workers' trials when nothing is left to ask. Each job records its own
-outcome in the study as it returns (callbacks.ReportToStudy); what the loop cuts off
-when it is interrupted is marked so, and runs again on the next run. The decisions are
-schedule.py's; the end is report.py's.
+many trials as there are free slots (never a configuration the study holds), start
+them, take back the ones that ended, and wait for other workers' trials when nothing is
+left to ask. A slot is one of hydra.sweeper.n_jobs trials in flight: filled again as
+soon as its trial ends where the launcher runs jobs in processes of their own, after the
+whole batch otherwise (slots.py). Each job records its own outcome in the study as it
+returns (callbacks.ReportToStudy); what the loop cuts off when it is interrupted is
+marked so, and runs again on the next run. The decisions are schedule.py's; the end is
+report.py's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep import signals
-from fashion_sweep.sweeps import progress, report, schedule, study, workers
+from fashion_sweep.sweeps import progress, report, schedule, slots, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.opening import open_sweep
 from fashion_sweep.sweeps.settings import Settings, SweepFailed
@@ -48,6 +51,7 @@ class Sweep:
         self.job_idx = 0
         self.ids: dict[int, int] = {}  # trial number -> the storage's trial id
         self.said: tuple[Any, float] = ((), 0.0)  # what the last waiting line said, when
+        self.slots = slots.for_launcher(launcher)
 
     def run(self, arguments: list[str]) -> None:
         self.opened = open_sweep(
@@ -69,6 +73,7 @@ class Sweep:
             report.finish(self.opened, self.config)
         except BaseException as error:
             self.progress.stop()
+            self.slots.stop()  # no trial of this worker trains on
             why = signals.reason(error)  # Ctrl-C, SIGTERM, SIGHUP, or an error here
             for trial in list(self.pending):
                 try:
@@ -90,11 +95,13 @@ class Sweep:
             whole = f"the {n_trials} trials the search space holds" if self.opened.used_up else None
             if why := schedule.too_many_failures(state, n_trials, settings.max_failure_rate, whole):
                 raise SweepFailed(why)
-            wanted = schedule.to_ask(state, n_trials, settings.n_jobs)
-            if wanted:
-                asked = self._ask(wanted)
-                if asked:
-                    self._launch(asked)
+            wanted = schedule.to_ask(state, n_trials, settings.n_jobs - self.slots.busy)
+            if wanted and (asked := self._ask(wanted)):
+                self._start(asked)
+            if self.slots.busy:
+                self._ended(self.slots.wait(POLL_SECONDS))
+            elif wanted:
+                continue  # what was asked stepped aside: look again
             elif state.running:
                 self._wait(state.running)
             else:
@@ -189,14 +196,23 @@ class Sweep:
         self.opened.study.enqueue_trial(pick)
         return True
 
-    def _launch(self, asked: list[optuna.Trial]) -> None:
-        overrides = [self._overrides(trial) for trial in asked]
-        returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-        self.job_idx += len(returns)
-        ended = {t.number: t for t in self.opened.study.get_trials(deepcopy=False)}
-        for trial, job in zip(asked, returns, strict=True):
-            reason = ended[trial.number].user_attrs.get(schedule.FAILURE)
-            if ended[trial.number].state == TrialState.RUNNING:  # its job could not record it
+    def _start(self, asked: list[optuna.Trial]) -> None:
+        jobs = [
+            slots.Job(trial, self._overrides(trial), idx)
+            for idx, trial in enumerate(asked, self.job_idx)
+        ]
+        self.job_idx += len(jobs)
+        self.slots.start(jobs)
+
+    def _ended(self, ended: list[slots.Ended]) -> None:
+        """Takes back jobs that ended: records what a job could not record itself."""
+        for done in ended:
+            if done.error is not None:  # the launcher itself failed: as a batch's would
+                raise done.error
+            trial, job = done.job.trial, done.returned
+            found = self.opened.where.get_trial(self._trial_id(trial.number))
+            reason = found.user_attrs.get(schedule.FAILURE)
+            if found.state == TrialState.RUNNING:  # its job could not record it
                 reason = self._record(trial, job)
             if reason and not self.settings.trials_to_file:  # else progress.py says it
                 log.warning(f"Trial {trial.number} failed: {reason}")

@@ -114,6 +114,25 @@ def handed_down() -> Iterator[None]:
             os.environ[ENV] = before
 
 
+def stop_launched(wait: float = 5.0) -> int:
+    """Kills the processes a launcher started for this sweep worker's jobs (they carry
+    its name in their environment: joblib's workers, submitit's local tasks) and waits
+    up to `wait` s for them to go; how many there were. Not loky's resource tracker,
+    which frees what the killed workers leave behind."""
+    import psutil
+
+    mine, found = me()["id"], []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error, ValueError):
+            worker = json.loads(child.environ().get(ENV, "null"))
+            ours = isinstance(worker, dict) and worker.get("id") == mine
+            if ours and not any("resource_tracker" in part for part in child.cmdline()):
+                child.kill()
+                found.append(child)
+    psutil.wait_procs(found, timeout=wait)
+    return len(found)
+
+
 def launcher() -> dict[str, Any] | None:
     """The sweep worker that launched this process's job, if it is another process
     whose life this process can judge; else None."""

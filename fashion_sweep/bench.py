@@ -146,13 +146,14 @@ def where_sweeps_spend(args: argparse.Namespace) -> dict:
     print(f"sweep: {' '.join(args.sweep)}; medians of {args.rounds} alternations\n")
     print(
         f"{'launcher':<16}{'wall s':>8}{'train+eval s':>14}{'slots':>7}{'busy':>7}"
-        f"{'harness':>9}{'trials/min':>12}"
+        f"{'harness':>9}{'filled':>8}{'trials/min':>12}"
     )
     for name, m in report["medians"].items():
         print(
             f"{name:<16}{m['wall_seconds']:>8.1f}{m['train_eval_seconds']:>14.1f}"
             f"{max(r['slots'] for r in report['runs'][name]):>7}{100 * m['busy_fraction']:>6.0f}%"
-            f"{100 * m['harness_share']:>8.0f}%{m['trials_per_minute']:>12.1f}"
+            f"{100 * m['harness_share']:>8.0f}%{100 * m['slots_filled']:>7.0f}%"
+            f"{m['trials_per_minute']:>12.1f}"
         )
     print("\n" + json.dumps(report, indent=2))
     if args.json:

@@ -154,6 +154,12 @@ def test_the_bench_says_where_a_sweeps_time_goes(tmp_path):
         assert row["train_eval_seconds"] == pytest.approx(sum(spent))
         assert 0 < row["train_eval_seconds"] < row["wall_seconds"]
         assert row["busy_fraction"] + row["harness_share"] == pytest.approx(1)
+        first = min(r.info.start_time for r in trials)
+        held = sum(r.info.end_time - r.info.start_time for r in trials)
+        window = max(r.info.end_time for r in trials) - first
+        if name == "basic":  # one trial after another: held over the window
+            assert row["slots_filled"] == pytest.approx(held / window)
+        assert 0 < row["slots_filled"] <= 1
         assert row["trials_per_minute"] == pytest.approx(3 * 60 / row["wall_seconds"])
         assert "plots/timeline.png" in {
             a.path for a in client.list_artifacts(parent.info.run_id, "plots")

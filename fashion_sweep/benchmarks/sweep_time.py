@@ -7,7 +7,9 @@ Per run: the wall time of the command; the seconds its trials trained and evalua
 members log its epochs' seconds divided among them); the busy fraction of the slots
 (those seconds over wall time x slots, where the slots are what trains at once: the
 sweep's own process under basic and packed, the launcher's processes under joblib and
-submitit) and the harness's share (1 - busy); trials per minute. Each run's timeline
+submitit) and the harness's share (1 - busy); how full the slots were kept from the first
+trial's start to the last one's end (their runs' overlap: what the sweeper between trials
+and a batch waiting for its slowest trial cost); trials per minute. Each run's timeline
 (one bar per trial, Optuna's) goes into the sweep's parent run as plots/timeline.png.
 """
 
@@ -62,18 +64,38 @@ def one(data_root: str, overrides: list[str], launcher: str, cwd: str) -> dict[s
     return figures(cwd, wall, launcher in POOLS)
 
 
-def concurrency(runs: list[Any]) -> int:
-    """The most trials that trained at once: their MLflow runs' overlap (Optuna's start
-    is when a trial was asked, before its launcher started it)."""
+def _edges(runs: list[Any]) -> list[tuple[int, int]]:
+    """Each run's start (+1) and end (-1), in ms, in order; ends before starts at a tie.
+    A run, not Optuna's trial: a trial starts when it is asked, before it is launched."""
     edges = []
     for run in runs:
         if run.info.start_time and run.info.end_time:
             edges += [(run.info.start_time, 1), (run.info.end_time, -1)]
+    return sorted(edges)
+
+
+def concurrency(runs: list[Any]) -> int:
+    """The most trials that trained at once: their MLflow runs' overlap."""
     running = most = 0
-    for _, step in sorted(edges, key=lambda edge: (edge[0], edge[1])):
+    for _, step in _edges(runs):
         running += step
         most = max(most, running)
     return max(most, 1)
+
+
+def filled(runs: list[Any], slots: int) -> float:
+    """The share of the slots' time, from the first trial's start to the last one's end,
+    during which a slot held a trial (a pack's members overlap in one slot): what the
+    slots lose to the sweeper between trials and to batches waiting for their slowest."""
+    edges = _edges(runs)
+    if not edges or edges[-1][0] == edges[0][0]:
+        return 0.0
+    held = 0.0
+    running, at = 0, edges[0][0]
+    for when, step in edges:
+        held += min(running, slots) * (when - at)
+        running, at = running + step, when
+    return held / (slots * (edges[-1][0] - edges[0][0]))
 
 
 def figures(cwd: str, wall: float, pooled: bool) -> dict[str, float]:
@@ -105,6 +127,7 @@ def figures(cwd: str, wall: float, pooled: bool) -> dict[str, float]:
         "slots": slots,
         "busy_fraction": busy / (wall * slots),
         "harness_share": 1 - busy / (wall * slots),
+        "slots_filled": filled(trials, slots),
     }
 
 

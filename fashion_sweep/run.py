@@ -70,6 +70,7 @@ def trainer_tags(device: torch.device) -> dict[str, str]:
     """A training run's tags from the process that trains it."""
     return {
         "device": str(device),
+        "threads": str(torch.get_num_threads()),  # torch's, for its CPU kernels
         "torch_version": str(torch.__version__),  # not torch's own str type (a pickle)
         "process": f"{socket.gethostname()}:{os.getpid()}",  # which worker trained it
     }

@@ -102,12 +102,14 @@ def _forget(folder: str, overrides: list[str]) -> None:
 
 
 def _watched(multirun: bool) -> contextlib.AbstractContextManager:
-    """A sweep's job in a process a launcher started (joblib, submitit) stops, and its
-    process exits, when the sweep worker that launched it dies (sweeps/workers.py)."""
+    """A sweep's job in a process a launcher started (joblib, submitit) uses the cores
+    it was given, and stops, its process exiting, when the sweep worker that launched it
+    dies (sweeps/workers.py)."""
     if not multirun:
         return contextlib.nullcontext()
-    from fashion_sweep.sweeps.workers import watched
+    from fashion_sweep.sweeps.workers import fit_threads, watched
 
+    fit_threads(HydraConfig.get().launcher)
     return watched()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from joblib import cpu_count
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
@@ -104,6 +105,10 @@ def test_hopeless_trials_are_pruned_recorded_and_kept_on_resume(sweep, tmp_path,
         assert f"{socket.gethostname()}:{os.getpid()}" not in {r.data.tags["process"] for r in runs}
     if launcher == "submitit-local":
         assert list(tmp_path.glob("multirun/*/*/.submitit/*"))  # submitit's own job folders
+        # each task on the one core launcher=local gives it, not on all of them
+        assert {r.data.tags["threads"] for r in runs} == {"1"}
+    if launcher == "joblib":  # joblib's workers share the cores
+        assert {r.data.tags["threads"] for r in runs} == {str(max(1, cpu_count() // 2))}
     if launcher == "basic":  # the same command again: nothing runs, nothing changes
         sweep(*args)
         after = check_pruned(tmp_path, n_trials=3)

@@ -133,6 +133,18 @@ def stop_launched(wait: float = 5.0) -> int:
     return len(found)
 
 
+def fit_threads(launcher_options: Any) -> None:
+    """A trial's process uses the cores its launcher gave it: torch's threads to
+    submitit's cpus_per_task (on a cluster or not), unless OMP_NUM_THREADS is set (joblib
+    sets it in its workers to cores // n_jobs; a user may set it). Processes that each
+    take every core slow one another down (docs/performance.md, Workers)."""
+    cpus = launcher_options.get("cpus_per_task") if launcher_options else None
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(int(cpus))
+
+
 def launcher() -> dict[str, Any] | None:
     """The sweep worker that launched this process's job, if it is another process
     whose life this process can judge; else None."""

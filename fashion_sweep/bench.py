@@ -91,7 +91,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help=f"the run that --fixed-cost times (default: {' '.join(commands.TINY_RUN)})",
     )
     add("--sweep", nargs="+", default=None, metavar="OVERRIDE", help="a sweep's overrides")
-    add("--launchers", nargs="+", default=["basic", "packed", "joblib"])
+    add(
+        "--launchers",
+        nargs="+",
+        default=["basic", "packed", "joblib"],
+        help='launchers to compare; one may carry overrides of its own: "packed a.b=c"',
+    )
     add("--rounds", type=_at_least(1), default=2, help="alternations of the --sweep launchers")
     return parser.parse_args(argv)
 

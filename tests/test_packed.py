@@ -49,9 +49,9 @@ def splits(data_root):
     return load_splits(data_root, train_size=1000, test_size=500)
 
 
-def loaders(splits, device, shuffle, seed):
+def loaders(splits, device, shuffle, seed, batch_size=64):
     """The resident loaders a trial gets, their images in DTYPE."""
-    made = make_loaders(splits, "resident", 64, device, shuffle, seed=seed)
+    made = make_loaders(splits, "resident", batch_size, device, shuffle, seed=seed)
     for loader in made.values():
         images, labels = loader.dataset.tensors
         loader.dataset = TensorDataset(images.to(DTYPE), labels)
@@ -64,11 +64,20 @@ def model(seed, device, width=512, depth=2):
 
 
 def alone(
-    splits, device, optimizer, options, seed, shuffle=False, width=512, depth=2, epochs=EPOCHS
+    splits,
+    device,
+    optimizer,
+    options,
+    seed,
+    shuffle=False,
+    width=512,
+    depth=2,
+    epochs=EPOCHS,
+    batch_size=64,
 ):
     """The trial as run.py runs it: per epoch its train loss and test metrics, or the
     DivergedError's message."""
-    made = loaders(splits, device, shuffle, seed)
+    made = loaders(splits, device, shuffle, seed, batch_size)
     net = model(seed, device, width, depth)
     step = TrainStep(net, nn.CrossEntropyLoss(), optimizer(net.parameters(), **options))
     results = []
@@ -142,6 +151,45 @@ def test_each_member_trains_as_its_trial_alone(splits, device, optimizer, option
         for key, tensor in net.state_dict().items():
             scale = PACKED_REL * tensor.abs().max()
             assert torch.allclose(state[key], tensor, rtol=PACKED_REL, atol=scale), key
+
+
+@pytest.mark.parametrize("shuffle", [True, False], ids=["own-orders", "one-order"])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [(torch.optim.SGD, SGD_MEMBERS[1:4]), (torch.optim.Adam, ADAM_MEMBERS[:3])],
+    ids=["sgd", "adam"],
+)
+def test_members_of_different_batch_sizes_each_train_as_their_trial_alone(
+    splits, device, optimizer, options, shuffle
+):
+    """Batch sizes 64, 192 and 256 in one pack (1,000 images: each has a ragged last
+    batch of its own; 192's is a single micro-batch, after 5 full batches of 3), trained
+    in micro-batches of 64: each member steps after its own number of them, on the
+    gradient of its whole batch's mean loss, so it trains, is evaluated and ends as its
+    trial alone."""
+    sizes, seeds = [64, 192, 256], [0, 1, 2]
+    models = [model(seed, device) for seed in seeds]
+    pack = stacked.Pack(models, optimizer, options, batch_sizes=sizes)
+    train = [loaders(splits, device, shuffle, seed)["train"] for seed in seeds]  # of 64
+    tests = [
+        loaders(splits, device, shuffle, s, size)["test"]
+        for s, size in zip(seeds, sizes, strict=True)
+    ]
+    results = [[] for _ in seeds]
+    for _ in range(EPOCHS):
+        losses = stacked.train_epoch(train if shuffle else train[:1], pack)
+        for member, metrics in enumerate(stacked.evaluate(tests, pack)):
+            results[member].append((losses[member], metrics))
+    assert not pack.failed
+    for member, (kwargs, seed, size) in enumerate(zip(options, seeds, sizes, strict=True)):
+        epochs, failed, net = alone(
+            splits, device, optimizer, kwargs, seed, shuffle, batch_size=size
+        )
+        assert failed is None
+        assert_same(results[member], epochs)
+        for key, tensor in net.state_dict().items():
+            scale = PACKED_REL * tensor.abs().max()
+            assert torch.allclose(pack.state_dict(member)[key], tensor, rtol=0, atol=scale), key
 
 
 @pytest.mark.parametrize(

@@ -12,20 +12,22 @@ import pytest
 import torch
 from hydra import initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from fashion_sweep.core import stacked
 from fashion_sweep.core.model import NeuralNetwork
-from fashion_sweep.launchers.packed import pack_key, task_config
+from fashion_sweep.launchers.packed import by_batch_size, pack_key, task_config
 from fashion_sweep.tracking.writer import Writer
 from tests.conftest import CONF, trial_log
 from tests.test_sweep import results, runs, study
 
-# One batch size: the sweep asks 3 trials at a time, and the 3 go into one pack. Learning
-# rates up to 0.1: above that, SGD here is chaotic, and rounding-sized noise in the
-# gradients alone moves an epoch's val/accuracy by points (tests/conftest.py).
-SPACE = ["data.batch_size=64", "optimizer.lr=tag(log,interval(1e-4,0.1))"]
+# The preset's batch sizes: the sweep asks 3 trials at a time, and with
+# mix_batch_sizes the 3 go into one pack (each batch size a multiple of the smallest:
+# micro-batches where they differ).
+# Learning rates up to 0.1: above that, SGD here is chaotic, and rounding-sized noise in
+# the gradients alone moves an epoch's val/accuracy by points (tests/conftest.py).
+SPACE = ["data.batch_size=choice(32,64,128,256)", "optimizer.lr=tag(log,interval(1e-4,0.1))"]
 SPACE += ["hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=3"]
 
 
@@ -37,6 +39,7 @@ def test_packed_trials_are_the_trials_the_basic_launcher_runs(sweep, tmp_path):
         cwd = tmp_path / launcher
         cwd.mkdir()
         args = [*SPACE, f"hydra/launcher={launcher}", "hydra.sweeper.study_name=s"]
+        args += ["hydra.launcher.mix_batch_sizes=true"] if launcher == "packed" else []
         done = sweep(*args, cwd=cwd)
         assert done.returncode == 0, done.stderr[-3000:]
         trials = study(cwd, "s").trials
@@ -56,10 +59,15 @@ def test_packed_trials_are_the_trials_the_basic_launcher_runs(sweep, tmp_path):
     # the last loop was the packed sweep's: each member's log has its pack's lines
     assert "Packed 3 trials" in trial_log(cwd, 0) and "Packed 3 trials" in trial_log(cwd, 5)
     assert "Packed" not in done.stdout  # the console has the trials' lines
-    said = re.findall(r"^\[(\d)/6\] trial (\d) lr=\S+  val/accuracy ", done.stdout, re.M)
+    said = re.findall(r"^\[(\d)/6\] trial (\d) lr=\S+ bs=\d+  val/accuracy ", done.stdout, re.M)
     assert sorted(said) == [(str(n + 1), str(n)) for n in range(6)], done.stdout
     path = client.download_artifacts(children[0].info.run_id, "model.pth", str(tmp_path))
     NeuralNetwork().load_state_dict(torch.load(path))  # a NeuralNetwork's state_dict
+    sizes = [
+        {outcomes["packed"][n][0]["data.batch_size"] for n in pack}
+        for pack in (range(3), range(3, 6))
+    ]
+    assert max(len(s) for s in sizes) > 1, sizes  # a pack of several batch sizes
     for number, (params, value) in outcomes["basic"].items():
         packed_params, packed_value = outcomes["packed"][number]
         assert packed_params == params  # the sampler asked for the same trials
@@ -154,16 +162,37 @@ def test_an_error_of_the_packs_fails_every_member_once(sweep, tmp_path, monkeypa
 
 def test_what_a_pack_must_share(compose):
     """Trials that differ only in what stays per member (the optimizer's arguments, the
-    seed, the loader's workers) share a pack; what changes the program does not."""
+    seed, the loader's workers) share a pack; what changes the program does not. With
+    mix_batch_sizes, the batch size stays per member too, but for a captured step."""
     base = pack_key(compose("optimizer.lr=0.1"))
     assert base is not None
     same = ["optimizer.lr=0.3", "optimizer.momentum=0.9", "trainer.seed=7", "data.num_workers=2"]
     for override in same:
         assert pack_key(compose(override)) == base, override
-    other = ["data.batch_size=32", "model.width=256", "optimizer=adam", "trainer.epochs=3"]
+    mixed = pack_key(compose("optimizer.lr=0.1"), mix_batch_sizes=True)
+    assert pack_key(compose("data.batch_size=32"), mix_batch_sizes=True) == mixed
+    other = ["model.width=256", "optimizer=adam", "trainer.epochs=3", "data.train_size=640"]
+    other += ["data.batch_size=32"]
     other += ["trainer.cuda_graph=true"]  # a captured pack and an eager one: two programs
     for override in other:
         assert pack_key(compose(override)) not in (base, None), override
+    graph = pack_key(compose("trainer.cuda_graph=true", "data.batch_size=32"), True)
+    assert graph != pack_key(compose("trainer.cuda_graph=true"), True)
+    assert pack_key(compose("data.loader=torch")) is None  # the tutorial's path: alone
+    assert pack_key(compose("optimizer._target_=torch.optim.LBFGS")) is None
+
+
+def test_batch_sizes_share_a_pack_where_each_is_a_multiple_of_its_smallest(compose):
+    sizes = [256, 64, 48, 32, 96, 128, 40]
+    jobs = []
+    for num, size in enumerate(sizes):
+        job = compose(f"data.batch_size={size}")
+        with open_dict(job):
+            job.hydra = {"job": {"num": num}}
+        jobs.append(job)
+    packs = [[job.data.batch_size for job in pack] for pack in by_batch_size(jobs)]
+    # each pack in job order; 48 and 40 are not multiples of 32 (nor 48 of 40)
+    assert sorted(packs) == sorted([[256, 64, 32, 96, 128], [48], [40]])
     assert pack_key(compose("data.loader=torch")) is None  # the tutorial's path: alone
     assert pack_key(compose("optimizer._target_=torch.optim.LBFGS")) is None
 

@@ -42,7 +42,8 @@ def sweeps(
     for round_ in range(rounds):
         for name in launchers:
             with tempfile.TemporaryDirectory() as scratch:
-                cwd = Path(folder, f"{name}-{round_}") if folder else Path(scratch)
+                label = name.replace(" ", "_").replace("/", "_")
+                cwd = Path(folder, f"{label}-{round_}") if folder else Path(scratch)
                 cwd.mkdir(parents=True, exist_ok=True)
                 runs[name].append(one(data_root, overrides, name, str(cwd)))
     medians = {
@@ -53,9 +54,12 @@ def sweeps(
 
 
 def one(data_root: str, overrides: list[str], launcher: str, cwd: str) -> dict[str, float]:
+    """One sweep under `launcher`: a launcher's name, and overrides of its own after it
+    (`"packed hydra.launcher.mix_batch_sizes=true"`)."""
+    launcher, *own = launcher.split()
     command = [sys.executable, "-m", "fashion_sweep.train", "-m", "sweep=optuna"]
     command += [f"hydra/launcher={launcher}", f"data.root={os.path.abspath(data_root)}"]
-    command += [*overrides, "hydra.sweeper.study_name=bench"]
+    command += [*overrides, *own, "hydra.sweeper.study_name=bench"]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -7,9 +7,15 @@ members: each member's gradient is its own loss's). The optimizer is torch.optim
 one param group per member whose params are that member's slices of the stacked tensors
 (leaf tensors that share their storage): each member keeps its own learning rate,
 momentum, weight decay, betas and optimizer state, and takes the step torch.optim takes
-for the model alone. What the members share: the model's shape, the optimizer class,
-the batch size and the data; what differs per member: the optimizer's arguments and the
-seed (initial weights, and the data order when shuffled).
+for the model alone. What the members share: the model's shape, the optimizer class
+and the data; what differs per member: the optimizer's arguments, the seed (initial
+weights, and the data order when shuffled) and the batch size.
+
+Members of different batch sizes, each a multiple of the loaders' (the smallest), train
+in micro-batches of that size (`train_epoch`): each member adds the gradient of its
+micro-batch's share of its batch's mean loss (its per-image losses summed, over its
+batch's size: the ragged last batch's own) and steps once its batch is complete, so its
+step is the step the tutorial's mean loss gives it alone, with its data in its own order.
 
 A member that diverges (NaN or infinite loss) is failed alone: members never mix, so
 the others train on to the numbers they would have reached without it.
@@ -39,6 +45,7 @@ class Pack:
         optimizer: Callable[..., torch.optim.Optimizer],
         options: list[dict[str, Any]],
         cuda_graph: bool = False,
+        batch_sizes: list[int] | None = None,
     ) -> None:
         # one model of the shape, that evaluation loads each member's weights into
         self.model = copy.deepcopy(models[0])
@@ -46,6 +53,7 @@ class Pack:
         per_key = [[model.state_dict()[key] for model in models] for key in self.keys]
         self.ids = list(range(len(models)))  # each member's number, as first packed
         self.failed: dict[int, DivergedError] = {}  # member's number -> why it failed
+        self.batch_sizes = batch_sizes  # each member's; None: the loaders' for all
         self._optimizer, self._cuda_graph = optimizer, cuda_graph
         self._build([torch.stack(tensors) for tensors in per_key], options)
 
@@ -81,6 +89,8 @@ class Pack:
             groups.append({**group, "params": numbers})
             count += len(numbers)
         self.ids = [self.ids[position] for position in positions]
+        if self.batch_sizes is not None:
+            self.batch_sizes = [self.batch_sizes[position] for position in positions]
         index = torch.tensor(positions, device=self.stacks[0].device)
         options = [{k: v for k, v in group.items() if k != "params"} for group in groups]
         self._build([stack.detach()[index] for stack in self.stacks], options)
@@ -142,6 +152,27 @@ class Pack:
         self.optimizer.step()
         return losses.detach()
 
+    def accumulate(
+        self, X: torch.Tensor, y: torch.Tensor, sizes: torch.Tensor, stepping: list[int]
+    ) -> torch.Tensor:
+        """One micro-batch: each member's gradient of its share of its batch's mean loss
+        (its per-image losses summed, over `sizes`, its batch's size [N]) added to what
+        its batch has gathered; the members at `stepping` have completed their batch:
+        they step (the others' params have no grad, so torch.optim leaves them be), and
+        their gradients start again from zero. The shares [N] (no sync)."""
+        shares = self.losses(X, y).sum(1) / sizes
+        shares.sum().backward()
+        if stepping:
+            chosen = set(stepping)
+            for k, stack in enumerate(self.stacks):
+                for i, params in enumerate(self.members):
+                    params[k].grad = stack.grad[i] if i in chosen else None
+            self.optimizer.step()
+            rows = torch.tensor(stepping, device=self.stacks[0].device)
+            for stack in self.stacks:
+                stack.grad.index_fill_(0, rows, 0)
+        return shares.detach()
+
     def weights(self, member: int) -> dict[str, torch.Tensor]:
         """The member at position `member` as a NeuralNetwork's state_dict of views into
         the stacks (they change as the pack trains)."""
@@ -159,6 +190,9 @@ def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) ->
     """One pass over the data for every member (one loader per member, in lockstep, or one
     shared loader); each member's mean batch loss. A member whose loss turns NaN or
     infinite is failed (pack.failed), the others go on."""
+    micro = getattr(loaders[0], "batch_size", None)
+    if pack.batch_sizes is not None and any(size != micro for size in pack.batch_sizes):
+        return _train_epoch_accumulating(loaders, pack, micro, log_interval)
     shared = len(loaders) == 1
     total = None
     num_batches = 0
@@ -178,6 +212,48 @@ def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) ->
     return means
 
 
+def _train_epoch_accumulating(
+    loaders: list[Any], pack: Pack, micro: int, log_interval: int
+) -> list[float]:
+    """train_epoch for members of different batch sizes, each a multiple of `micro`, the
+    loaders' batch size: one pass in micro-batches, each member stepping after its own
+    number of them (and at the epoch's end, its ragged last batch); each member's mean
+    batch loss, as its trial alone counts it."""
+    n = len(loaders[0].dataset)
+    every = [size // micro for size in pack.batch_sizes]
+    last = math.ceil(n / micro) - 1
+    shared = len(loaders) == 1
+    device = pack.stacks[0].device
+    totals = torch.zeros(len(pack), dtype=accumulator_dtype(device), device=device)
+    gathered = torch.zeros_like(totals)  # each member's batch loss so far
+    batches = [0] * len(pack)
+    pack.zero_grad()
+    for index, items in enumerate(zip(*loaders, strict=True)):
+        if shared:
+            X, y = items[0]
+        else:
+            X, y = torch.stack([X for X, _ in items]), torch.stack([y for _, y in items])
+        sizes = [
+            min(size, n - (index // k) * size)
+            for size, k in zip(pack.batch_sizes, every, strict=True)
+        ]
+        stepping = [i for i, k in enumerate(every) if index % k == k - 1 or index == last]
+        shares = pack.accumulate(X, y, torch.tensor(sizes, dtype=X.dtype, device=device), stepping)
+        gathered += shares.to(totals.dtype)
+        if stepping:
+            done = torch.zeros(len(pack), dtype=torch.bool, device=device)
+            done[stepping] = True
+            totals += torch.where(done, gathered, 0)
+            gathered = torch.where(done, 0, gathered)
+            for i in stepping:
+                batches[i] += 1
+        if index % log_interval == 0:
+            _fail_diverged(pack, shares, f"at micro-batch {index}")
+    means = (totals / torch.tensor(batches, dtype=totals.dtype, device=device)).tolist()
+    _fail_diverged(pack, torch.tensor(means), "(mean over the epoch)")
+    return means
+
+
 def _fail_diverged(pack: Pack, losses: torch.Tensor, where: str) -> None:
     for member, loss in zip(pack.ids, losses.tolist(), strict=True):
         if member not in pack.failed and not math.isfinite(loss):
@@ -187,10 +263,13 @@ def _fail_diverged(pack: Pack, losses: torch.Tensor, where: str) -> None:
 def evaluate(loader: Any, pack: Pack) -> list[dict[str, float]]:
     """engine.evaluate for every member, member by member, as each trial alone is
     evaluated (the same numbers exactly): a few large matmuls each, so batching the
-    members gains nothing, and on a CPU all members at once evaluated 30% slower."""
+    members gains nothing, and on a CPU all members at once evaluated 30% slower.
+    `loader`: one for all, or a list, one per member (its own batch size: the tutorial's
+    test loss is a mean over batches)."""
     device = pack.stacks[0].device
     results = []
     for member in range(len(pack)):
         pack.model.load_state_dict(pack.weights(member))  # copies them
-        results.append(evaluate_model(loader, pack.model, nn.CrossEntropyLoss(), device))
+        own = loader[member] if isinstance(loader, list) else loader
+        results.append(evaluate_model(own, pack.model, nn.CrossEntropyLoss(), device))
     return results

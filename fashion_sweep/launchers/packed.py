@@ -3,8 +3,16 @@
 `python -m fashion_sweep.train -m sweep=optuna hydra/launcher=packed
 hydra.sweeper.n_jobs=32` hands the launcher 32 jobs at a time. It composes each job's
 config, groups the jobs that share what a pack must share (the model, the data and its
-loader, the optimizer's class, the trainer but for its seed, the store), and trains
-each group as one program (core/stacked.py) through the run recipe (run.py). Each job
+loader, the optimizer's class, the trainer but for its seed, the store), and trains each
+group as one program (core/stacked.py) through the run recipe (run.py).
+
+With `hydra.launcher.mix_batch_sizes=true`, batch sizes that are all multiples of the
+smallest (the preset's 32, 64, 128, 256) share a pack, trained in micro-batches of the
+smallest (each member steps once its own batch is complete): fewer, fuller packs. A
+batch size that is not a multiple goes to a pack of its own, and so does each batch
+size with trainer.cuda_graph=true (one captured step: one shape). Off by default: on a
+CPU a member of batch size 256 computes in eight micro-batches of 32 what it computed
+in one, and the 64-trial sweep of docs/performance.md trained 1.9x as long mixed. Each job
 is still run through Hydra's own run_job, in order, so it keeps its `.hydra/` folder,
 its log and its callbacks (the study records each trial's outcome as its job ends); the
 first job of a pack trains the whole pack, the others return what it left for them.
@@ -56,6 +64,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class PackedLauncherConf:
     _target_: str = "fashion_sweep.launchers.packed.PackedLauncher"
+    # members of different batch sizes (each a multiple of the smallest) in one pack,
+    # in micro-batches of the smallest; off: one pack per batch size
+    mix_batch_sizes: bool = False
 
 
 ConfigStore.instance().store(
@@ -67,9 +78,10 @@ ConfigStore.instance().store(
 NO_GROUPS = {"torch.optim.LBFGS", "torch.optim.SparseAdam"}
 
 
-def pack_key(cfg: DictConfig) -> str | None:
+def pack_key(cfg: DictConfig, mix_batch_sizes: bool = False) -> str | None:
     """What the members of one pack must share, as a key; None for a job that cannot be
-    packed (it runs on its own)."""
+    packed (it runs on its own). With `mix_batch_sizes`, not the batch size (uncaptured:
+    by_batch_size then splits the jobs of one key)."""
     target = cfg.optimizer._target_
     optimizer_ok = fnmatch(target, "torch.optim.*") and target not in NO_GROUPS
     if cfg.data.loader != "resident" or not optimizer_ok:
@@ -81,6 +93,8 @@ def pack_key(cfg: DictConfig) -> str | None:
     except ConfigError:
         return None  # it fails on its own, as it would alone
     unused = {"num_workers", "download"}  # by the resident loader
+    if mix_batch_sizes and not cfg.trainer.cuda_graph:
+        unused.add("batch_size")
     shared = {
         "model": cfg.model,
         "data": {k: v for k, v in cfg.data.items() if k not in unused},
@@ -92,6 +106,17 @@ def pack_key(cfg: DictConfig) -> str | None:
         "metric": cfg.optimized_metric,
     }
     return json.dumps(OmegaConf.to_container(OmegaConf.create(shared), resolve=True))
+
+
+def by_batch_size(configs: list[DictConfig]) -> list[list[DictConfig]]:
+    """Jobs of one pack key split into packs whose batch sizes are each a multiple of
+    the pack's smallest: the micro-batch all its members train in."""
+    groups: dict[int, list[DictConfig]] = {}  # smallest batch size -> its pack
+    for config in sorted(configs, key=lambda c: c.data.batch_size):
+        size = config.data.batch_size
+        smallest = next((s for s in groups if size % s == 0), size)
+        groups.setdefault(smallest, []).append(config)
+    return [sorted(group, key=lambda c: c.hydra.job.num) for group in groups.values()]
 
 
 def task_config(config: DictConfig) -> DictConfig:
@@ -107,8 +132,9 @@ def task_config(config: DictConfig) -> DictConfig:
 
 
 class PackedLauncher(Launcher):
-    def __init__(self) -> None:
+    def __init__(self, mix_batch_sizes: bool = False) -> None:
         super().__init__()
+        self.mix_batch_sizes = mix_batch_sizes
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -129,10 +155,15 @@ class PackedLauncher(Launcher):
             self._job_config(list(overrides), idx)
             for idx, overrides in enumerate(job_overrides, initial_job_idx)
         ]
-        packs: dict[str, list[DictConfig]] = {}
+        by_key: dict[str, list[DictConfig]] = {}
         for config in configs:
-            if (key := pack_key(config)) is not None:
-                packs.setdefault(key, []).append(config)
+            if (key := pack_key(config, self.mix_batch_sizes)) is not None:
+                by_key.setdefault(key, []).append(config)
+        packs = {
+            f"{key}/{n}": pack
+            for key, jobs in by_key.items()
+            for n, pack in enumerate(by_batch_size(jobs))
+        }
         log.info(
             f"Launching {len(configs)} jobs in this process, {len(packs)} pack(s) of "
             f"{', '.join(str(len(m)) for m in packs.values()) or 'none'}"
@@ -208,10 +239,19 @@ class Packed:
     """A pack's program for run.run_epochs: the members' models stacked
     (core/stacked.py), one loader per member where their data orders differ."""
 
-    def __init__(self, pack: stacked.Pack, loaders: list[dict], members: list[DictConfig]):
+    def __init__(
+        self,
+        pack: stacked.Pack,
+        loaders: list[dict],
+        members: list[DictConfig],
+        evaluation: list[dict] | None = None,
+    ):
+        """`loaders`: each member's (of the pack's micro-batch size, where the batch
+        sizes differ); `evaluation`: then, each member's of its own batch size."""
         data = members[0].data
         seeds = {cfg.trainer.seed for cfg in members}
         self.pack, self.test_loaders = pack, loaders[0]
+        self.own = evaluation  # None: the members' batch sizes are one
         self.train = [m["train"] for m in loaders] if data.shuffle and len(seeds) > 1 else []
         self.shared = loaders[0]["train"]
         self.trials = [cfg.tracking.trial for cfg in members]
@@ -231,6 +271,8 @@ class Packed:
         return stacked.train_epoch(self.train or [self.shared], self.pack, self.log_interval)
 
     def evaluate(self, split: str) -> list[dict[str, float]]:
+        if self.own is not None:
+            return stacked.evaluate([own[split] for own in self.own], self.pack)
         return stacked.evaluate(self.test_loaders[split], self.pack)
 
     def state_dict(self, position: int) -> dict[str, Any]:
@@ -240,6 +282,7 @@ class Packed:
         """The pack goes on with these members alone (their data orders with them)."""
         self.pack.keep(positions)
         self.train = [self.train[p] for p in positions] if self.train else []
+        self.own = [self.own[p] for p in positions] if self.own is not None else None
         shown = ", ".join(str(self.trials[number]) for number in self.pack.ids)
         print(f"The pack goes on with trials {shown}")
 
@@ -280,9 +323,12 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
         prepare(first)
     except (ConfigError, DataError) as error:  # the data or the store: the whole pack
         return {**outcomes, **dict.fromkeys(numbers, error.with_traceback(None))}
-    program = Packed(*_build(members, device), [m.cfg for m in members])
+    pack, loaders, evaluation = _build(members, device)
+    program = Packed(pack, loaders, [m.cfg for m in members], evaluation)
     trials = ", ".join(str(m.cfg.tracking.trial) for m in members)
-    print(f"Packed {len(members)} trials: {trials}")
+    sizes = sorted({m.cfg.data.batch_size for m in members})
+    micro = f" (batch sizes {', '.join(map(str, sizes))}, in micro-batches of {sizes[0]})"
+    print(f"Packed {len(members)} trials: {trials}{micro if len(sizes) > 1 else ''}")
     writer = Writer()  # the members' MLflow runs, written beside the training
     tags = {**trainer_tags(device), "pack": f"{len(members)} trials: {trials}"}
     try:
@@ -296,22 +342,30 @@ def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
     return outcomes
 
 
-def _build(members: list[Member], device: Any) -> tuple[stacked.Pack, list[dict]]:
+def _build(
+    members: list[Member], device: Any
+) -> tuple[stacked.Pack, list[dict], list[dict] | None]:
     """The members' models, each seeded as its trial alone seeds it, stacked into one
-    pack with one param group each; one set of loaders per member's seed."""
+    pack with one param group each; one set of loaders per member's seed, of the pack's
+    smallest batch size; where the batch sizes differ, each member's own for evaluation."""
     data = members[0].cfg.data
     splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
-    loaders, models, options = [], [], []
+    sizes = [member.cfg.data.batch_size for member in members]
+    micro = min(sizes)
+    loaders, evaluation, models, options = [], [], [], []
     for member in members:
         cfg = member.cfg
         seed = cfg.trainer.seed
-        loaders.append(
-            make_loaders(splits, "resident", data.batch_size, device, data.shuffle, seed=seed)
-        )
+        loaders.append(make_loaders(splits, "resident", micro, device, data.shuffle, seed=seed))
+        if len(set(sizes)) > 1:  # the tutorial's test loss is a mean over batches
+            evaluation.append(
+                make_loaders(splits, "resident", cfg.data.batch_size, device, False, seed=seed)
+            )
         models.append(build_model(cfg, device))
         kwargs = OmegaConf.to_container(cfg.optimizer, resolve=True)
         kwargs.pop("_target_")
         options.append({**kwargs, **capturable(cfg)})
     first = members[0].cfg
     optimizer = get_class(first.optimizer._target_)
-    return stacked.Pack(models, optimizer, options, first.trainer.cuda_graph), loaders
+    pack = stacked.Pack(models, optimizer, options, first.trainer.cuda_graph, sizes)
+    return pack, loaders, evaluation or None

@@ -31,6 +31,7 @@ from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.opening import open_sweep
 from fashion_sweep.sweeps.settings import Settings, SweepFailed
 from fashion_sweep.tracking import sweep_runs
+from fashion_sweep.tracking.redaction import one_line
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0  # how often a worker with nothing to run looks at the others' trials
@@ -50,6 +51,7 @@ class Sweep:
         self.pending: list[optuna.Trial] = []  # asked by this worker, not yet recorded
         self.job_idx = 0
         self.ids: dict[int, int] = {}  # trial number -> the storage's trial id
+        self.died = 0  # trials whose process died under them, in this run
         self.said: tuple[Any, float] = ((), 0.0)  # what the last waiting line said, when
         self.slots = slots.for_launcher(launcher)
 
@@ -207,6 +209,9 @@ class Sweep:
     def _ended(self, ended: list[slots.Ended]) -> None:
         """Takes back jobs that ended: records what a job could not record itself."""
         for done in ended:
+            if done.error is not None and slots.died(done.error):
+                self._died(done.job.trial, done.error)
+                continue
             if done.error is not None:  # the launcher itself failed: as a batch's would
                 raise done.error
             trial, job = done.job.trial, done.returned
@@ -218,6 +223,24 @@ class Sweep:
                 log.warning(f"Trial {trial.number} failed: {reason}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
+
+    def _died(self, trial: optuna.Trial, error: BaseException) -> None:
+        """A trial whose process died under it (killed, out of memory): cut off, to run
+        again, unless its job ended its run first; the sweep goes on, unless processes
+        die for more trials than the sweep has."""
+        self.died += 1
+        if self._settle(self.opened.study, trial, schedule.DIED):
+            log.warning(
+                f"Trial {trial.number} was cut off: {schedule.DIED} "
+                f"({type(error).__name__}); its configuration runs again"
+            )
+        self.beats.discard(self._trial_id(trial.number))
+        self.pending.remove(trial)
+        if self.died > self.opened.n_trials:
+            raise SweepFailed(
+                f"the processes of {self.died} trials died under them, more than "
+                f"hydra.sweeper.n_trials={self.opened.n_trials}: {one_line(error)}"
+            )
 
     def _record(self, trial: optuna.Trial, job: Any) -> str | None:
         """Records a job's outcome here (a study in this process's memory, a job whose

@@ -32,6 +32,7 @@ PRUNED = "pruned"  # user attr of a PRUNED trial (and tag of its MLflow run): it
 CUT_OFF = "interrupted"  # user attr: why the sweep cut a trial off, where it knows
 RETRY_OF = "retry_of"  # user attr: the cut-off trial this one runs again
 NOT_RUN = ("surplus", "duplicate")  # cut off before it ran: nothing to run again
+DIED = "its process died"  # why a trial was cut off whose launcher's process died
 
 
 def cut_off(trial: FrozenTrial) -> bool:

@@ -16,7 +16,11 @@ is as slow as its slowest trial (upstream declined a non-blocking launcher: hydr
 
 `stop` ends what a pool still runs when the sweep is interrupted: the processes its
 launcher started for this worker (workers.launched) are killed, as joblib kills its
-workers when a batch is interrupted; the loop marks their trials cut off.
+workers when a batch is interrupted, and each launch is given a moment to return; the
+loop marks their trials cut off.
+
+A launch that raises because the process running its trial died (`died`: killed, out of
+memory) fails that slot's trial alone: the loop cuts it off, to run again, and goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +43,10 @@ log = logging.getLogger(__name__)
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher"
 PROCESS_BACKENDS = (None, "loky", "multiprocessing")  # joblib's; "threading" runs here
+STOP_SECONDS = 10.0  # what an interrupted sweep waits for its launches to return
+# what a launcher raises when the process running a job died: joblib's loky and
+# multiprocessing pools, submitit's jobs
+DIED = {"TerminatedWorkerError", "BrokenProcessPool", "UncompletedJobError", "FailedJobError"}
 
 
 @dataclass
@@ -75,6 +84,11 @@ def pooled(launcher: Launcher) -> bool:
     return False
 
 
+def died(error: BaseException) -> bool:
+    """Whether a launch raised `error` because the process running its job died."""
+    return any(kind.__name__ in DIED for kind in type(error).__mro__)
+
+
 def for_launcher(launcher: Launcher) -> Batches | Pool:
     return Pool(launcher) if pooled(launcher) else Batches(launcher)
 
@@ -109,6 +123,7 @@ class Pool:
         self.launcher = launcher
         self.ended: queue.SimpleQueue[Ended] = queue.SimpleQueue()
         self.busy = 0  # started, not yet handed back by wait
+        self.threads: list[threading.Thread] = []
 
     def start(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -117,6 +132,7 @@ class Pool:
                 target=self._launch, args=(job,), name=f"trial-{job.trial.number}", daemon=True
             )
             thread.start()
+            self.threads.append(thread)
             self.busy += 1
 
     def _launch(self, job: Job) -> None:
@@ -138,9 +154,15 @@ class Pool:
             except queue.Empty:
                 break
         self.busy -= len(ended)
+        self.threads = [thread for thread in self.threads if thread.is_alive()]
         return ended
 
     def stop(self) -> None:
-        if self.busy:
-            killed = workers.stop_launched()
-            log.info(f"Stopped {killed} process(es) still running trials of this sweep")
+        if not self.busy:
+            return
+        running = workers.launched()
+        workers.stop_launched(running)  # their trials' runs: the loop ends them KILLED
+        log.info(f"Stopped {len(running)} process(es) still running trials of this sweep")
+        deadline = time.monotonic() + STOP_SECONDS
+        for thread in self.threads:  # joblib's launches end on the killed workers
+            thread.join(max(0.0, deadline - time.monotonic()))

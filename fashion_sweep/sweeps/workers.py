@@ -43,6 +43,9 @@ DEAD_WORKER = "interrupted: its sweep worker died"  # failure_reason of a crashe
 ENV = "FASHION_SWEEP_WORKER"  # the sweep worker that launched this process's jobs (JSON)
 WATCH_SECONDS = 1.0  # how often a trial's process looks whether its sweep worker lives
 CLEAN_UP_SECONDS = 30.0  # what an interrupted trial may take to end its run before exit
+# loky's resource tracker, started with joblib's pool, lists as it exits the locks and
+# folders a killed pool left, and removes them: a note for loky's developers, not users
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
 
 
 @cache
@@ -103,22 +106,23 @@ def _start_time(pid: int) -> int | None:
 def handed_down() -> Iterator[None]:
     """Names this process, while the block runs, as the sweep worker of the jobs it
     launches: the processes a launcher starts inherit it in their environment."""
-    before = os.environ.get(ENV)
+    before = {key: os.environ.get(key) for key in (ENV, "PYTHONWARNINGS")}
     os.environ[ENV] = json.dumps(me())
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [before["PYTHONWARNINGS"], QUIET_TRACKER]))
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def stop_launched(wait: float = 5.0) -> int:
-    """Kills the processes a launcher started for this sweep worker's jobs (they carry
-    its name in their environment: joblib's workers, submitit's local tasks) and waits
-    up to `wait` s for them to go; how many there were. Not loky's resource tracker,
-    which frees what the killed workers leave behind."""
+def launched() -> list[Any]:
+    """The processes a launcher started for this sweep worker's jobs (psutil's): they
+    carry its name in their environment (joblib's workers, submitit's local tasks). Not
+    loky's resource tracker, which frees what the others leave behind."""
     import psutil
 
     mine, found = me()["id"], []
@@ -127,10 +131,18 @@ def stop_launched(wait: float = 5.0) -> int:
             worker = json.loads(child.environ().get(ENV, "null"))
             ours = isinstance(worker, dict) and worker.get("id") == mine
             if ours and not any("resource_tracker" in part for part in child.cmdline()):
-                child.kill()
                 found.append(child)
-    psutil.wait_procs(found, timeout=wait)
-    return len(found)
+    return found
+
+
+def stop_launched(processes: list[Any], wait: float = 5.0) -> None:
+    """Kills those of `processes` (launched's) still running; waits up to `wait` s."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(processes, timeout=wait)
 
 
 def fit_threads(launcher_options: Any) -> None:

@@ -46,7 +46,7 @@ PROCESS_BACKENDS = (None, "loky", "multiprocessing")  # joblib's; "threading" ru
 STOP_SECONDS = 10.0  # what an interrupted sweep waits for its launches to return
 # what a launcher raises when the process running a job died: joblib's loky and
 # multiprocessing pools, submitit's jobs
-DIED = {"TerminatedWorkerError", "BrokenProcessPool", "UncompletedJobError", "FailedJobError"}
+DEATHS = {"TerminatedWorkerError", "BrokenProcessPool", "UncompletedJobError", "FailedJobError"}
 
 
 @dataclass
@@ -86,7 +86,7 @@ def pooled(launcher: Launcher) -> bool:
 
 def died(error: BaseException) -> bool:
     """Whether a launch raised `error` because the process running its job died."""
-    return any(kind.__name__ in DIED for kind in type(error).__mro__)
+    return any(kind.__name__ in DEATHS for kind in type(error).__mro__)
 
 
 def for_launcher(launcher: Launcher) -> Batches | Pool:

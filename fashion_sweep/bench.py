@@ -19,7 +19,8 @@ fixed cost (start-up, MLflow, the model file). `--sweep OVERRIDE ...` (alone: no
 are compared) runs that sweep under each of `--launchers`, `--rounds` times in
 alternation, and reports where its time goes: wall time, training and evaluation, the
 busy fraction of what trains at once and the harness's share, trials per minute; each
-run's timeline goes into its parent run. The measurements are in benchmarks/.
+run's timeline goes into its parent run. `--asks` (alone) says what asking the study
+for a trial costs with 4, 64 and 256 trials running. The measurements are in benchmarks/.
 """
 
 from __future__ import annotations
@@ -98,11 +99,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help='launchers to compare; one may carry overrides of its own: "packed a.b=c"',
     )
     add("--rounds", type=_at_least(1), default=2, help="alternations of the --sweep launchers")
+    add("--asks", action="store_true", help="alone: ms per ask as trials pile up")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(argv)
+    if args.asks:
+        return what_asks_cost()
     if args.sweep is not None:
         return where_sweeps_spend(args)
     device = torch.device(args.device)
@@ -164,6 +168,18 @@ def where_sweeps_spend(args: argparse.Namespace) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def what_asks_cost() -> dict:
+    from fashion_sweep.benchmarks.ask_time import ask_costs
+
+    rows = ask_costs()
+    print("ms per ask, by trials running (20 complete beside them, TPE, SQLite)\n")
+    ways = [key for key in rows[0] if key != "running"]
+    print(f"{'running':>8}" + "".join(f"{way:>22}" for way in ways))
+    for row in rows:
+        print(f"{row['running']:>8}" + "".join(f"{row[way]:>22.1f}" for way in ways))
+    return {"asks": rows}
 
 
 def compare_paths(args: argparse.Namespace, device: torch.device, splits: dict) -> list[dict]:

@@ -6,6 +6,7 @@ import functools
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from fashion_sweep.sweeps import study
@@ -178,3 +179,59 @@ def test_a_result_that_comes_after_its_trial_was_cut_off_changes_no_record(
     ReportToStudy().on_job_end(cfg, returned)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert held.trials[recorded.number].state == TrialState.COMPLETE
+
+
+def _reads_per_ask(tmp_path, running: int) -> tuple[int, list[float]]:
+    """Study rows bound to the statements of one round of 4 asks, with `running`
+    trials running and 20 complete (TPE past its start-up); the asked lrs."""
+    database = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/r{running}.db")
+    where = optuna.storages.get_storage(database)  # as opening.py opens it
+    sampler = PerTrialSeed(functools.partial(optuna.samplers.TPESampler, n_startup_trials=10), 0)
+    held = optuna.create_study(storage=where, sampler=sampler, direction="maximize")
+    for n in range(20):
+        held.tell(held.ask(SPACE), n / 20)
+    for _ in range(running):
+        held.ask(SPACE)
+    asking, snapshot = study.for_asking(held, where)
+    bound = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        bound.append(len(parameters) if parameters else 0)
+
+    sqlalchemy.event.listen(database.engine, "before_cursor_execute", count)
+    with snapshot.one_read(held.get_trials(deepcopy=False)):
+        bound.clear()  # the loop's own read is before the round
+        asked = [asking.ask(SPACE) for _ in range(4)]
+        lrs = [t.params["optimizer.lr"] for t in asking.get_trials(deepcopy=False)[-4:]]
+    sqlalchemy.event.remove(database.engine, "before_cursor_execute", count)
+    assert lrs == [t.params["optimizer.lr"] for t in asked]  # the round sees its own trials
+    return sum(bound), lrs
+
+
+def test_a_round_of_asks_reads_as_much_with_64_trials_running_as_with_4(tmp_path):
+    """What an ask reads does not grow with the trials running (snapshot.py): a worker
+    running 256 trials asked 82 ms a trial, one running 4, 21 ms."""
+    few, few_lrs = _reads_per_ask(tmp_path, 4)
+    many, many_lrs = _reads_per_ask(tmp_path, 64)
+    assert few == many
+    assert len(set(few_lrs + many_lrs)) == 8  # TPE drew afresh for each trial
+
+
+def test_a_round_takes_what_was_queued_and_sees_what_others_asked_at_its_end(tmp_path):
+    where = optuna.storages.get_storage(f"sqlite:///{tmp_path}/q.db")
+    held = optuna.create_study(storage=where, direction="maximize")
+    held.enqueue_trial({"optimizer.lr": 0.1, "data.batch_size": 32})  # a retry, by the loop
+    asking, snapshot = study.for_asking(held, where)
+    with snapshot.one_read(held.get_trials(deepcopy=False)):
+        retry = asking.ask(SPACE)
+        other = held.ask(SPACE)  # another worker, in the same round
+        asking.enqueue_trial({"optimizer.lr": 0.5, "data.batch_size": 64})
+        mine = asking.ask(SPACE)
+        seen = [t.number for t in asking.get_trials(deepcopy=False)]
+        study_id = where.get_study_id_from_name(held.study_name)
+        caught_up = [(t.number, t.params) for t in snapshot.caught_up(study_id)]
+    assert retry.params == {"optimizer.lr": 0.1, "data.batch_size": 32}
+    assert mine.params == {"optimizer.lr": 0.5, "data.batch_size": 64}
+    assert other.number not in seen and mine.number in seen
+    assert caught_up == [(0, retry.params), (1, other.params), (2, mine.params)]
+    assert [t.number for t in asking.get_trials(deepcopy=False)] == [0, 1, 2]  # after: all

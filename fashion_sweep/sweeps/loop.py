@@ -59,6 +59,7 @@ class Sweep:
         self.opened = open_sweep(
             self.settings, self.config, self.compose, arguments, self._on_stale
         )
+        self.asking, self.snapshot = study.for_asking(self.opened.study, self.opened.where)
         self.beats = workers.Heartbeats(self._beat, self.settings.heartbeat_interval)
         self.progress = progress.Progress(
             self.opened.study,
@@ -98,7 +99,7 @@ class Sweep:
             if why := schedule.too_many_failures(state, n_trials, settings.max_failure_rate, whole):
                 raise SweepFailed(why)
             wanted = schedule.to_ask(state, n_trials, settings.n_jobs - self.slots.busy)
-            if wanted and (asked := self._ask(wanted)):
+            if wanted and (asked := self._ask(wanted, trials)):
                 self._start(asked)
             if self.slots.busy:
                 self._ended(self.slots.wait(POLL_SECONDS))
@@ -161,20 +162,38 @@ class Sweep:
         worker = workers.name(trial.user_attrs.get("worker"))
         return f"Trial {trial.number} (worker {worker}) was cut off: marked failed"
 
-    def _ask(self, wanted: int) -> list[optuna.Trial]:
-        """Up to `wanted` new trials, each with this worker's heartbeat and name; a trial
-        that overshoots n_trials or repeats a held configuration steps aside."""
-        held, asked = self.opened.study, []
+    def _ask(self, wanted: int, trials: list[FrozenTrial]) -> list[optuna.Trial]:
+        """Up to `wanted` new trials, each with this worker's heartbeat and name, asked
+        under one read of the study (`trials`, just read: snapshot.py); then, with the
+        trials other workers asked meanwhile, a trial that overshoots n_trials or repeats
+        a configuration another worker drew steps aside."""
+        with self.snapshot.one_read(trials):
+            asked = self._ask_round(wanted)
+            trials = self.snapshot.caught_up(self.opened.study_id)
+        kept = []
+        for trial in asked:
+            frozen = next(t for t in trials if t.number == trial.number)
+            if schedule.surplus(trial.number, trials, self.opened.n_trials):
+                self._step_aside(trial, "surplus")
+            elif schedule.duplicate(frozen, trials) and self._redraw(trials, trial.number):
+                self._step_aside(trial, "duplicate")
+            else:
+                kept.append(trial)
+                self.progress.add(trial.number)
+        return kept
+
+    def _ask_round(self, wanted: int) -> list[optuna.Trial]:
+        asking, asked = self.asking, []
         for _ in range(wanted + 10):  # a few redraws for repeats, then what there is
             if len(asked) == wanted:
                 break
-            trial = study.quiet(held.ask, self.opened.space.searched)
+            trial = study.quiet(asking.ask, self.opened.space.searched)
             self.pending.append(trial)
             self.beats.add(self._trial_id(trial.number))  # a sign of life, then a name
             trial.set_user_attr("worker", workers.me())
             if self.opened.extend is not None:
                 self.opened.extend(self.config, trial)
-            trials = held.get_trials(deepcopy=False)
+            trials = asking.get_trials(deepcopy=False)  # the round's read, and its own
             frozen = next(t for t in trials if t.number == trial.number)
             if schedule.surplus(trial.number, trials, self.opened.n_trials):
                 self._step_aside(trial, "surplus")
@@ -183,7 +202,6 @@ class Sweep:
                 self._step_aside(trial, "duplicate")
                 continue
             asked.append(trial)
-            self.progress.add(trial.number)
         return asked
 
     def _redraw(self, trials: list[FrozenTrial], number: int) -> bool:
@@ -195,7 +213,7 @@ class Sweep:
         if not left:
             return False  # the space has fewer points than n_trials: repeats must come
         pick = random.Random(schedule.trial_seed(self.settings.seed, number)).choice(left)
-        self.opened.study.enqueue_trial(pick)
+        self.asking.enqueue_trial(pick)  # in this round's read too, so its next ask takes it
         return True
 
     def _start(self, asked: list[optuna.Trial]) -> None:

@@ -41,7 +41,7 @@ class Opened:
     n_trials: int  # the settings' n_trials, or fewer: a finite space's configurations
     metric: str
     name: str  # the study's
-    where: Any  # its storage
+    where: Any  # its storage, as the study reads it (with Optuna's cache, for a database)
     study: optuna.Study
     study_id: int
     sweep_dir: str  # this worker's
@@ -105,9 +105,10 @@ def open_sweep(
     )
     name = settings.study_name or study.default_name(defined)
     try:
-        where = study.storage(
+        opened = study.storage(
             settings.storage, settings.heartbeat_interval, settings.grace_period, on_stale
         )
+        where = optuna.storages.get_storage(opened)  # Optuna's cache of it: finished trials
         pruner = settings.make_pruner()  # TPE samples Hyperband's brackets apart
         held, created = study.open_study(name, where, chosen, direction, pruner)
         study.check_definition(held, defined, created)

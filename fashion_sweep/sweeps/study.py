@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep.config import flatten
 from fashion_sweep.sweeps.schedule import CUT_OFF, FAILURE, PRUNED
+from fashion_sweep.sweeps.snapshot import Snapshot
 from fashion_sweep.tracking import sqlite_wal
 from fashion_sweep.tracking.redaction import one_line, redact
 
@@ -122,6 +123,17 @@ def open_study(
         return optuna.load_study(
             study_name=name, storage=where, sampler=sampler, pruner=pruner
         ), False
+
+
+def for_asking(held: optuna.Study, where: Any) -> tuple[optuna.Study, Snapshot]:
+    """The study `held` in storage `where` (the one `held` reads: what Optuna's
+    get_storage made of the database) as a worker asks it for trials: over a Snapshot of
+    that storage, with the study's sampler and pruner (snapshot.py)."""
+    snapshot = Snapshot(where)
+    asking = optuna.load_study(
+        study_name=held.study_name, storage=snapshot, sampler=held.sampler, pruner=held.pruner
+    )
+    return asking, snapshot
 
 
 def computed(key: str) -> bool:

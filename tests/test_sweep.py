@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import subprocess
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -181,6 +182,11 @@ def test_the_console_says_one_line_per_trial_and_where_the_answer_is(swept):
     assert "Compare the trials: http://127.0.0.1:5000/#/compare-runs?runs=%5B" in console
     assert f"python -m fashion_sweep.predict run_id={found['best_run_id']}" in console
     assert f"Best: trial {found['best_trial']} lr=" in console
+    # the answer is said before the seconds of plots (and the model's registration)
+    (said_at,) = re.findall(r"^\[([\d-]+ [\d:]+,\d+)\]\[HYDRA\] Best: ", console, re.M)
+    said = datetime.strptime(said_at, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    (plotted,) = swept.glob(f"mlruns/*/{parent}/artifacts/plots/sweep.html")
+    assert said < plotted.stat().st_mtime
 
 
 def test_each_trials_output_is_in_its_own_log(swept):

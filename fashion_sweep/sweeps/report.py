@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
-from optuna.importance import BaseImportanceEvaluator, FanovaImportanceEvaluator
 from optuna.trial import TrialState
 
 from fashion_sweep.sweeps import schedule, winner
@@ -29,16 +28,22 @@ log = logging.getLogger(__name__)
 
 
 def finish(opened: Opened, config: DictConfig) -> None:
+    """The answer first (optimization_results.yaml, the best trial's line), then what
+    takes seconds (the winner registered as an MLflow Model, the plots), then where to
+    look."""
     found = results(opened)
+    path = Path(opened.sweep_dir, "optimization_results.yaml")
+    OmegaConf.save(OmegaConf.create(found), path)
+    trials = sweep_runs.trials_of(opened.parent)
+    for text in answer(opened, found, trials):
+        log.info(text)
     model = winner.register(config, found.get("best_run_id"))
     if model:
         found["best_model_uri"] = model
-    path = Path(opened.sweep_dir, "optimization_results.yaml")
-    OmegaConf.save(OmegaConf.create(found), path)
+        OmegaConf.save(OmegaConf.create(found), path)
     what = Drawable.of(opened.study)
     figures = plots(opened.study, opened.metric, what)
     pages = {"sweep.html": page(opened, what)}
-    trials = sweep_runs.trials_of(opened.parent)
     try:
         sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages, trials)
     finally:
@@ -46,26 +51,33 @@ def finish(opened: Opened, config: DictConfig) -> None:
 
         for figure in figures.values():
             plt.close(figure)
-    for text in ending(opened, config, found, path, trials):
+    for text in where_to_look(opened, config, found, path, trials):
         log.info(text)
 
 
-def ending(
-    opened: Opened, config: DictConfig, found: dict[str, Any], path: Path, trials: tuple
-) -> list[str]:
-    """What the console says when the sweep is done: the best trial and its numbers,
-    where to look at them, and how to use its model. `trials`: sweep_runs.trials_of."""
-    uri = str(config.tracking.uri)
-    experiment_id, children = trials
-    ui = links.ui(uri)
+def answer(opened: Opened, found: dict[str, Any], trials: tuple) -> list[str]:
+    """The console's answer: the best trial and its numbers (`trials`:
+    sweep_runs.trials_of)."""
     said = [f"Search space used up: {opened.all_run()}"] if opened.used_up else []
-    best = sweep_runs.best_of(children, found)
+    best = sweep_runs.best_of(trials[1], found)
     if best is not None:
         said.append(f"Best: {best.info.run_name}: {sweep_runs.numbers(best)}")
     else:
         said.append("No trial completed: there is no best trial")
+    return said
+
+
+def where_to_look(
+    opened: Opened, config: DictConfig, found: dict[str, Any], path: Path, trials: tuple
+) -> list[str]:
+    """What the console says after the answer: where to look at the trials, and how to
+    use the best one's model. `trials`: sweep_runs.trials_of."""
+    uri = str(config.tracking.uri)
+    experiment_id, children = trials
+    ui = links.ui(uri)
+    best = sweep_runs.best_of(children, found)
     ids = [c.info.run_id for c in children]
-    said += [
+    said = [
         f"Trials, best first: {ui}/{links.view(experiment_id, opened.parent)}",
         f"Sweep run: {ui}/{links.run(experiment_id, opened.parent)}",
         f"Compare the trials: {ui}/{links.compare(experiment_id, ids)}",
@@ -112,21 +124,6 @@ def results(opened: Opened) -> dict[str, Any]:
     return found
 
 
-class Importances(BaseImportanceEvaluator):
-    """fANOVA's parameter importances (seeded), computed once for the static and the
-    interactive plot."""
-
-    def __init__(self) -> None:
-        self.evaluator = FanovaImportanceEvaluator(seed=0)
-        self.found: dict[Any, dict[str, float]] = {}
-
-    def evaluate(self, study: optuna.Study, params: Any = None, *, target: Any = None) -> Any:
-        key = (tuple(params or ()), target)
-        if key not in self.found:
-            self.found[key] = self.evaluator.evaluate(study, params, target=target)
-        return self.found[key]
-
-
 def pair(names: list[str]) -> list[str]:
     """The two parameters a contour plot shows: lr x batch size where searched."""
     chosen = [n for n in ("optimizer.lr", "data.batch_size") if n in names] or names[:2]
@@ -138,7 +135,7 @@ class Drawable:
     """What a study's plots can show, read once for the static and interactive ones."""
 
     names: list[str]  # the parameters of its complete trials
-    importances: Importances | None  # fANOVA's, where 2 complete trials have parameters
+    importances: Any  # fANOVA's (importances.py), where 2 complete trials have parameters
     pruned: bool  # a trial reported values epoch by epoch (a pruner)
 
     @classmethod
@@ -146,7 +143,11 @@ class Drawable:
         trials = handle.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         names = sorted({p for t in complete for p in t.params})
-        importances = Importances() if len(complete) >= 2 and names else None
+        importances = None
+        if len(complete) >= 2 and names:
+            from fashion_sweep.sweeps.importances import Importances
+
+            importances = Importances()
         return cls(names, importances, any(t.intermediate_values for t in trials))
 
 

@@ -106,6 +106,10 @@ class TrainerConfig:
     seed: int = 0  # seeds the weights and the shuffle order
     log_interval: int = 100  # batches between progress lines (and host syncs)
     cuda_graph: bool = False  # capture the train step in a CUDA graph and replay it
+    # take the CPU's cores in shares with this machine's other training processes, at
+    # each epoch (fashion_sweep/threads.py); off: torch's thread per core, whose
+    # rounding does not depend on what else trains here
+    share_cores: bool = False
 
 
 @dataclass

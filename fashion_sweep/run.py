@@ -27,7 +27,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fashion_sweep import signals
+from fashion_sweep import signals, threads
 from fashion_sweep.config import ConfigError
 from fashion_sweep.core.data import load_splits, make_loaders, prepare_raw
 from fashion_sweep.core.engine import TrainStep, evaluate, train_one_epoch
@@ -155,7 +155,29 @@ def run_epochs(
 ) -> dict[int, Trained | BaseException]:
     """Opens each member's run, then trains the program epoch by epoch (`epoch`) until
     every member has ended. On an interruption every open run ends KILLED, on any other
-    error FAILED. Each member's outcome by number: Trained, or its error."""
+    error FAILED. Each member's outcome by number: Trained, or its error. On a CPU the
+    process holds its place among this machine's training processes, and with
+    trainer.share_cores each epoch takes its share of the cores (threads.py); the
+    `threads` tag says the first."""
+    take = members[0].cfg.trainer.share_cores
+    with threads.shared(tags["device"] == "cpu", take) as share:
+        _fit(share)
+        tags = {**tags, "threads": str(torch.get_num_threads())}
+        return _run_epochs(program, members, tracker, tags, share)
+
+
+def _fit(share: threads.Share | None) -> None:
+    if share is not None and (said := share.fit()):
+        print(said)
+
+
+def _run_epochs(
+    program: Program,
+    members: list[Member],
+    tracker: Tracker,
+    tags: dict[str, str],
+    share: threads.Share | None,
+) -> dict[int, Trained | BaseException]:
     epochs = members[0].cfg.trainer.epochs
     outcomes: dict[int, Trained | BaseException] = {}
     active: list[int] = []  # the members whose run is open and unfinished
@@ -165,6 +187,8 @@ def run_epochs(
             member.run = tracker.open_run(resolved, tags, member.overrides)
             active.append(number)
         for epoch in range(1, epochs + 1):
+            if epoch > 1:
+                _fit(share)
             at = {number: position for position, number in enumerate(program.ids)}
             outcomes |= train_epoch(program, members, active, tracker, epoch, epoch == epochs)
             if not active:

@@ -14,7 +14,7 @@ from tests.conftest import PROJECT
 PACKAGE = PROJECT / "fashion_sweep"
 # Lowest first. A module's layer is its folder's, or its own name's at the top.
 LAYERS = [
-    {"core", "signals"},  # torch (or nothing)
+    {"core", "signals", "threads"},  # torch (or nothing; psutil)
     {"config", "model", "mistakes"},  # Hydra: schemas, checks, errors; the model's import path
     {"tracking"},  # MLflow
     {"preflight"},

@@ -49,6 +49,7 @@ RUNTIME_KEYS = (
     "trainer.device",
     "trainer.cuda_graph",
     "trainer.log_interval",
+    "trainer.share_cores",
 )
 # The storages this process opened, by URL (None: in memory), so jobs that run in the
 # sweep's own process record into the sweep's storage; and the studies it records into.

@@ -152,9 +152,9 @@ def fit_threads(launcher_options: Any) -> None:
     take every core slow one another down (docs/performance.md, Workers)."""
     cpus = launcher_options.get("cpus_per_task") if launcher_options else None
     if cpus and "OMP_NUM_THREADS" not in os.environ:
-        import torch
+        from fashion_sweep import threads
 
-        torch.set_num_threads(int(cpus))
+        threads.set_by_launcher(int(cpus), "hydra.launcher.cpus_per_task")
 
 
 def launcher() -> dict[str, Any] | None:

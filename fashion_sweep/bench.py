@@ -100,7 +100,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--rounds", type=_at_least(1), default=2, help="alternations of the --sweep launchers")
     add("--asks", action="store_true", help="alone: ms per ask as trials pile up")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.asks and args.sweep is not None:
+        parser.error("--asks runs alone, without --sweep")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -110,6 +110,12 @@ def test_a_trial_past_n_trials_among_the_live_steps_aside(study):
     assert not schedule.surplus(first.number, study.trials, n_trials=2)
     assert schedule.surplus(second.number, study.trials, n_trials=2)
     assert not schedule.surplus(second.number, study.trials, n_trials=3)
+    # a retry queued by one worker before another asked is the next ask's: it is live
+    study.enqueue_trial({"optimizer.lr": 0.5})
+    (queued,) = [t for t in study.trials if t.state == TrialState.WAITING]
+    third = add(study, TrialState.RUNNING, lr(0.6))
+    assert queued.number < third.number
+    assert schedule.surplus(third.number, study.trials, n_trials=4)
 
 
 def test_a_repeat_is_a_configuration_an_earlier_or_finished_trial_holds(study):

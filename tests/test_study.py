@@ -229,9 +229,25 @@ def test_a_round_takes_what_was_queued_and_sees_what_others_asked_at_its_end(tmp
         mine = asking.ask(SPACE)
         seen = [t.number for t in asking.get_trials(deepcopy=False)]
         study_id = where.get_study_id_from_name(held.study_name)
-        caught_up = [(t.number, t.params) for t in snapshot.caught_up(study_id)]
+        caught_up = [(t.number, t.params) for t in snapshot.caught_up(study_id, SPACE)]
     assert retry.params == {"optimizer.lr": 0.1, "data.batch_size": 32}
     assert mine.params == {"optimizer.lr": 0.5, "data.batch_size": 64}
     assert other.number not in seen and mine.number in seen
     assert caught_up == [(0, retry.params), (1, other.params), (2, mine.params)]
     assert [t.number for t in asking.get_trials(deepcopy=False)] == [0, 1, 2]  # after: all
+
+
+def test_a_round_ends_with_what_another_worker_was_still_drawing_when_it_began(tmp_path):
+    """Another worker's trial asked but not yet given its values when the round read
+    the study is read again at the round's end, so that a repeat of it is seen."""
+    where = optuna.storages.get_storage(f"sqlite:///{tmp_path}/d.db")
+    held = optuna.create_study(storage=where, direction="maximize")
+    drawing = held.ask()  # another worker's, between its ask and its values
+    asking, snapshot = study.for_asking(held, where)
+    with snapshot.one_read(held.get_trials(deepcopy=False)):
+        drawing.suggest_float("optimizer.lr", 1e-4, 1, log=True)
+        drawing.suggest_categorical("data.batch_size", [32, 64, 128, 256])
+        asking.ask(SPACE)
+        study_id = where.get_study_id_from_name(held.study_name)
+        caught_up = snapshot.caught_up(study_id, SPACE)
+    assert caught_up[0].params == drawing.params

@@ -87,3 +87,13 @@ def test_threads_set_from_outside_are_kept(machine, monkeypatch):
             assert torch.get_num_threads() == threads.cores()
     finally:
         other.kill()
+
+
+def test_a_temp_folder_that_cannot_hold_places_leaves_torch_as_it_is(machine):
+    threads.folder().parent.write_text("not a folder")  # another's, or a stray file
+    torch.set_num_threads(threads.cores())
+    with threads.Share(take=True) as share:
+        said = share.fit()
+        assert said.startswith("trainer.share_cores: no place in ")
+        assert share.fit() is None  # said once
+        assert torch.get_num_threads() == threads.cores()

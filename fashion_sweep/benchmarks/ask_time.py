@@ -82,4 +82,4 @@ def _now(held: optuna.Study, asking: Any, trials: list, size: int) -> None:
         for _ in range(size):
             asking.ask(SPACE)
             asking.get_trials(deepcopy=False)
-        snapshot.caught_up(study_id)
+        snapshot.caught_up(study_id, SPACE)

@@ -169,7 +169,7 @@ class Sweep:
         a configuration another worker drew steps aside."""
         with self.snapshot.one_read(trials):
             asked = self._ask_round(wanted)
-            trials = self.snapshot.caught_up(self.opened.study_id)
+            trials = self.snapshot.caught_up(self.opened.study_id, self.opened.space.searched)
         kept = []
         for trial in asked:
             frozen = next(t for t in trials if t.number == trial.number)

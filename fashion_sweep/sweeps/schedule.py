@@ -105,8 +105,10 @@ def stale(trial: FrozenTrial, alive: bool | None, now: datetime, grace_period: f
 
 def surplus(number: int, trials: list[FrozenTrial], n_trials: int) -> bool:
     """Workers asking at the same moment may overshoot n_trials: a trial whose number
-    ranks past n_trials among the counted and running ones steps aside."""
-    live = sorted(t.number for t in trials if counts(t) or t.state == TrialState.RUNNING)
+    ranks past n_trials among the counted, running and queued ones (a queued trial is
+    the next ask's, whichever worker asks) steps aside."""
+    queued = (TrialState.RUNNING, TrialState.WAITING)
+    live = sorted(t.number for t in trials if counts(t) or t.state in queued)
     return number not in live[:n_trials]
 
 

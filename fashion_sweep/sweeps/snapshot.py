@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Collection, Container, Iterator, Sequence
 from typing import Any
 
 from optuna.storages import BaseStorage
@@ -51,18 +51,26 @@ class Snapshot(BaseStorage):
             return self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
         for trial_id in self._changed:
             trial = self.inner.get_trial(trial_id)
-            self._held[trial.number] = trial  # a new trial's number follows all held
+            self._held[trial.number] = trial
         self._changed.clear()
-        trials = [t for t in self._held.values() if states is None or t.state in states]
+        held = sorted(self._held.values(), key=lambda t: t.number)
+        trials = [t for t in held if states is None or t.state in states]
         return copy.deepcopy(trials) if deepcopy else trials
 
-    def caught_up(self, study_id: int) -> list[FrozenTrial]:
+    def caught_up(self, study_id: int, names: Collection[str]) -> list[FrozenTrial]:
         """The round's trials with those other workers created meanwhile, read by number
-        (a query for each, and one to find there is none after): as many reads as
-        trials were created, not as trials are running."""
+        (a query for each, and one to find there is none after), and those it held
+        while their parameters (`names`) were still being drawn or were queued, read
+        again: as many reads as trials were created or half-drawn, not as trials are
+        running."""
         assert self._held is not None, "only within one_read"
-        trials = self.get_all_trials(study_id, deepcopy=False)
-        last = trials[-1].number if trials else -1
+        self.get_all_trials(study_id, deepcopy=False)  # this worker's writes, read back
+        for trial in list(self._held.values()):
+            drawing = trial.state == TrialState.RUNNING and not set(names) <= set(trial.params)
+            if drawing or trial.state == TrialState.WAITING:
+                found = self.inner.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                self._held[trial.number] = self.inner.get_trial(found)
+        last = max(self._held, default=-1)
         missing = [n for n in range(last) if n not in self._held]  # in a race only
         for number in itertools.chain(missing, itertools.count(last + 1)):
             try:
@@ -88,29 +96,38 @@ class Snapshot(BaseStorage):
     def set_trial_param(
         self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any
     ) -> None:
-        self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-        self._wrote(trial_id)
+        try:
+            self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        finally:  # read back, whether or not it took (another worker's may have)
+            self._wrote(trial_id)
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        changed = self.inner.set_trial_state_values(trial_id, state, values)
-        self._wrote(trial_id)
-        return changed
+        try:
+            return self.inner.set_trial_state_values(trial_id, state, values)
+        finally:  # a queued trial another worker took first: read back as it is now
+            self._wrote(trial_id)
 
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
     ) -> None:
-        self.inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
-        self._wrote(trial_id)
+        try:
+            self.inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
+        finally:  # read back, whether or not it took (another worker's may have)
+            self._wrote(trial_id)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self.inner.set_trial_user_attr(trial_id, key, value)
-        self._wrote(trial_id)
+        try:
+            self.inner.set_trial_user_attr(trial_id, key, value)
+        finally:  # read back, whether or not it took (another worker's may have)
+            self._wrote(trial_id)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self.inner.set_trial_system_attr(trial_id, key, value)
-        self._wrote(trial_id)
+        try:
+            self.inner.set_trial_system_attr(trial_id, key, value)
+        finally:  # read back, whether or not it took (another worker's may have)
+            self._wrote(trial_id)
 
     # The rest as the study's storage has it.
 

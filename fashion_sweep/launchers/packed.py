@@ -220,7 +220,7 @@ class PackedJobs:
             except Exception as error:  # not a member's own: every member's
                 error = error.with_traceback(None)  # not the pack's memory
                 self.results.update({c.hydra.job.num: error for c in self.pack_of[num]})
-        settle_heap()  # as a trial of the basic launcher does (run.py)
+            settle_heap()  # once a pack, as once a trial of the basic launcher (run.py)
         outcome = self.results.pop(num)
         if isinstance(outcome, BaseException):
             raise outcome

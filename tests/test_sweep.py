@@ -388,6 +388,21 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_pa
     )
 
 
+def test_a_sweep_in_which_no_trial_completed_fails_whatever_the_failure_rate_allows(
+    sweep, tmp_path
+):
+    done = sweep(
+        "optimizer.lr=10000.0", "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=1"
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: no trial completed: 2 failed, 0 pruned, of 2 finished; ")
+    assert line.endswith("the first failed: DivergedError: train/loss is nan (mean over the epoch)")
+    _, (parent,), children = runs(tmp_path)
+    assert parent.info.status == "FAILED" and len(children) == 2
+    assert "no trial completed" in parent.data.tags["failure_reason"]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -73,6 +73,9 @@ class Sweep:
             with workers.handed_down():  # a trial in a process of its own watches this one
                 self._loop()
             self.progress.stop()
+            trials = self.opened.study.get_trials(deepcopy=False)
+            if why := schedule.none_completed(trials):  # whatever max_failure_rate allows
+                raise SweepFailed(why)
             report.finish(self.opened, self.config)
         except BaseException as error:
             self.progress.stop()

@@ -90,6 +90,21 @@ def too_many_failures(
     )
 
 
+def none_completed(trials: list[FrozenTrial]) -> str | None:
+    """Why a sweep whose trials are done has no answer, if no trial completed: how many
+    failed or were pruned, and the first failure's reason."""
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    state = tally(trials)
+    pruned = sum(t.state == TrialState.PRUNED for t in state.counted)
+    reasons = [t.user_attrs[FAILURE] for t in state.failed if FAILURE in t.user_attrs]
+    first = f"; the first failed: {reasons[0]}" if reasons else ""
+    return (
+        f"no trial completed: {len(state.failed)} failed, {pruned} pruned, of "
+        f"{len(state.counted)} finished{first}"
+    )
+
+
 def stale(trial: FrozenTrial, alive: bool | None, now: datetime, grace_period: float) -> bool:
     """A RUNNING trial to fail as crashed: its worker is provably gone (`alive` is what
     workers.alive says of its `worker` attr), or it never had a worker and was asked

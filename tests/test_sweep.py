@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from fashion_sweep.tracking import names
 from tests.conftest import DATA, TINY, copy_store, mlflow_server, run_main, trial_log
 
 pytestmark = pytest.mark.slow
@@ -386,6 +387,20 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(sweep, main, tmp_pa
         "(SweepFailed: 1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
         "hydra.sweeper.n_trials=3 allows) with no trial completed"
     )
+
+
+def test_a_key_the_config_lacks_is_searched_and_its_name_logged_as_mlflow_takes_it(sweep, tmp_path):
+    done = sweep("hydra.sweeper.n_trials=2", "+optimizer.dampening=interval(0,0.5)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = results(tmp_path)
+    dampening = found["best_params"]["+optimizer.dampening"]
+    _, (parent,), children = runs(tmp_path)
+    logged = names.to_mlflow("+optimizer.dampening")
+    assert names.from_mlflow(logged) == "+optimizer.dampening"
+    assert parent.data.params[logged] == "uniform(0.0, 0.5)"
+    assert parent.data.tags[f"best.{logged}"] == str(dampening)
+    values = {float(c.data.params["optimizer.dampening"]) for c in children}
+    assert dampening in values and len(values) == 2  # each trial's run has its own
 
 
 def test_a_sweep_in_which_no_trial_completed_fails_whatever_the_failure_rate_allows(

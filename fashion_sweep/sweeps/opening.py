@@ -27,6 +27,7 @@ from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.schedule import tally
 from fashion_sweep.sweeps.settings import Settings, SweepError
 from fashion_sweep.tracking import stores, sweep_runs
+from fashion_sweep.tracking.names import to_mlflow
 from fashion_sweep.tracking.redaction import mask_log_records, redact
 
 log = logging.getLogger(__name__)
@@ -228,10 +229,14 @@ def parent_run(
     kept in the study (user attr), so every worker and every resume finds it; its
     params what the trials compute (the space, and the fixed values not of runtime),
     the space also as tags."""
-    tags = {**tags, **{f"space.{k}": str(v) for k, v in searched.searched.items()}}
+    tags = {**tags, **{f"space.{to_mlflow(k)}": str(v) for k, v in searched.searched.items()}}
     params = {
-        **{key: space.describe(d) for key, d in searched.searched.items()},
-        **{key: redact(str(v)) for key, v in searched.fixed.items() if study.computed(key)},
+        **{to_mlflow(key): space.describe(d) for key, d in searched.searched.items()},
+        **{
+            to_mlflow(key): redact(str(v))
+            for key, v in searched.fixed.items()
+            if study.computed(key)
+        },
     }
     parent = held.user_attrs.get(PARENT_RUN)
     for _ in range(0 if created else 60):  # the creator is making it: wait a little

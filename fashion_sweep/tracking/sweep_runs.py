@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from fashion_sweep import signals
 from fashion_sweep.tracking import links
+from fashion_sweep.tracking.names import in_config, to_mlflow
 from fashion_sweep.tracking.redaction import one_line
 from fashion_sweep.tracking.runs import KIND_TAG, end_run, use_experiment
 from fashion_sweep.tracking.stores import absolute
@@ -73,7 +74,7 @@ def share_view(parent_run_id: str, metric: str, maximize: bool, params: list[str
         "orderByAsc": not maximize,
         "selectedColumns": [
             *(f"metrics.`{key}`" for key in dict.fromkeys(shown)),
-            *(f"params.`{key}`" for key in params),
+            *(f"params.`{in_config(key)}`" for key in params),
         ],
     }
     client.set_experiment_tag(experiment_id, f"{VIEW_TAG}{parent_run_id}", json.dumps(state))
@@ -140,7 +141,8 @@ def close_sweep_run(
         tags = {"best_trial": str(found["best_trial"])}
         if found.get("best_run_id"):
             tags["best_run_id"] = found["best_run_id"]
-        tags.update({f"best.{key}": str(value) for key, value in found["best_params"].items()})
+        best = found["best_params"].items()
+        tags.update({f"best.{to_mlflow(key)}": str(value) for key, value in best})
         log_tags(client, run_id, tags)
     if "failure_reason" in client.get_run(run_id).data.tags:  # another worker's interruption
         client.delete_tag(run_id, "failure_reason")

@@ -279,3 +279,17 @@ def test_bench_refuses_zero_epochs_in_one_line(capsys):
         .splitlines()[-1]
         .endswith("argument --epochs: must be >= 1, got 0")
     )
+
+
+def test_a_sweep_run_whose_records_mlflow_refuses_is_not_left_running(store):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from fashion_sweep.tracking import sweep_runs
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Invalid value"):
+        sweep_runs.open_sweep_run(store, "refused", "a sweep", {"space.+lr": "x"}, None)
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("refused").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "Invalid value" in run.data.tags["failure_reason"]

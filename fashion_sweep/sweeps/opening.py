@@ -127,7 +127,11 @@ def open_sweep(
         "sweep_dir": str(Path(sweep_dir).resolve()),
     }
     parent = parent_run(held, created, config, f"{name} ({n_trials} trials)", tags, searched)
-    sweep_runs.share_view(parent, metric, direction == "maximize", list(searched.searched))
+    try:
+        sweep_runs.share_view(parent, metric, direction == "maximize", list(searched.searched))
+    except BaseException as error:  # the parent is not left RUNNING
+        sweep_runs.close_sweep_run(parent, error)
+        raise
     counted = len(tally(held.get_trials(deepcopy=False)).counted)
     fewer = (
         f" (all the search space holds; hydra.sweeper.n_trials={settings.n_trials} asked for more)"

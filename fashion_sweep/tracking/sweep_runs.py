@@ -46,8 +46,12 @@ def open_sweep_run(
         run_id = client.create_run(
             experiment_id, run_name=name, tags={KIND_TAG: "sweep"}
         ).info.run_id
-    log_tags(client, run_id, tags)
-    log_params(client, run_id, params or {})
+    try:
+        log_tags(client, run_id, tags)
+        log_params(client, run_id, params or {})
+    except BaseException as error:  # a name or value MLflow refuses: not left RUNNING
+        close_sweep_run(run_id, error)
+        raise
     return run_id
 
 

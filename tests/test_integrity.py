@@ -158,6 +158,39 @@ def test_ctrl_c_keeps_finished_trials_and_the_resume_runs_what_was_cut_off(
     assert trials(tmp_path, "ctrl-c")[0].params == before[0].params
 
 
+def test_an_interruption_inside_an_ask_cuts_that_trial_off_and_the_resume_runs_it_at_once(
+    sweep, tmp_path, monkeypatch
+):
+    """Ctrl-C while Optuna draws a round's third trial (inside its ask): that trial, not
+    yet the worker's, is cut off too, so the resume runs it again without waiting for
+    it as another worker's (grace_period, 60 s)."""
+    from fashion_sweep.sweeps.sampler import PerTrialSeed
+
+    draw = PerTrialSeed.sample_independent
+
+    def interrupted(self, study, trial, name, distribution):
+        if trial.number == 2:
+            raise KeyboardInterrupt
+        return draw(self, study, trial, name, distribution)
+
+    args = ["hydra/launcher=packed", "hydra.sweeper.n_jobs=4", "hydra.sweeper.n_trials=4"]
+    args += ["hydra.sweeper.study_name=in-ask"]
+    monkeypatch.setattr(PerTrialSeed, "sample_independent", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # in this process: as the command's Ctrl-C
+        sweep(*args)
+    before = trials(tmp_path, "in-ask")
+    assert [t.state for t in before] == [TrialState.FAIL] * 3  # two asked, one in its ask
+    assert before[2].user_attrs["interrupted"] == "interrupted"
+    monkeypatch.setattr(PerTrialSeed, "sample_independent", draw)
+    started = time.monotonic()
+    done = sweep(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Waiting for trials of other workers" not in done.stdout + done.stderr
+    assert time.monotonic() - started < 30  # not the 60 s grace period
+    counted = [t for t in trials(tmp_path, "in-ask") if schedule.counts(t)]
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted)
+
+
 @pytest.mark.skipif(not ROOT, reason="needs root and unshare")
 @pytest.mark.parametrize(
     "where",

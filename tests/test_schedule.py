@@ -61,6 +61,8 @@ def test_what_counts_what_failed_and_what_was_cut_off(study):
     assert [t.number for t in state.running] == [running.number]
     assert schedule.cut_off(killed) and schedule.cut_off(crashed)
     assert not schedule.cut_off(diverged)
+    repeat = add(study, TrialState.FAIL, lr(0.1), interrupted="duplicate")  # never ran
+    assert schedule.stepped_aside(repeat) and not schedule.stepped_aside(killed)
 
 
 def test_asks_for_what_is_missing_up_to_n_jobs(study):

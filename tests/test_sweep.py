@@ -343,8 +343,12 @@ def test_a_space_smaller_than_n_trials_runs_each_configuration_once_and_says_so(
     assert re.findall(r"^\[(\d)/(\d)\] trial", done.stdout, re.M) == [("1", "2"), ("2", "2")]
     found = results(tmp_path)
     assert (found["n_trials"], found["ended"]) == (2, f"the search space is used up: {used_up}")
+    # a repeat that stepped aside never ran: nothing was cut off and run again
+    repeats = sum(t.user_attrs.get("interrupted") == "duplicate" for t in trials)
+    assert (found["cut_off"], found["stepped_aside"]) == (0, repeats)
     _, (parent,), _ = runs(tmp_path)
     assert parent.info.run_name == "small (2 trials)"
+    assert "cut off" not in parent.data.tags["mlflow.note.content"]
 
 
 def momentum_too(config, trial) -> None:

@@ -14,6 +14,7 @@ report.py's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import optuna
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep import signals
@@ -86,6 +88,7 @@ class Sweep:
                     self._settle(self.opened.study, trial, why)
                 except Exception:  # MLflow out of reach: the study is what counts
                     study.cut_off(self.opened.study, trial, why)
+            self._cut_off_unreturned(why)
             sweep_runs.close_sweep_run(self.opened.parent, error)
             raise
         finally:
@@ -136,6 +139,18 @@ class Sweep:
             held.enqueue_trial(trial.params, user_attrs={schedule.RETRY_OF: trial.number})
             log.info(f"Trial {trial.number} was cut off: its configuration runs again")
         return held.get_trials(deepcopy=False) if due else trials
+
+    def _cut_off_unreturned(self, why: str) -> None:
+        """Cuts off a trial the last round created or took but whose ask never returned
+        (the interruption came inside it): it has no worker yet, so a resume would
+        otherwise wait its grace period before it runs it again."""
+        asked = {trial.number for trial in self.pending}
+        for trial_id in self.snapshot.taken:
+            found = self.opened.where.get_trial(trial_id)
+            if found.state == TrialState.RUNNING and found.number not in asked:
+                self.opened.where.set_trial_user_attr(trial_id, schedule.CUT_OFF, why)
+                with contextlib.suppress(ValueError, UpdateFinishedTrialError):
+                    study.tell(self.opened.study, found.number, state=TrialState.FAIL)
 
     def _settle(self, holder: optuna.Study, trial: optuna.Trial, why: str) -> bool:
         """Ends a trial that will run no further. A job that ended its MLflow run but was

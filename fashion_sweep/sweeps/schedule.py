@@ -39,6 +39,11 @@ def cut_off(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and FAILURE not in trial.user_attrs
 
 
+def stepped_aside(trial: FrozenTrial) -> bool:
+    """Cut off before it ran (a repeat or a surplus draw): nothing to run again."""
+    return cut_off(trial) and trial.user_attrs.get(CUT_OFF) in NOT_RUN
+
+
 def run_reason(why: str | None) -> str:
     """The failure_reason of the MLflow run of a trial cut off for `why` (its user attr
     `interrupted`): a dead worker's trial (`crashed`, or none where Optuna failed it for

@@ -34,11 +34,12 @@ class Snapshot(BaseStorage):
         self.inner = inner
         self._held: dict[int, FrozenTrial] | None = None  # by number, in number order
         self._changed: set[int] = set()  # trial ids written since they were read
+        self.taken: list[int] = []  # the ids of the trials the last round created or took
 
     @contextlib.contextmanager
     def one_read(self, trials: Sequence[FrozenTrial]) -> Iterator[None]:
         """Reads of the study's trials come from `trials` (all of them, just read)."""
-        self._held, self._changed = {t.number: t for t in trials}, set()
+        self._held, self._changed, self.taken = {t.number: t for t in trials}, set(), []
         try:
             yield
         finally:
@@ -91,6 +92,7 @@ class Snapshot(BaseStorage):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         trial_id = self.inner.create_new_trial(study_id, template_trial)
         self._wrote(trial_id)
+        self.taken.append(trial_id)
         return trial_id
 
     def set_trial_param(
@@ -105,9 +107,12 @@ class Snapshot(BaseStorage):
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
         try:
-            return self.inner.set_trial_state_values(trial_id, state, values)
+            took = self.inner.set_trial_state_values(trial_id, state, values)
         finally:  # a queued trial another worker took first: read back as it is now
             self._wrote(trial_id)
+        if took and state == TrialState.RUNNING:  # a queued trial, taken by this worker
+            self.taken.append(trial_id)
+        return took
 
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float

@@ -251,3 +251,18 @@ def test_a_round_ends_with_what_another_worker_was_still_drawing_when_it_began(t
         study_id = where.get_study_id_from_name(held.study_name)
         caught_up = snapshot.caught_up(study_id, SPACE)
     assert caught_up[0].params == drawing.params
+
+
+def test_a_trial_a_round_makes_or_takes_is_its_workers_before_its_values_are_drawn(tmp_path):
+    """A worker killed while the sampler draws leaves a trial a resume knows to be a dead
+    worker's (workers.alive), not one without a worker, waited for its grace period."""
+    where = optuna.storages.get_storage(f"sqlite:///{tmp_path}/w.db")
+    held = optuna.create_study(storage=where, direction="maximize")
+    held.enqueue_trial({"optimizer.lr": 0.1, "data.batch_size": 32})
+    worker = {"id": "host:1:abc", "host": "host", "pid": 1}
+    asking, snapshot = study.for_asking(held, where, worker)
+    with snapshot.one_read(held.get_trials(deepcopy=False)):
+        taken = asking.ask()  # the queued trial, before any value is drawn
+        made = asking.ask()  # a new one
+    for trial in (taken, made):
+        assert held.trials[trial.number].user_attrs["worker"] == worker

@@ -61,7 +61,9 @@ class Sweep:
         self.opened = open_sweep(
             self.settings, self.config, self.compose, arguments, self._on_stale
         )
-        self.asking, self.snapshot = study.for_asking(self.opened.study, self.opened.where)
+        self.asking, self.snapshot = study.for_asking(
+            self.opened.study, self.opened.where, workers.me()
+        )
         self.beats = workers.Heartbeats(self._beat, self.settings.heartbeat_interval)
         self.progress = progress.Progress(
             self.opened.study,
@@ -206,9 +208,8 @@ class Sweep:
             if len(asked) == wanted:
                 break
             trial = study.quiet(asking.ask, self.opened.space.searched)
-            self.pending.append(trial)
-            self.beats.add(self._trial_id(trial.number))  # a sign of life, then a name
-            trial.set_user_attr("worker", workers.me())
+            self.pending.append(trial)  # named this worker's as it was made (snapshot.py)
+            self.beats.add(self._trial_id(trial.number))
             if self.opened.extend is not None:
                 self.opened.extend(self.config, trial)
             trials = asking.get_trials(deepcopy=False)  # the round's read, and its own

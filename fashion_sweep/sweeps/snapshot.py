@@ -30,8 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 class Snapshot(BaseStorage):
     """`inner` (the study's storage), whose trials are read once per round of asks."""
 
-    def __init__(self, inner: BaseStorage) -> None:
-        self.inner = inner
+    def __init__(self, inner: BaseStorage, worker: dict[str, Any] | None = None) -> None:
+        self.inner, self.worker = inner, worker
         self._held: dict[int, FrozenTrial] | None = None  # by number, in number order
         self._changed: set[int] = set()  # trial ids written since they were read
         self.taken: list[int] = []  # the ids of the trials the last round created or took
@@ -93,6 +93,7 @@ class Snapshot(BaseStorage):
         trial_id = self.inner.create_new_trial(study_id, template_trial)
         self._wrote(trial_id)
         self.taken.append(trial_id)
+        self._name(trial_id)
         return trial_id
 
     def set_trial_param(
@@ -112,7 +113,14 @@ class Snapshot(BaseStorage):
             self._wrote(trial_id)
         if took and state == TrialState.RUNNING:  # a queued trial, taken by this worker
             self.taken.append(trial_id)
+            self._name(trial_id)
         return took
+
+    def _name(self, trial_id: int) -> None:
+        """The trial's worker, from the moment it is this worker's: a worker killed while
+        the sampler draws its values leaves a trial a resume knows to be a dead one's."""
+        if self.worker is not None:
+            self.inner.set_trial_user_attr(trial_id, "worker", self.worker)
 
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float

@@ -126,11 +126,13 @@ def open_study(
         ), False
 
 
-def for_asking(held: optuna.Study, where: Any) -> tuple[optuna.Study, Snapshot]:
+def for_asking(
+    held: optuna.Study, where: Any, worker: dict[str, Any] | None = None
+) -> tuple[optuna.Study, Snapshot]:
     """The study `held` in storage `where` (the one `held` reads: what Optuna's
-    get_storage made of the database) as a worker asks it for trials: over a Snapshot of
+    get_storage made of the database) as `worker` asks it for trials: over a Snapshot of
     that storage, with the study's sampler and pruner (snapshot.py)."""
-    snapshot = Snapshot(where)
+    snapshot = Snapshot(where, worker)
     asking = optuna.load_study(
         study_name=held.study_name, storage=snapshot, sampler=held.sampler, pruner=held.pruner
     )

@@ -144,8 +144,8 @@ class Sweep:
 
     def _cut_off_unreturned(self, why: str) -> None:
         """Cuts off a trial the last round created or took but whose ask never returned
-        (the interruption came inside it): it has no worker yet, so a resume would
-        otherwise wait its grace period before it runs it again."""
+        (the interruption came inside it), as the pending ones are: else a resume would
+        find it RUNNING, and fail it as crashed only once this process has gone."""
         asked = {trial.number for trial in self.pending}
         for trial_id in self.snapshot.taken:
             found = self.opened.where.get_trial(trial_id)

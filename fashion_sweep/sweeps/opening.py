@@ -106,10 +106,10 @@ def open_sweep(
     )
     name = settings.study_name or study.default_name(defined)
     try:
-        opened = study.storage(
+        database = study.storage(
             settings.storage, settings.heartbeat_interval, settings.grace_period, on_stale
         )
-        where = optuna.storages.get_storage(opened)  # Optuna's cache of it: finished trials
+        where = optuna.storages.get_storage(database)  # with Optuna's cache of finished trials
         pruner = settings.make_pruner()  # TPE samples Hyperband's brackets apart
         held, created = study.open_study(name, where, chosen, direction, pruner)
         study.check_definition(held, defined, created)

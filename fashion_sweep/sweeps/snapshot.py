@@ -11,7 +11,8 @@ attributes, read back by id, one query per trial changed). Writes go to the data
 before. The trials other workers created meanwhile are read at the round's end, by
 number (`caught_up`), so that the loop checks the round against them (loop.Sweep._ask);
 a change to a trial the round had read is seen at the next round. Outside a round,
-reads pass through.
+reads pass through. A trial the round makes, or takes from the queue, is named its
+worker's at once (user attr `worker`), before the sampler draws its values.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Collection, Container, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterator, Sequence
 from typing import Any
 
 from optuna.storages import BaseStorage
@@ -32,7 +33,7 @@ class Snapshot(BaseStorage):
 
     def __init__(self, inner: BaseStorage, worker: dict[str, Any] | None = None) -> None:
         self.inner, self.worker = inner, worker
-        self._held: dict[int, FrozenTrial] | None = None  # by number, in number order
+        self._held: dict[int, FrozenTrial] | None = None  # the round's trials, by number
         self._changed: set[int] = set()  # trial ids written since they were read
         self.taken: list[int] = []  # the ids of the trials the last round created or took
 
@@ -87,6 +88,14 @@ class Snapshot(BaseStorage):
         if self._held is not None:
             self._changed.add(trial_id)
 
+    def _write(self, write: Callable[..., Any], trial_id: int, *args: Any) -> Any:
+        """`write(trial_id, *args)`, the trial read back at the round's next read whether
+        or not it took (a queued trial another worker took first is read as it is now)."""
+        try:
+            return write(trial_id, *args)
+        finally:
+            self._wrote(trial_id)
+
     # The trials' writes: to the database, and noted for the round's reads.
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
@@ -99,18 +108,14 @@ class Snapshot(BaseStorage):
     def set_trial_param(
         self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any
     ) -> None:
-        try:
-            self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-        finally:  # read back, whether or not it took (another worker's may have)
-            self._wrote(trial_id)
+        self._write(
+            self.inner.set_trial_param, trial_id, param_name, param_value_internal, distribution
+        )
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        try:
-            took = self.inner.set_trial_state_values(trial_id, state, values)
-        finally:  # a queued trial another worker took first: read back as it is now
-            self._wrote(trial_id)
+        took = self._write(self.inner.set_trial_state_values, trial_id, state, values)
         if took and state == TrialState.RUNNING:  # a queued trial, taken by this worker
             self.taken.append(trial_id)
             self._name(trial_id)
@@ -125,22 +130,13 @@ class Snapshot(BaseStorage):
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
     ) -> None:
-        try:
-            self.inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
-        finally:  # read back, whether or not it took (another worker's may have)
-            self._wrote(trial_id)
+        self._write(self.inner.set_trial_intermediate_value, trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        try:
-            self.inner.set_trial_user_attr(trial_id, key, value)
-        finally:  # read back, whether or not it took (another worker's may have)
-            self._wrote(trial_id)
+        self._write(self.inner.set_trial_user_attr, trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        try:
-            self.inner.set_trial_system_attr(trial_id, key, value)
-        finally:  # read back, whether or not it took (another worker's may have)
-            self._wrote(trial_id)
+        self._write(self.inner.set_trial_system_attr, trial_id, key, value)
 
     # The rest as the study's storage has it.
 

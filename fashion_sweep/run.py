@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import os
 import socket
 import time
@@ -130,12 +131,18 @@ class Member:
     prune: Prune | None = None
     ended: Ended | None = None  # asked after each epoch, before anything of it is logged
     run: Any = None  # its tracker's handle
+    epoch: int = 0  # its epochs trained (in a continuous pack, its own count)
+
+
+# refill(outcomes of the members that ended, by number) -> the members that join
+# (launchers/packed.py: a continuous pack's next trials)
+Refill = Callable[[dict[int, "Trained | BaseException"]], list[Member]]
 
 
 class Program(Protocol):
     """What trains the members of run_epochs: one model (Alone) or a pack of them
-    (launchers/packed.py). Members are numbered as given; `ids` are the numbers of those
-    it still trains, by position."""
+    (launchers/packed.py). Members are numbered as given, joiners after them; `ids` are
+    the numbers of those it still trains, by position."""
 
     ids: list[int]
     failed: dict[int, BaseException]  # member number -> its DivergedError (a pack's)
@@ -146,24 +153,31 @@ class Program(Protocol):
     def evaluate(self, split: str) -> list[dict[str, float]]: ...
     def state_dict(self, position: int) -> dict[str, torch.Tensor]: ...
     def keep(self, positions: list[int]) -> None: ...
+    def add(self, members: list[Member]) -> None: ...  # where it takes joiners (Refill)
     def pruned(self, number: int, epoch: int, metric: str) -> None: ...
     def epoch_done(self, epoch: int, active: int, seconds: float, eval_seconds: float) -> None: ...
 
 
 def run_epochs(
-    program: Program, members: list[Member], tracker: Tracker, tags: dict[str, str]
+    program: Program,
+    members: list[Member],
+    tracker: Tracker,
+    tags: dict[str, str],
+    refill: Refill | None = None,
 ) -> dict[int, Trained | BaseException]:
     """Opens each member's run, then trains the program epoch by epoch (`epoch`) until
     every member has ended. On an interruption every open run ends KILLED, on any other
-    error FAILED. Each member's outcome by number: Trained, or its error. On a CPU the
-    process holds its place among this machine's training processes, and with
-    trainer.share_cores each epoch takes its share of the cores (threads.py); the
-    `threads` tag says the first."""
+    error FAILED. Each member's outcome by number: Trained, or its error. With `refill`
+    (a continuous pack), the outcomes go to it instead, after each epoch in which
+    members ended, their runs ended in the store; the members it returns join, each
+    from its own first epoch. On a CPU the process holds its place among this machine's
+    training processes, and with trainer.share_cores each epoch takes its share of the
+    cores (threads.py); the `threads` tag says the first."""
     take = members[0].cfg.trainer.share_cores
     with threads.shared(tags["device"] == "cpu", take) as share:
         _fit(share)
         tags = {**tags, "threads": str(torch.get_num_threads())}
-        return _run_epochs(program, members, tracker, tags, share)
+        return _run_epochs(program, members, tracker, tags, share, refill)
 
 
 def _fit(share: threads.Share | None) -> None:
@@ -177,24 +191,32 @@ def _run_epochs(
     tracker: Tracker,
     tags: dict[str, str],
     share: threads.Share | None,
+    refill: Refill | None,
 ) -> dict[int, Trained | BaseException]:
-    epochs = members[0].cfg.trainer.epochs
     outcomes: dict[int, Trained | BaseException] = {}
     active: list[int] = []  # the members whose run is open and unfinished
     try:
-        for number, member in enumerate(members):
-            resolved = OmegaConf.to_container(member.cfg, resolve=True, enum_to_str=True)
-            member.run = tracker.open_run(resolved, tags, member.overrides)
-            active.append(number)
-        for epoch in range(1, epochs + 1):
+        _open(members, 0, active, tracker, tags)
+        for epoch in itertools.count(1):  # the program's; each member counts its own
             if epoch > 1:
                 _fit(share)
             at = {number: position for position, number in enumerate(program.ids)}
-            outcomes |= train_epoch(program, members, active, tracker, epoch, epoch == epochs)
+            ended = train_epoch(program, members, active, tracker, epoch)
+            if len(active) < len(program.ids) and (active or refill):  # those that ended
+                program.keep([at[number] for number in active])
+            if refill is None or not ended:
+                outcomes |= ended
+            else:
+                tracker.flush()  # their runs ended in the store before they are recorded
+                joiners = refill(
+                    {n: _recorded(tracker, members[n].run, o) for n, o in ended.items()}
+                )
+                if joiners:
+                    program.add(joiners)
+                    members.extend(joiners)
+                    _open(members, len(members) - len(joiners), active, tracker, tags)
             if not active:
                 break
-            if len(active) < len(program.ids):  # the pruned, finished and failed leave
-                program.keep([at[number] for number in active])
         tracker.flush()  # every run ended in the store before any trial is recorded
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: every open run KILLED
         _end_all(tracker, [members[n].run for n in active], "KILLED", signals.reason(stop))
@@ -205,20 +227,31 @@ def _run_epochs(
     return {number: _recorded(tracker, members[number].run, o) for number, o in outcomes.items()}
 
 
+def _open(
+    members: list[Member], first: int, active: list[int], tracker: Tracker, tags: dict
+) -> None:
+    """Opens the runs of the members from number `first` on; they are active."""
+    for number in range(first, len(members)):
+        member = members[number]
+        resolved = OmegaConf.to_container(member.cfg, resolve=True, enum_to_str=True)
+        member.run = tracker.open_run(resolved, tags, member.overrides)
+        active.append(number)
+
+
 def train_epoch(
     program: Program,
     members: list[Member],
     active: list[int],
     tracker: Tracker,
     epoch: int,
-    last: bool,
 ) -> dict[int, Trained | BaseException]:
-    """One epoch of the program; then for each active member its metrics logged and its
-    pruner asked. A member's run ends (and it leaves `active`) FINISHED after its last
-    epoch or the one its pruner stopped it after, its model.pth first, FAILED when it
-    diverged or its records failed, and KILLED (a CutOff) when its sweep has ended its
-    trial meanwhile. The outcomes of those that ended, by number."""
-    metric = members[0].cfg.optimized_metric
+    """One epoch of the program (its `epoch`-th), each member's next; then for each
+    active member its metrics logged and its pruner asked. A member's run ends (and it
+    leaves `active`) FINISHED after its last epoch or the one its pruner stopped it
+    after, its model.pth first, FAILED when it diverged or its records failed, and
+    KILLED (a CutOff) when its sweep has ended its trial meanwhile. The outcomes of
+    those that ended, by number."""
+    metric, epochs = members[0].cfg.optimized_metric, members[0].cfg.trainer.epochs
     start = time.perf_counter()
     losses = program.train_epoch(epoch)
     seconds, start = time.perf_counter() - start, time.perf_counter()
@@ -228,6 +261,8 @@ def train_epoch(
     for position, number in enumerate(program.ids):
         if number not in active:
             continue
+        members[number].epoch += 1
+        own, last = members[number].epoch, members[number].epoch == epochs
         run, prune = members[number].run, members[number].prune
         error = tracker.error(run) or program.failed.get(number)
         if error is not None:  # its records failed, or it diverged
@@ -248,18 +283,18 @@ def train_epoch(
         )
         if metric in metrics:  # first: MLflow's compare view opens on the first it was sent
             metrics = {metric: metrics[metric], **metrics}
-        tracker.log_metrics(run, metrics, epoch)
-        stop = prune is not None and prune(epoch, metrics[metric], last)
+        tracker.log_metrics(run, metrics, own)
+        stop = prune is not None and prune(own, metrics[metric], last)
         if stop or last:
             if stop:
-                tracker.mark_pruned(run, epoch)
-                program.pruned(number, epoch, metric)
+                tracker.mark_pruned(run, own)
+                program.pruned(number, own, metric)
             if members[number].cfg.tracking.log_model:
                 tracker.log_model(run, program.state_dict(position))
             tracker.sync()  # an error in a call not waited for fails it here
             active.remove(number)
             tracker.end_run(run, "FINISHED")
-            ended[number] = Trained(metrics, "", epoch if stop else None)
+            ended[number] = Trained(metrics, "", own if stop else None)
     program.epoch_done(epoch, len(active), seconds, eval_seconds)
     return ended
 
@@ -311,6 +346,9 @@ class Alone:
 
     def keep(self, positions: list[int]) -> None:
         pass  # one member: when it leaves, the loop ends
+
+    def add(self, members: list[Member]) -> None:
+        raise NotImplementedError("a single run takes no joiners")
 
     def pruned(self, number: int, epoch: int, metric: str) -> None:
         print(f"Pruned after epoch {epoch}: its {metric} is behind")

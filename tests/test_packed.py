@@ -314,3 +314,57 @@ def test_members_dropped_from_a_pack_leave_the_rest_as_alone(
     net.load_state_dict(pack.state_dict(0))  # the last member's model.pth
     test_metrics = evaluate(made[0]["test"], net, nn.CrossEntropyLoss(), device)
     assert test_metrics == epochs[last][-1][1]
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+@pytest.mark.parametrize("sizes", [None, [64, 192, 128]], ids=["one-size", "mixed-sizes"])
+@pytest.mark.parametrize(
+    "optimizer, options",
+    [(torch.optim.SGD, SGD_MEMBERS[1:4]), (torch.optim.Adam, ADAM_MEMBERS[:3])],
+    ids=["sgd", "adam"],
+)
+def test_a_member_that_joins_a_pack_trains_as_its_trial_alone(
+    splits, device, optimizer, options, sizes, graph
+):
+    """A continuous pack (Pack.add): members 0 and 1 train an epoch, member 0 leaves and
+    member 2 joins, with its own seed, options, data order and (mixed) batch size; it
+    trains its first two epochs while member 1 trains its second and third, each as its
+    trial alone, member 1's optimizer state (momentum, Adam's moments and step count)
+    kept across the join. Member 2 leaves the pack a member with a number of its own."""
+    if (graph and device.type != "cuda") or (graph and sizes):
+        pytest.skip("a captured pack is of one batch size, on CUDA")
+    if graph and "capturable" in signature(optimizer).parameters:
+        options = [{**kwargs, "capturable": True} for kwargs in options]
+    size = sizes or [64] * 3
+    pack = stacked.Pack(
+        [model(0, device), model(1, device)],
+        optimizer,
+        options[:2],
+        cuda_graph=graph,
+        batch_sizes=size[:2] if sizes else None,
+    )
+    train = {m: loaders(splits, device, True, m)["train"] for m in (0, 1)}  # of 64
+    tests = {m: loaders(splits, device, False, m, size[m])["test"] for m in range(3)}
+    epochs = {member: [] for member in range(3)}
+    for epoch in range(3):
+        losses = stacked.train_epoch([train[m] for m in pack.ids], pack)
+        evaluated = stacked.evaluate([tests[m] for m in pack.ids], pack)
+        for member, loss, metrics in zip(pack.ids, losses, evaluated, strict=True):
+            epochs[member].append((loss, metrics))
+        if epoch == 0:
+            pack.keep([1])
+            joined = pack.add([model(2, device)], options[2:], size[2:] if sizes else None)
+            assert joined == [2] and pack.ids == [1, 2]
+            train[2] = loaders(splits, device, True, 2)["train"]
+    assert [len(epochs[m]) for m in range(3)] == [1, 3, 2]
+    for member in (1, 2):
+        kwargs = {k: v for k, v in options[member].items() if k != "capturable"}
+        theirs, _, net = alone(
+            splits, device, optimizer, kwargs, member, True, epochs=len(epochs[member]),
+            batch_size=size[member],
+        )
+        assert_same(epochs[member], theirs)
+        state = pack.state_dict(pack.ids.index(member))
+        for key, tensor in net.state_dict().items():
+            scale = PACKED_REL * tensor.abs().max()
+            assert torch.allclose(state[key], tensor, rtol=0, atol=scale), key

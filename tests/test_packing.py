@@ -56,8 +56,11 @@ def test_packed_trials_are_the_trials_the_basic_launcher_runs(sweep, tmp_path):
             assert files == {"config.yaml", "overrides.yaml", "model.pth"}
         assert parent.info.status == "FINISHED"
         assert len(list(cwd.glob("multirun/*/*/[0-5]/.hydra/config.yaml"))) == 6
-    # the last loop was the packed sweep's: each member's log has its pack's lines
-    assert "Packed 3 trials" in trial_log(cwd, 0) and "Packed 3 trials" in trial_log(cwd, 5)
+    # the last loop was the packed sweep's: each member's log has its pack's lines; the
+    # pack is continuous: as trials 0-2 ended, 3-5 joined it
+    assert "Packed 3 trials" in trial_log(cwd, 0)
+    assert "Trials 3, 4, 5 join the pack, each from its epoch 1" in trial_log(cwd, 5)
+    assert "join the pack" not in trial_log(cwd, 0)  # its log ended with its trial
     assert "Packed" not in done.stdout  # the console has the trials' lines
     said = re.findall(r"^\[(\d)/6\] trial (\d) lr=\S+ bs=\d+  val/accuracy ", done.stdout, re.M)
     assert sorted(said) == [(str(n + 1), str(n)) for n in range(6)], done.stdout

@@ -126,8 +126,9 @@ def test_a_pruner_without_a_shared_study_is_refused_before_the_first_trial(main,
 
 
 def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_path):
-    """hydra/launcher=packed: trials 2 and 3 form the second pack; trial 2 (a loser) is
-    pruned after epoch 1 and stops being computed, trial 3 trains on to its 3 epochs."""
+    """hydra/launcher=packed: trials 2 and 3 join the pack as trials 0 and 1 end (the
+    pack's epoch 3); trial 2 (a loser) is pruned after its epoch 1 and stops being
+    computed, trial 3 trains on to its 3 epochs."""
     space = [arg for arg in SPACE if not arg.startswith("optimizer.lr=")]
     seed(tmp_path)
     done = main(
@@ -142,9 +143,9 @@ def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     said = trial_log(tmp_path, 3)  # the pack's lines, in each member's log
-    assert "Packed 2 trials: 2, 3" in said
+    assert "Trials 2, 3 join the pack, each from its epoch 1" in said
     # each epoch of the pack says what it took
-    epoch_line = r"Epoch 1: 1 of 2 trials train on \(the pack's epoch: [\d.]+ s training, [\d.]+ s"
+    epoch_line = r"Epoch 4: 1 of 2 trials train on \(the pack's epoch: [\d.]+ s training, [\d.]+ s"
     assert re.search(epoch_line, said), said[-2000:]
     assert "The pack goes on with trials 3" in said  # trial 2 no longer computed
     found = {t.number: t for t in trials(tmp_path)}

@@ -51,7 +51,8 @@ class Pack:
         self.model = copy.deepcopy(models[0])
         self.keys = list(self.model.state_dict())  # weight, bias of each Linear, in order
         per_key = [[model.state_dict()[key] for model in models] for key in self.keys]
-        self.ids = list(range(len(models)))  # each member's number, as first packed
+        self.ids = list(range(len(models)))  # each member's number, in the order it joined
+        self.joined = len(models)  # how many members the pack has had
         self.failed: dict[int, DivergedError] = {}  # member's number -> why it failed
         self.batch_sizes = batch_sizes  # each member's; None: the loaders' for all
         self._optimizer, self._cuda_graph = optimizer, cuda_graph
@@ -59,6 +60,9 @@ class Pack:
 
     def _build(self, stacks: list[torch.Tensor], options: list[dict[str, Any]]) -> None:
         self.stacks = [stack.detach().requires_grad_() for stack in stacks]
+        if not options:  # every member left a continuous pack: joiners may come
+            self.members, self.optimizer, self.captured = [], None, None
+            return
         # each member's parameters: leaves sharing the stacks' storage, so torch.optim's
         # in-place step on them is a step on the stacks
         self.members = [
@@ -77,7 +81,8 @@ class Pack:
     def keep(self, positions: list[int]) -> None:
         """Goes on with the members at `positions` only (the others pruned, finished or
         failed), each with its weights and optimizer state: from here on the pack
-        computes what they alone need. A captured step is captured anew."""
+        computes what they alone need (none: an empty pack, until members join). A
+        captured step is captured anew."""
         saved = self.optimizer.state_dict()  # params by number, in group order
         state, groups, count = {}, [], 0
         for position in positions:  # the kept groups' params, numbered anew
@@ -91,10 +96,45 @@ class Pack:
         self.ids = [self.ids[position] for position in positions]
         if self.batch_sizes is not None:
             self.batch_sizes = [self.batch_sizes[position] for position in positions]
-        index = torch.tensor(positions, device=self.stacks[0].device)
+        index = torch.tensor(positions, dtype=torch.long, device=self.stacks[0].device)
         options = [{k: v for k, v in group.items() if k != "params"} for group in groups]
         self._build([stack.detach()[index] for stack in self.stacks], options)
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def add(
+        self,
+        models: list[NeuralNetwork],
+        options: list[dict[str, Any]],
+        batch_sizes: list[int] | None = None,
+    ) -> list[int]:
+        """Members join the pack (a continuous pack's, as others left it): each starts
+        from its own model's weights and a fresh optimizer state, as its trial alone
+        starts, while the members already here keep theirs. A captured step is captured
+        anew. The joiners' numbers (after every number the pack has had)."""
+        saved = self.optimizer.state_dict() if self.optimizer else {"state": {}, "param_groups": []}
+        kept = [
+            {k: v for k, v in group.items() if k != "params"} for group in saved["param_groups"]
+        ]
+        joined = list(range(self.joined, self.joined + len(models)))
+        self.joined += len(models)
+        per_key = [[model.state_dict()[key] for model in models] for key in self.keys]
+        device = self.stacks[0].device
+        stacks = [
+            torch.cat([stack.detach(), torch.stack(new).to(device, stack.dtype)])
+            for stack, new in zip(self.stacks, per_key, strict=True)
+        ]
+        self._build(stacks, [*kept, *options])
+        # the members here keep their state and their groups' options as the optimizer
+        # holds them; the joiners' groups are the ones torch.optim just made
+        fresh = self.optimizer.state_dict()["param_groups"][len(kept) :]
+        self.optimizer.load_state_dict(
+            {"state": saved["state"], "param_groups": [*saved["param_groups"], *fresh]}
+        )
+        self.ids += joined
+        if self.batch_sizes is not None:
+            self.batch_sizes = [*self.batch_sizes, *(batch_sizes or [])]
+        return joined
 
     def __len__(self) -> int:
         return len(self.members)

@@ -27,9 +27,10 @@ groups) runs on its own, as the basic launcher would run it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -57,6 +58,7 @@ from fashion_sweep.run import (
     trainer_tags,
 )
 from fashion_sweep.sweeps import trial_output
+from fashion_sweep.tracking.redaction import one_line
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +69,21 @@ class PackedLauncherConf:
     # members of different batch sizes (each a multiple of the smallest) in one pack,
     # in micro-batches of the smallest; off: one pack per batch size
     mix_batch_sizes: bool = False
+    # a pack takes the sweep's next trials as its members end (at an epoch's end), so it
+    # stays full while the study has trials to ask; off: a batch of n_jobs trials at a
+    # time, each pack waited for whole
+    continuous: bool = True
 
 
 ConfigStore.instance().store(
     group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="fashion_sweep"
 )
 
+
+# more(jobs run since the last call: (job number, its return), whether to ask) -> the
+# next jobs, (overrides, job number): the sweeper's side of launch_stream (slots.Stream)
+More = Callable[[list[tuple[int, JobReturn]], bool], list[tuple[Sequence[str], int]]]
+Returns = list[tuple[int, JobReturn]]
 
 # torch.optim classes that take no per-parameter options (param groups): never packed
 NO_GROUPS = {"torch.optim.LBFGS", "torch.optim.SparseAdam"}
@@ -132,9 +143,10 @@ def task_config(config: DictConfig) -> DictConfig:
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, mix_batch_sizes: bool = False) -> None:
+    def __init__(self, mix_batch_sizes: bool = False, continuous: bool = True) -> None:
         super().__init__()
-        self.mix_batch_sizes = mix_batch_sizes
+        self.mix_batch_sizes, self.continuous = mix_batch_sizes, continuous
+        self.handed: list[tuple[int, JobReturn]] = []  # jobs run, not yet handed back
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -186,6 +198,103 @@ class PackedLauncher(Launcher):
             self._configure_log()
         return returns
 
+    def launch_stream(self, jobs: Sequence[tuple[Sequence[str], int]], more: More) -> Returns:
+        """Our own interface (sweeps/slots.py, Stream), where hydra.launcher.continuous:
+        `jobs` (overrides, job number) trained in packs that take the sweep's next jobs
+        as members end. After each epoch in which members ended, their Hydra jobs are
+        run (each returns its member's outcome, so its study records it) and handed to
+        `more`, with whether it may ask for more; the jobs it returns join the pack, or
+        wait for a pack of their own where they cannot (another pack key, a batch size
+        the pack's micro-batch does not divide), and while one waits the pack takes no
+        more. A job that cannot be packed runs alone. Returns what is left to hand back
+        when the last pack has ended."""
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        self._configure_log()
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        waiting = [self._job_config(list(overrides), idx) for overrides, idx in jobs]
+        while waiting:
+            config = waiting.pop(0)
+            self._show(config)
+            if (key := pack_key(config, self.mix_batch_sizes)) is None:
+                self._run(config, self.task_function)
+                continue
+            same = [c for c in waiting if pack_key(c, self.mix_batch_sizes) == key]
+            pack = next(p for p in by_batch_size([config, *same]) if any(c is config for c in p))
+            waiting = [c for c in waiting if not any(c is m for m in pack)]
+            for member in pack[1:]:
+                self._show(member)
+            self._stream(pack, key, waiting, more)
+        handed, self.handed = self.handed, []
+        return handed
+
+    def _stream(self, pack: list[DictConfig], key: str, waiting: list, more: More) -> None:
+        """Trains one continuous pack; its jobs' outcomes in self.handed."""
+        jobs = {config.hydra.job.num: config for config in pack}
+        micro = min(config.data.batch_size for config in pack)
+        left = set(jobs)  # not yet run as Hydra jobs
+
+        def join(outcomes: dict[int, Any]) -> list[DictConfig]:
+            self._report(outcomes, jobs, left, files)
+            handed, self.handed = self.handed, []
+            joined = []
+            for overrides, idx in more(handed, not waiting):
+                config = self._job_config(list(overrides), idx)
+                self._show(config)
+                fits = pack_key(config, self.mix_batch_sizes) == key
+                if not waiting and fits and config.data.batch_size % micro == 0:
+                    joined.append(config)
+                    jobs[idx] = config
+                    left.add(idx)
+                else:
+                    waiting.append(config)  # the next pack's: this one takes no more
+            if files is not None and joined:
+                names = ", ".join(str(c.tracking.run_name) for c in joined)
+                files.add([c.hydra for c in joined], f"# {names}, joining a pack")
+            return joined
+
+        files = None
+        try:
+            with _output(pack) as files:  # its traceback in the logs of those still here
+                outcomes = train_pack(pack, join)
+        except Exception as error:  # not a member's own: every member's still here
+            outcomes = dict.fromkeys(left, error.with_traceback(None))
+        self._report(outcomes, jobs, left, None)
+        settle_heap()  # once a pack, as once a trial of the basic launcher (run.py)
+
+    def _report(
+        self, outcomes: dict[int, Any], jobs: dict[int, DictConfig], left: set, files: Any
+    ) -> None:
+        """Runs the Hydra jobs of members that ended, each returning (or raising) its
+        outcome, so that Hydra's callbacks (the study's record) see it as they see any
+        job's; their log files leave the pack's output."""
+        if files is not None:  # its log ends with its trial, and says why it failed
+            for number, outcome in outcomes.items():
+                if isinstance(outcome, BaseException):
+                    trial_output.note(jobs[number].hydra, f"Job failed: {one_line(outcome)}")
+            files.drop([jobs[number].hydra for number in outcomes])
+        for number, outcome in outcomes.items():
+            left.discard(number)
+            # logging stays the pack's: a member's records went to its file as it trained
+            self._run(jobs[number], functools.partial(_returns, outcome), configure_log=False)
+
+    def _run(self, config: DictConfig, task: TaskFunction, configure_log: bool = True) -> None:
+        returned = run_job(
+            hydra_context=self.hydra_context,
+            task_function=task,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+            configure_logging=configure_log,
+        )
+        self.handed.append((config.hydra.job.num, returned))
+        if configure_log:
+            self._configure_log()
+
+    def _show(self, config: DictConfig) -> None:
+        shown = " ".join(filter_overrides(config.hydra.overrides.task))
+        log.info(f"\t#{config.hydra.job.num} : {shown}")
+
     def _job_config(self, overrides: list[str], idx: int) -> DictConfig:
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
@@ -227,6 +336,13 @@ class PackedJobs:
         return outcome
 
 
+def _returns(outcome: Any, cfg: DictConfig) -> Any:
+    """The task of a continuous pack's job: its member's outcome, returned or raised."""
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
 def _output(members: list[DictConfig]) -> contextlib.AbstractContextManager:
     """A pack's output, in each member's log file (sweeps/trial_output.py)."""
     if not trial_output.wanted(members[0], members[0].hydra):
@@ -237,27 +353,52 @@ def _output(members: list[DictConfig]) -> contextlib.AbstractContextManager:
 
 class Packed:
     """A pack's program for run.run_epochs: the members' models stacked
-    (core/stacked.py), one loader per member where their data orders differ."""
+    (core/stacked.py), in micro-batches of the smallest batch size where theirs differ,
+    one training loader per member where their data orders differ; in a continuous pack
+    members join (`add`) as others leave."""
 
     def __init__(
-        self,
-        pack: stacked.Pack,
-        loaders: list[dict],
-        members: list[DictConfig],
-        evaluation: list[dict] | None = None,
-    ):
-        """`loaders`: each member's (of the pack's micro-batch size, where the batch
-        sizes differ); `evaluation`: then, each member's of its own batch size."""
-        data = members[0].data
+        self, splits: dict, members: list[DictConfig], device: Any, continuous: bool = False
+    ) -> None:
+        first = members[0]
+        self.data, self.device = splits, device
+        self.micro = min(cfg.data.batch_size for cfg in members)
+        # a continuous pack's members may each be in another epoch: each its own order
         seeds = {cfg.trainer.seed for cfg in members}
-        self.pack, self.test_loaders = pack, loaders[0]
-        self.own = evaluation  # None: the members' batch sizes are one
-        self.train = [m["train"] for m in loaders] if data.shuffle and len(seeds) > 1 else []
-        self.shared = loaders[0]["train"]
-        self.trials = [cfg.tracking.trial for cfg in members]
-        self.log_interval = members[0].trainer.log_interval
-        self.splits = [split for split in SPLIT_TITLES if split in loaders[0]]
-        self.train_images = len(self.shared.dataset)
+        self.own_orders = first.data.shuffle and (continuous or len(seeds) > 1)
+        self.shared = self._loaders(self.micro, first.data.shuffle, first.trainer.seed)
+        self.evaluation: dict[int, dict] = {}  # batch size -> its loaders, for evaluation
+        self.trials: list[Any] = []  # each member's trial number, by member number
+        self.train: list[Any] = []  # each member's training loader, by position
+        self.sizes: list[int] = []  # each member's batch size, by position
+        self.log_interval = first.trainer.log_interval
+        self.splits = [split for split in SPLIT_TITLES if split in self.shared]
+        self.train_images = len(self.shared["train"].dataset)
+        models, options = self._take(members)
+        optimizer = get_class(first.optimizer._target_)
+        cuda_graph = first.trainer.cuda_graph
+        self.pack = stacked.Pack(models, optimizer, options, cuda_graph, list(self.sizes))
+
+    def _loaders(self, batch_size: int, shuffle: bool, seed: int) -> dict:
+        return make_loaders(self.data, "resident", batch_size, self.device, shuffle, seed=seed)
+
+    def _take(self, members: list[DictConfig]) -> tuple[list, list[dict]]:
+        """The members' models, each seeded as its trial alone seeds it, and optimizer
+        options; their loaders."""
+        models, options = [], []
+        for cfg in members:
+            size = cfg.data.batch_size
+            if self.own_orders:
+                self.train.append(self._loaders(self.micro, True, cfg.trainer.seed)["train"])
+            if size not in self.evaluation:  # the tutorial's test loss is a mean over batches
+                self.evaluation[size] = self._loaders(size, False, 0)
+            self.sizes.append(size)
+            self.trials.append(cfg.tracking.trial)
+            models.append(build_model(cfg, self.device))
+            kwargs = OmegaConf.to_container(cfg.optimizer, resolve=True)
+            kwargs.pop("_target_")
+            options.append({**kwargs, **capturable(cfg)})
+        return models, options
 
     @property
     def ids(self) -> list[int]:
@@ -268,12 +409,12 @@ class Packed:
         return self.pack.failed
 
     def train_epoch(self, epoch: int) -> list[float]:
-        return stacked.train_epoch(self.train or [self.shared], self.pack, self.log_interval)
+        self.trained = len(self.pack)  # this epoch's members
+        loaders = self.train if self.own_orders else [self.shared["train"]]
+        return stacked.train_epoch(loaders, self.pack, self.log_interval)
 
     def evaluate(self, split: str) -> list[dict[str, float]]:
-        if self.own is not None:
-            return stacked.evaluate([own[split] for own in self.own], self.pack)
-        return stacked.evaluate(self.test_loaders[split], self.pack)
+        return stacked.evaluate([self.evaluation[size][split] for size in self.sizes], self.pack)
 
     def state_dict(self, position: int) -> dict[str, Any]:
         return self.pack.state_dict(position)
@@ -281,91 +422,100 @@ class Packed:
     def keep(self, positions: list[int]) -> None:
         """The pack goes on with these members alone (their data orders with them)."""
         self.pack.keep(positions)
-        self.train = [self.train[p] for p in positions] if self.train else []
-        self.own = [self.own[p] for p in positions] if self.own is not None else None
-        shown = ", ".join(str(self.trials[number]) for number in self.pack.ids)
-        print(f"The pack goes on with trials {shown}")
+        self.train = [self.train[p] for p in positions] if self.own_orders else []
+        self.sizes = [self.sizes[p] for p in positions]
+        if positions:
+            shown = ", ".join(str(self.trials[number]) for number in self.pack.ids)
+            print(f"The pack goes on with trials {shown}")
+
+    def add(self, members: list[Member]) -> None:
+        """Members join, each from its own first epoch (a continuous pack)."""
+        start = len(self.sizes)
+        models, options = self._take([member.cfg for member in members])
+        self.pack.add(models, options, self.sizes[start:])
+        shown = ", ".join(str(member.cfg.tracking.trial) for member in members)
+        print(f"Trials {shown} join the pack, each from its epoch 1; it trains {len(self.pack)}")
 
     def pruned(self, number: int, epoch: int, metric: str) -> None:
         pass  # the sweep's log says so, trial by trial
 
     def epoch_done(self, epoch: int, active: int, seconds: float, eval_seconds: float) -> None:
         print(
-            f"Epoch {epoch}: {active} of {len(self.trials)} trials train on "
+            f"Epoch {epoch}: {active} of {self.trained} trials train on "
             f"(the pack's epoch: {seconds:.2f} s training, {eval_seconds:.2f} s evaluation)"
         )
 
 
-def train_pack(configs: list[DictConfig]) -> dict[int, Any]:
+# join(outcomes of members that ended, by job number) -> the job configs that join
+Join = Callable[[dict[int, Any]], list[DictConfig]]
+
+
+def train_pack(configs: list[DictConfig], join: Join | None = None) -> dict[int, Any]:
     """Trains the jobs of one pack together; each job's outcome by its number: an
-    Objective or the exception it failed with."""
-    from fashion_sweep.sweeps.pruning import ended_elsewhere, pruning
+    Objective or the exception it failed with. With `join` (a continuous pack), members
+    that end are handed to it after their epoch, and the jobs it returns join; what is
+    returned is what it was not handed."""
     from fashion_sweep.tracking.writer import Writer  # MLflow: imported where a pack trains
 
     outcomes: dict[int, Any] = {}
-    members: list[Member] = []  # task configs (no hydra node), as run_job makes them
-    numbers: list[int] = []
+    members, numbers = _members(configs, outcomes)
+    if not members:
+        return outcomes
+    first = members[0].cfg
+    device = resolve_device(first.trainer.device)  # one for the pack: pack_key holds it
+    try:
+        prepare(first)
+    except (ConfigError, DataError) as error:  # the data or the store: the whole pack
+        return {**outcomes, **dict.fromkeys(numbers, error.with_traceback(None))}
+    data = first.data
+    splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
+    program = Packed(splits, [m.cfg for m in members], device, continuous=join is not None)
+    trials = ", ".join(str(m.cfg.tracking.trial) for m in members)
+    sizes = sorted({m.cfg.data.batch_size for m in members})
+    micro = f" (batch sizes {', '.join(map(str, sizes))}, in micro-batches of {sizes[0]})"
+    print(f"Packed {len(members)} trials: {trials}{micro if len(sizes) > 1 else ''}")
+    metric = first.optimized_metric
+
+    def outcome(trained: Any) -> Any:
+        return trained if isinstance(trained, BaseException) else Objective.of(trained, metric)
+
+    def refill(ended: dict[int, Any]) -> list[Member]:
+        handed, joiners = {numbers[n]: outcome(o) for n, o in ended.items()}, []
+        while True:
+            refused: dict[int, Any] = {}
+            new, joined = _members(join(handed), refused)
+            joiners += new
+            numbers.extend(joined)
+            if not refused:
+                return joiners
+            handed = refused  # a joiner whose values check() refuses is handed back at once
+
+    writer = Writer()  # the members' MLflow runs, written beside the training
+    tags = {**trainer_tags(device), "pack": f"{len(members)} trials: {trials}"}
+    try:
+        done = run_epochs(program, members, writer, tags, refill if join else None)
+    finally:
+        writer.close()
+    for number, trained in done.items():
+        outcomes[numbers[number]] = outcome(trained)
+    return outcomes
+
+
+def _members(configs: list[DictConfig], failed: dict[int, Any]) -> tuple[list[Member], list[int]]:
+    """The jobs' members (task configs, no hydra node, as run_job makes them) and job
+    numbers; a job whose values check() refuses fails alone, into `failed`."""
+    from fashion_sweep.sweeps.pruning import ended_elsewhere, pruning
+
+    members, numbers = [], []
     for config in configs:
         cfg = task_config(config)
         try:
-            device = check(cfg)  # one device for the pack: pack_key holds it
+            check(cfg)
         except ConfigError as error:  # this member's values: it fails alone
-            outcomes[config.hydra.job.num] = error.with_traceback(None)  # not the pack's memory
+            failed[config.hydra.job.num] = error.with_traceback(None)  # not the pack's memory
             continue
         overrides = [plain(line) for line in config.hydra.overrides.task]
         prune, ended = pruning(cfg, config.hydra), ended_elsewhere(cfg, config.hydra)
         members.append(Member(cfg, overrides, prune, ended))
         numbers.append(config.hydra.job.num)
-    if not members:
-        return outcomes
-    first = members[0].cfg
-    try:
-        prepare(first)
-    except (ConfigError, DataError) as error:  # the data or the store: the whole pack
-        return {**outcomes, **dict.fromkeys(numbers, error.with_traceback(None))}
-    pack, loaders, evaluation = _build(members, device)
-    program = Packed(pack, loaders, [m.cfg for m in members], evaluation)
-    trials = ", ".join(str(m.cfg.tracking.trial) for m in members)
-    sizes = sorted({m.cfg.data.batch_size for m in members})
-    micro = f" (batch sizes {', '.join(map(str, sizes))}, in micro-batches of {sizes[0]})"
-    print(f"Packed {len(members)} trials: {trials}{micro if len(sizes) > 1 else ''}")
-    writer = Writer()  # the members' MLflow runs, written beside the training
-    tags = {**trainer_tags(device), "pack": f"{len(members)} trials: {trials}"}
-    try:
-        done = run_epochs(program, members, writer, tags)
-    finally:
-        writer.close()
-    metric = first.optimized_metric
-    for number, outcome in done.items():
-        result = outcome if isinstance(outcome, BaseException) else Objective.of(outcome, metric)
-        outcomes[numbers[number]] = result
-    return outcomes
-
-
-def _build(
-    members: list[Member], device: Any
-) -> tuple[stacked.Pack, list[dict], list[dict] | None]:
-    """The members' models, each seeded as its trial alone seeds it, stacked into one
-    pack with one param group each; one set of loaders per member's seed, of the pack's
-    smallest batch size; where the batch sizes differ, each member's own for evaluation."""
-    data = members[0].cfg.data
-    splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
-    sizes = [member.cfg.data.batch_size for member in members]
-    micro = min(sizes)
-    loaders, evaluation, models, options = [], [], [], []
-    for member in members:
-        cfg = member.cfg
-        seed = cfg.trainer.seed
-        loaders.append(make_loaders(splits, "resident", micro, device, data.shuffle, seed=seed))
-        if len(set(sizes)) > 1:  # the tutorial's test loss is a mean over batches
-            evaluation.append(
-                make_loaders(splits, "resident", cfg.data.batch_size, device, False, seed=seed)
-            )
-        models.append(build_model(cfg, device))
-        kwargs = OmegaConf.to_container(cfg.optimizer, resolve=True)
-        kwargs.pop("_target_")
-        options.append({**kwargs, **capturable(cfg)})
-    first = members[0].cfg
-    optimizer = get_class(first.optimizer._target_)
-    pack = stacked.Pack(models, optimizer, options, first.trainer.cuda_graph, sizes)
-    return pack, loaders, evaluation or None
+    return members, numbers

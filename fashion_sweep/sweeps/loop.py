@@ -55,7 +55,7 @@ class Sweep:
         self.ids: dict[int, int] = {}  # trial number -> the storage's trial id
         self.died = 0  # trials whose process died under them, in this run
         self.said: tuple[Any, float] = ((), 0.0)  # what the last waiting line said, when
-        self.slots = slots.for_launcher(launcher)
+        self.slots = slots.for_launcher(launcher, self._refill)
 
     def run(self, arguments: list[str]) -> None:
         self.opened = open_sweep(
@@ -103,12 +103,10 @@ class Sweep:
         while True:
             trials = self._reap()
             state = schedule.tally(trials)
-            whole = f"the {n_trials} trials the search space holds" if self.opened.used_up else None
-            if why := schedule.too_many_failures(state, n_trials, settings.max_failure_rate, whole):
-                raise SweepFailed(why)
+            self._check_failures(state)
             wanted = schedule.to_ask(state, n_trials, settings.n_jobs - self.slots.busy)
             if wanted and (asked := self._ask(wanted, trials)):
-                self._start(asked)
+                self.slots.start(self._jobs(asked))
             if self.slots.busy:
                 self._ended(self.slots.wait(POLL_SECONDS))
             elif wanted:
@@ -117,6 +115,13 @@ class Sweep:
                 self._wait(state.running)
             else:
                 return
+
+    def _check_failures(self, state: schedule.Tally) -> None:
+        n_trials = self.opened.n_trials
+        whole = f"the {n_trials} trials the search space holds" if self.opened.used_up else None
+        rate = self.settings.max_failure_rate
+        if why := schedule.too_many_failures(state, n_trials, rate, whole):
+            raise SweepFailed(why)
 
     def _reap(self) -> list[FrozenTrial]:
         """Ends the running trials whose workers are gone, queues again what was cut off
@@ -235,13 +240,27 @@ class Sweep:
         self.asking.enqueue_trial(pick)  # in this round's read too, so its next ask takes it
         return True
 
-    def _start(self, asked: list[optuna.Trial]) -> None:
+    def _jobs(self, asked: list[optuna.Trial]) -> list[slots.Job]:
         jobs = [
             slots.Job(trial, self._overrides(trial), idx)
             for idx, trial in enumerate(asked, self.job_idx)
         ]
         self.job_idx += len(jobs)
-        self.slots.start(jobs)
+        return jobs
+
+    def _refill(self, ended: list[slots.Ended], ask: bool) -> list[slots.Job]:
+        """A Stream's call back (slots.py), as its trials end: takes them back, and
+        where `ask`, the next trials for the slots they left, as the loop asks them."""
+        self._ended(ended)
+        if not ask:
+            return []
+        trials = self._reap()
+        state = schedule.tally(trials)
+        self._check_failures(state)
+        wanted = schedule.to_ask(
+            state, self.opened.n_trials, self.settings.n_jobs - self.slots.busy
+        )
+        return self._jobs(self._ask(wanted, trials)) if wanted else []
 
     def _ended(self, ended: list[slots.Ended]) -> None:
         """Takes back jobs that ended: records what a job could not record itself."""

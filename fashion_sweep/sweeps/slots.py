@@ -10,9 +10,14 @@ is as slow as its slowest trial (upstream declined a non-blocking launcher: hydr
   the number of trials in flight and a slot is filled as soon as its trial ends. Only
   Hydra's public launcher API is called; the launcher's own settings (the joblib
   pool's size, submitit's resources) hold as they do for a batch.
+- `Stream`, for a launcher with our own small interface, `launch_stream(jobs, more)`
+  (the packed launcher, hydra.launcher.continuous): it trains in this process and calls
+  `more` back as trials end, with their jobs' returns; the loop takes them back and
+  answers with the next trials, so a pack stays full while the study has trials to ask.
 - `Batches`, for every other launcher: the ones that run jobs in this process (basic,
-  packed: one process trains one thing at a time, or one pack) and launchers this
-  module does not know; a batch of up to n_jobs trials, waited for whole, as before.
+  packed with continuous=false: one process trains one thing at a time, or one pack)
+  and launchers this module does not know; a batch of up to n_jobs trials, waited for
+  whole, as before.
 
 `stop` ends what a pool still runs when the sweep is interrupted: the processes its
 launcher started for this worker (workers.launched) are killed, as joblib kills its
@@ -29,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,8 +94,51 @@ def died(error: BaseException) -> bool:
     return any(kind.__name__ in DEATHS for kind in type(error).__mro__)
 
 
-def for_launcher(launcher: Launcher) -> Batches | Pool:
-    return Pool(launcher) if pooled(launcher) else Batches(launcher)
+# more(the jobs that ended, whether to ask) -> the next jobs: the loop's side of a Stream
+More = Callable[[list[Ended], bool], list[Job]]
+
+
+def for_launcher(launcher: Launcher, more: More) -> Batches | Pool | Stream:
+    if pooled(launcher):
+        return Pool(launcher)
+    if hasattr(launcher, "launch_stream") and getattr(launcher, "continuous", False):
+        return Stream(launcher, more)
+    return Batches(launcher)
+
+
+class Stream:
+    """Jobs handed to the launcher as it asks for them (launch_stream): `start` returns
+    when the launcher has no more to train; what ended meanwhile went to `more`."""
+
+    def __init__(self, launcher: Any, more: More) -> None:
+        self.launcher, self.more = launcher, more
+        self.jobs: dict[int, Job] = {}  # by hydra.job.num: handed to the launcher, not back
+        self.returned: list[Ended] = []
+
+    @property
+    def busy(self) -> int:  # in the launcher, or back and not yet taken by wait
+        return len(self.jobs) + len(self.returned)
+
+    def start(self, jobs: list[Job]) -> None:
+        left = self.launcher.launch_stream(self._hand(jobs), self._more)
+        self.returned += self._back(left)
+
+    def _more(self, returned: list[tuple[int, JobReturn]], ask: bool) -> list[tuple[Any, int]]:
+        return self._hand(self.more(self._back(returned), ask))
+
+    def _hand(self, jobs: list[Job]) -> list[tuple[Sequence[str], int]]:
+        self.jobs |= {job.idx: job for job in jobs}
+        return [(job.overrides, job.idx) for job in jobs]
+
+    def _back(self, returned: list[tuple[int, JobReturn]]) -> list[Ended]:
+        return [Ended(self.jobs.pop(idx), job) for idx, job in returned]
+
+    def wait(self, timeout: float) -> list[Ended]:
+        ended, self.returned = self.returned, []
+        return ended
+
+    def stop(self) -> None:
+        self.returned, self.jobs = [], {}
 
 
 class Batches:

@@ -26,6 +26,12 @@ def log_path(hydra: DictConfig) -> Path:
     return folder / f"{hydra.job.name}.log"
 
 
+def note(hydra: DictConfig, line: str) -> None:
+    """A line at the end of a trial's log file."""
+    with open(log_path(hydra), "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
 def wanted(config: DictConfig, hydra: DictConfig) -> bool:
     """Whether this job is a trial of our sweeper whose output goes to its file."""
     if config.tracking.get("trial") is None:
@@ -34,10 +40,26 @@ def wanted(config: DictConfig, hydra: DictConfig) -> bool:
 
 
 class _Tee:
-    """A text stream that writes to several files (a pack's members' logs)."""
+    """A text stream that writes to several files (a pack's members' logs); a continuous
+    pack's members join (`add`) and leave (`drop`) it."""
 
     def __init__(self, files: list[TextIO]) -> None:
         self.files = files
+
+    def add(self, hydras: list[DictConfig], header: str) -> None:
+        for hydra in hydras:
+            self.files.append(open(log_path(hydra), "a", buffering=1))  # noqa: SIM115
+            self.files[-1].write(header.rstrip("\n") + "\n")
+
+    def drop(self, hydras: list[DictConfig]) -> None:
+        paths = {str(log_path(hydra)) for hydra in hydras}
+        for f in [f for f in self.files if f.name in paths]:
+            self.files.remove(f)
+            f.close()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
 
     def write(self, text: str) -> int:
         for f in self.files:
@@ -53,14 +75,13 @@ class _Tee:
 
 
 @contextlib.contextmanager
-def to_files(hydras: list[DictConfig], header: str) -> Iterator[None]:
+def to_files(hydras: list[DictConfig], header: str) -> Iterator[_Tee]:
     """Sends stdout, stderr and the console's log records to the trials' log files (of
     their jobs' Hydra configs) while the block runs, with `header` first and any
     error's traceback last."""
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(log_path(h), "a", buffering=1)) for h in hydras]
-        out = _Tee(files)
-        out.write(header.rstrip("\n") + "\n")
+    out = _Tee([])
+    with contextlib.closing(out):
+        out.add(hydras, header)
         root = logging.getLogger()
         consoles = [h for h in root.handlers if _console(h)]
         mirror = logging.StreamHandler(out)  # the records the console would have shown
@@ -73,7 +94,7 @@ def to_files(hydras: list[DictConfig], header: str) -> Iterator[None]:
             root.addHandler(mirror)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):  # type: ignore[type-var]
-                yield
+                yield out
         except Exception:
             if not files_have_them:  # else Hydra logs it there ("Job failed")
                 traceback.print_exc(file=out)

@@ -360,7 +360,13 @@ def test_a_member_that_joins_a_pack_trains_as_its_trial_alone(
     for member in (1, 2):
         kwargs = {k: v for k, v in options[member].items() if k != "capturable"}
         theirs, _, net = alone(
-            splits, device, optimizer, kwargs, member, True, epochs=len(epochs[member]),
+            splits,
+            device,
+            optimizer,
+            kwargs,
+            member,
+            True,
+            epochs=len(epochs[member]),
             batch_size=size[member],
         )
         assert_same(epochs[member], theirs)

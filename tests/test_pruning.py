@@ -161,3 +161,34 @@ def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_p
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "model.pth" in files
     assert run.data.metrics["val/accuracy"] == found[3].value
+
+
+def test_a_continuous_pack_fills_a_pruned_members_place_at_once(main, seed, tmp_path):
+    """hydra/launcher=packed (continuous by default), 2 slots, 6 trials: as a loser is
+    pruned after its first epoch, the next trial joins the pack at once, beside a member
+    that is mid-way through its epochs, and each counts its own epochs (in the study,
+    in MLflow). Each trial that ran in full under both ends as under the basic launcher."""
+    space = [arg for arg in SPACE if not arg.startswith("optimizer.lr=")]
+    space += ["optimizer.lr=choice(0.3,1e-6,0.2,2e-6,0.1,3e-6)", "hydra/sweeper/sampler=grid"]
+    # the grid's order with this seed: 3e-6, 0.2, then 0.1 and 1e-6 join as those end,
+    # and 0.3 takes the place of 1e-6, pruned, while 0.1 trains on
+    space += ["hydra.sweeper.sampler.seed=5", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=6"]
+    values = {}
+    for launcher in ("packed", "basic"):
+        cwd = tmp_path / launcher
+        seed(cwd)
+        done = main("train", "-m", *space, f"hydra/launcher={launcher}", cwd=cwd)
+        assert done.returncode == 0, done.stderr[-3000:]
+        found = check_pruned(cwd, 6)
+        values[launcher] = {
+            t.params["optimizer.lr"]: t.value for t in found if t.state == TrialState.COMPLETE
+        }
+        if launcher == "packed":
+            logs = "".join(trial_log(cwd, number) for number in range(6))
+            # a trial joined next to one still training: the pack stayed full
+            assert re.search(r"Trials \d join the pack, each from its epoch 1; it trains 2", logs)
+    # (the pruner may judge a trial otherwise: what the study holds at its epochs differs)
+    both = values["packed"].keys() & values["basic"].keys()
+    assert len(both) >= 3, values
+    for lr in both:  # val/accuracy: at most 2 of 500 images apart
+        assert abs(values["packed"][lr] - values["basic"][lr]) * 500 <= 2

@@ -208,9 +208,16 @@ def _run_epochs(
                 outcomes |= ended
             else:
                 tracker.flush()  # their runs ended in the store before they are recorded
-                joiners = refill(
-                    {n: _recorded(tracker, members[n].run, o) for n, o in ended.items()}
-                )
+                handed = {n: _recorded(tracker, members[n].run, o) for n, o in ended.items()}
+                try:
+                    joiners = refill(handed)
+                except BaseException as error:  # the sweep stopped: none of theirs failed
+                    why = signals.reason(error) if isinstance(error, KeyboardInterrupt) else None
+                    _end_all(
+                        tracker, [members[n].run for n in active], "KILLED", why or one_line(error)
+                    )
+                    active.clear()
+                    raise
                 if joiners:
                     program.add(joiners)
                     members.extend(joiners)

@@ -120,11 +120,14 @@ def test_workers_started_together_draw_distinct_trials_into_their_own_folders(tm
     assert sorted(int(t) for lines in said for _, t in lines) == [t.number for t in counted]
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "packed"])
 def test_ctrl_c_keeps_finished_trials_and_the_resume_runs_what_was_cut_off(
     sweep, seed, tmp_path, launcher
 ):
-    args = [*LONG, "hydra.sweeper.study_name=ctrl-c", "hydra.sweeper.n_jobs=2"]
+    """Packed: a continuous pack of one slot, trial 1 joining it as trial 0 ends, is
+    interrupted while trial 1 trains."""
+    slots = 1 if launcher == "packed" else 2
+    args = [*LONG, "hydra.sweeper.study_name=ctrl-c", f"hydra.sweeper.n_jobs={slots}"]
     args += [f"hydra/launcher={launcher}"]
     args += ["hydra.launcher.n_jobs=1"] if launcher == "joblib" else []  # one job after another
     seed(tmp_path)

@@ -237,8 +237,13 @@ class PackedLauncher(Launcher):
         def join(outcomes: dict[int, Any]) -> list[DictConfig]:
             self._report(outcomes, jobs, left, files)
             handed, self.handed = self.handed, []
+            try:
+                nexts = more(handed, not waiting)
+            except BaseException as error:  # the sweep's (too many failures), not the pack's
+                stopped.append(error)
+                raise
             joined = []
-            for overrides, idx in more(handed, not waiting):
+            for overrides, idx in nexts:
                 config = self._job_config(list(overrides), idx)
                 self._show(config)
                 fits = pack_key(config, self.mix_batch_sizes) == key
@@ -253,11 +258,13 @@ class PackedLauncher(Launcher):
                 files.add([c.hydra for c in joined], f"# {names}, joining a pack")
             return joined
 
-        files = None
+        files, stopped = None, []
         try:
             with _output(pack) as files:  # its traceback in the logs of those still here
                 outcomes = train_pack(pack, join)
         except Exception as error:  # not a member's own: every member's still here
+            if error in stopped:  # their runs KILLED: the sweep cuts their trials off
+                raise
             outcomes = dict.fromkeys(left, error.with_traceback(None))
         self._report(outcomes, jobs, left, None)
         settle_heap()  # once a pack, as once a trial of the basic launcher (run.py)

@@ -289,3 +289,35 @@ def test_a_second_interruption_abandons_the_queued_writes_without_a_hang(compose
     writes.flush()  # nothing else is left to wait for
     writes.close()
     assert order == []  # the queued write was dropped
+
+
+@pytest.mark.slow
+def test_a_sweep_that_fails_while_a_continuous_pack_trains_cuts_the_members_off(sweep, tmp_path):
+    """The sweep fails (too many failures) at a continuous pack's refill, while a healthy
+    member is mid-way: that member's run ends KILLED and its trial is cut off (it runs
+    again on a resume), not failed as if it had; the command exits 1 in one line."""
+    done = sweep(
+        "hydra/launcher=packed",
+        "hydra/sweeper/sampler=grid",
+        "hydra.sweeper.sampler.seed=1",  # the grid's order: 0.1, then 20000.0, 10000.0
+        "optimizer.lr=choice(0.1,10000.0,20000.0)",
+        "data.batch_size=64",
+        "trainer.epochs=3",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=0.25",  # not one failure of 3
+        "hydra.sweeper.study_name=stops",
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 trials failed, more than"), done.stderr[-2000:]
+    trials = {t.params["optimizer.lr"]: t for t in study(tmp_path, "stops").trials}
+    assert trials[20000.0].state == TrialState.FAIL
+    assert "DivergedError" in trials[20000.0].user_attrs["failure_reason"]
+    healthy = trials[0.1]
+    assert healthy.state == TrialState.FAIL and "failure_reason" not in healthy.user_attrs
+    assert healthy.user_attrs["interrupted"]  # cut off: a resume runs it again
+    _, (parent,), children = runs(tmp_path)
+    status = {c.data.params["optimizer.lr"]: c.info.status for c in children}
+    assert status == {"0.1": "KILLED", "20000.0": "FAILED"}
+    assert parent.info.status == "FAILED"

@@ -125,6 +125,7 @@ class TrackingConfig:
     parent_run_id: str | None = None
     trial: int | None = None
     study: str | None = None  # the Optuna study the trial belongs to
+    confirms: int | None = None  # the search trial a confirmation run trains again
 
 
 @dataclass

@@ -28,7 +28,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep import signals
-from fashion_sweep.sweeps import progress, report, schedule, slots, study, workers
+from fashion_sweep.sweeps import confirm, progress, report, schedule, slots, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.opening import open_sweep
 from fashion_sweep.sweeps.settings import Settings, SweepFailed
@@ -99,22 +99,40 @@ class Sweep:
                 quiet.close()
 
     def _loop(self) -> None:
-        n_trials, settings = self.opened.n_trials, self.settings
         while True:
             trials = self._reap()
             state = schedule.tally(trials)
             self._check_failures(state)
-            wanted = schedule.to_ask(state, n_trials, settings.n_jobs - self.slots.busy)
-            if wanted and (asked := self._ask(wanted, trials)):
+            wanted, asked = self._next(trials, state)
+            if asked:
                 self.slots.start(self._jobs(asked))
+            running = state.running + [
+                t for t in trials if schedule.confirming(t) and t.state == TrialState.RUNNING
+            ]
             if self.slots.busy:
                 self._ended(self.slots.wait(POLL_SECONDS))
             elif wanted:
                 continue  # what was asked stepped aside: look again
-            elif state.running:
-                self._wait(state.running)
+            elif running:
+                self._wait(running)
             else:
                 return
+
+    def _to_confirm(self, trials: list[FrozenTrial], state: schedule.Tally) -> list:
+        """The confirmation trials to queue, once the search's trials are all done
+        (confirm.missing), with one entry (None) for each queued one nobody runs yet."""
+        settings = self.settings
+        if not settings.top_k or state.running or len(state.counted) < self.opened.n_trials:
+            return []
+        used = {self.config.trainer.seed} | {
+            t.params["trainer.seed"] for t in trials if "trainer.seed" in t.params
+        }
+        maximize = self.opened.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        wanted = confirm.missing(
+            trials, settings.top_k, settings.seeds, settings.seed, used, maximize
+        )
+        waiting = [t for t in trials if schedule.confirming(t) and t.state == TrialState.WAITING]
+        return [*[None] * len(waiting), *wanted]
 
     def _check_failures(self, state: schedule.Tally) -> None:
         n_trials = self.opened.n_trials
@@ -187,18 +205,32 @@ class Sweep:
         worker = workers.name(trial.user_attrs.get("worker"))
         return f"Trial {trial.number} (worker {worker}) was cut off: marked failed"
 
-    def _ask(self, wanted: int, trials: list[FrozenTrial]) -> list[optuna.Trial]:
+    def _ask(
+        self, wanted: int, trials: list[FrozenTrial], queue: list | None = None
+    ) -> list[optuna.Trial]:
         """Up to `wanted` new trials, each with this worker's heartbeat and name, asked
-        under one read of the study (`trials`, just read: snapshot.py); then, with the
-        trials other workers asked meanwhile, a trial that overshoots n_trials or repeats
-        a configuration another worker drew steps aside."""
+        under one read of the study (`trials`, just read: snapshot.py), `queue`'s
+        confirmation trials (confirm.Wanted) queued first; then, with the trials other
+        workers asked meanwhile, a trial that overshoots n_trials or repeats a
+        configuration another worker drew (a confirmation trial: one another worker
+        queued) steps aside."""
         with self.snapshot.one_read(trials):
+            for wanted_trial in queue or []:
+                if wanted_trial is not None:
+                    params = wanted_trial.confirms.params
+                    self.asking.enqueue_trial(params, user_attrs=wanted_trial.user_attrs)
             asked = self._ask_round(wanted)
             trials = self.snapshot.caught_up(self.opened.study_id, self.opened.space.searched)
         kept = []
         for trial in asked:
             frozen = next(t for t in trials if t.number == trial.number)
-            if schedule.surplus(trial.number, trials, self.opened.n_trials):
+            if schedule.confirming(frozen):
+                if confirm.repeat(frozen, trials):
+                    self._step_aside(trial, "duplicate")
+                else:
+                    kept.append(trial)
+                    self.progress.add(trial.number)
+            elif schedule.surplus(trial.number, trials, self.opened.n_trials):
                 self._step_aside(trial, "surplus")
             elif schedule.duplicate(frozen, trials) and self._redraw(trials, trial.number):
                 self._step_aside(trial, "duplicate")
@@ -219,6 +251,12 @@ class Sweep:
                 self.opened.extend(self.config, trial)
             trials = asking.get_trials(deepcopy=False)  # the round's read, and its own
             frozen = next(t for t in trials if t.number == trial.number)
+            if schedule.confirming(frozen):
+                if confirm.repeat(frozen, trials):
+                    self._step_aside(trial, "duplicate")
+                    continue
+                asked.append(trial)
+                continue
             if schedule.surplus(trial.number, trials, self.opened.n_trials):
                 self._step_aside(trial, "surplus")
                 break
@@ -257,10 +295,19 @@ class Sweep:
         trials = self._reap()
         state = schedule.tally(trials)
         self._check_failures(state)
-        wanted = schedule.to_ask(
-            state, self.opened.n_trials, self.settings.n_jobs - self.slots.busy
-        )
-        return self._jobs(self._ask(wanted, trials)) if wanted else []
+        return self._jobs(self._next(trials, state)[1])
+
+    def _next(
+        self, trials: list[FrozenTrial], state: schedule.Tally
+    ) -> tuple[int, list[optuna.Trial]]:
+        """The next trials for the free slots: the search's, then once it is done, the
+        confirmation stage's (confirm.py). How many were wanted, and those asked."""
+        free = self.settings.n_jobs - self.slots.busy
+        wanted = schedule.to_ask(state, self.opened.n_trials, free)
+        queue = [] if wanted else self._to_confirm(trials, state)[:free]
+        if not (wanted or queue):
+            return 0, []
+        return wanted or len(queue), self._ask(wanted or len(queue), trials, queue)
 
     def _ended(self, ended: list[slots.Ended]) -> None:
         """Takes back jobs that ended: records what a job could not record itself."""
@@ -310,16 +357,27 @@ class Sweep:
         return outcome if isinstance(outcome, str) else None
 
     def _overrides(self, trial: optuna.Trial) -> tuple[str, ...]:
-        """A trial's overrides: its values, the fixed ones, and its place in MLflow."""
+        """A trial's overrides: its values, the fixed ones, and its place in MLflow; a
+        confirmation trial's, its seed and the trial it confirms."""
         space, name = self.opened.space, self.opened.name
         values = {**trial.params, **space.fixed}
+        fixed = space.fixed_overrides
+        name_of = progress.label(trial.number, trial.params)
+        extra: tuple[str, ...] = ()
+        attrs = trial.user_attrs
+        if schedule.CONFIRMS in attrs:
+            values["trainer.seed"] = attrs[confirm.SEED]
+            fixed = [o for o in fixed if o.lstrip("+~").split("=")[0] != "trainer.seed"]
+            name_of += f" seed={attrs[confirm.SEED]} (confirms {attrs[schedule.CONFIRMS]})"
+            extra = (f"tracking.confirms={attrs[schedule.CONFIRMS]}",)
         return (
             *(f"{key}={value}" for key, value in values.items()),
-            *space.fixed_overrides,
+            *fixed,
             f"tracking.parent_run_id='{self.opened.parent}'",
             f"tracking.trial={trial.number}",
             f"tracking.study='{name}'",
-            f"tracking.run_name='{progress.label(trial.number, trial.params)}'",
+            f"tracking.run_name='{name_of}'",
+            *extra,
         )
 
     def _step_aside(self, trial: optuna.Trial, why: str) -> None:

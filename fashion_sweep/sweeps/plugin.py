@@ -68,6 +68,15 @@ PRUNERS = {
 
 
 @dataclass
+class ConfirmConf:
+    # after the search, the top_k configurations by the optimized metric are each trained
+    # `seeds` more times with new seeds, and the winner is chosen by their mean
+    # (docs/sweeps.md, Confirmed winners); 0: no confirmation stage
+    top_k: int = 0
+    seeds: int = 5
+
+
+@dataclass
 class StudySweeperConf(OptunaSweeperConf):
     _target_: str = "fashion_sweep.sweeps.plugin.StudySweeper"
     defaults: list[Any] = dataclasses.field(
@@ -84,6 +93,7 @@ class StudySweeperConf(OptunaSweeperConf):
     # folder's train.log, and one line per ended trial on the console; console: the
     # trials' output on the console, as a plain multirun prints it
     trial_output: str = "file"
+    confirm: ConfirmConf = dataclasses.field(default_factory=ConfirmConf)
 
 
 ConfigStore.instance().store(

@@ -96,7 +96,10 @@ def best_before(trials: list[FrozenTrial], end: datetime, maximize: bool) -> Fro
     done = [
         t
         for t in trials
-        if t.state == TrialState.COMPLETE and t.datetime_complete and t.datetime_complete <= end
+        if t.state == TrialState.COMPLETE
+        and not schedule.confirming(t)
+        and t.datetime_complete
+        and t.datetime_complete <= end
     ]
     pick = max if maximize else min
     return (
@@ -113,6 +116,13 @@ def line(
     opened_at: datetime,
 ) -> str:
     """The line for `trial`, which has ended, as the study stood when it ended."""
+    if schedule.confirming(trial):  # the search's count, best and ETA are not its
+        seed, confirms = trial.user_attrs.get("seed"), trial.user_attrs[schedule.CONFIRMS]
+        parts = [f"[confirm] {label(trial.number, trial.params)} seed={seed}"]
+        parts += [f"(confirms trial {confirms})", outcome(trial, metric)]
+        if trial.datetime_start and trial.datetime_complete:
+            parts.append(duration((trial.datetime_complete - trial.datetime_start).total_seconds()))
+        return "  ".join(parts)
     end = trial.datetime_complete or datetime.now()
     counted = [t for t in trials if schedule.counts(t) and t.datetime_complete]
     done = sum(t.datetime_complete <= end for t in counted)
@@ -128,6 +138,12 @@ def line(
     if done < n_trials and since and elapsed > 0:
         text += f" | ETA {duration((n_trials - done) * elapsed / since)}"
     return text
+
+
+def _ended(trial: FrozenTrial) -> bool:
+    """A trial to say: counted, or a confirmation trial that ended on its own."""
+    finished = trial.state.is_finished() and not schedule.cut_off(trial)
+    return schedule.counts(trial) or (schedule.confirming(trial) and finished)
 
 
 class Progress:
@@ -166,7 +182,7 @@ class Progress:
             if not waiting:
                 return
             trials = self.study.get_trials(deepcopy=False)
-            ended = [t for t in trials if t.number in waiting and schedule.counts(t)]
+            ended = [t for t in trials if t.number in waiting and _ended(t)]
             ended.sort(key=lambda t: (t.datetime_complete or datetime.max, t.number))
             for trial in ended:
                 self.said.add(trial.number)

@@ -46,11 +46,14 @@ class Pruning:
 
 def pruning(cfg: DictConfig, hydra_cfg: DictConfig) -> Pruning | None:
     """A trial's link to its study's pruner, where its sweep has one; None for a single
-    run (which imports no Optuna) and for a sweep without a pruner."""
+    run (which imports no Optuna), for a sweep without a pruner, and for a confirmation
+    run (confirm.py: it runs in full, to be measured)."""
     from hydra.types import RunMode
 
     pruner = hydra_cfg.sweeper.get("pruner") if hydra_cfg.mode == RunMode.MULTIRUN else None
     if not pruner or pruner._target_ == NO_PRUNER or cfg.tracking.trial is None:
+        return None
+    if cfg.tracking.get("confirms") is not None:
         return None
     return Pruning(hydra_cfg.sweeper.storage, cfg.tracking.study, cfg.tracking.trial, pruner)
 

@@ -17,7 +17,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from fashion_sweep.sweeps import schedule, winner
+from fashion_sweep.sweeps import confirm, progress, schedule, winner
 from fashion_sweep.tracking import links, sweep_runs
 from fashion_sweep.tracking.redaction import redact
 
@@ -31,10 +31,10 @@ def finish(opened: Opened, config: DictConfig) -> None:
     """The answer first (optimization_results.yaml, the best trial's line), then what
     takes seconds (the winner registered as an MLflow Model, the plots), then where to
     look."""
-    found = results(opened)
+    trials = sweep_runs.trials_of(opened.parent)
+    found = results(opened, OmegaConf.select(config, "hydra.sweeper.confirm"), trials[1])
     path = Path(opened.sweep_dir, "optimization_results.yaml")
     OmegaConf.save(OmegaConf.create(found), path)
-    trials = sweep_runs.trials_of(opened.parent)
     for text in answer(opened, found, trials):
         log.info(text)
     model = winner.register(config, found.get("best_run_id"))
@@ -59,6 +59,7 @@ def answer(opened: Opened, found: dict[str, Any], trials: tuple) -> list[str]:
     """The console's answer: the best trial and its numbers (`trials`:
     sweep_runs.trials_of)."""
     said = [f"Search space used up: {opened.all_run()}"] if opened.used_up else []
+    said += confirmed(found)
     best = sweep_runs.best_of(trials[1], found)
     if best is not None:
         said.append(f"Best: {best.info.run_name}: {sweep_runs.numbers(best)}")
@@ -96,8 +97,53 @@ def where_to_look(
     return said
 
 
-def results(opened: Opened) -> dict[str, Any]:
-    """What optimization_results.yaml holds: the counts, and the best trial."""
+def confirmed(found: dict[str, Any]) -> list[str]:
+    """The console's lines on the confirmation stage: each configuration's mean and
+    interval, and whether the search's best trial kept its place."""
+    stage = found.get("confirmation")
+    if not stage:
+        return []
+    metric = found["optimized_metric"]
+    said = [
+        f"Confirmed with {stage['seeds']} new seeds each ({metric}: mean ± half the 95% "
+        f"interval, the search's own run left out):"
+    ]
+    for place, c in enumerate(stage["configurations"], 1):
+        test = f"; test/accuracy {_shown(c['test/accuracy'])}" if "test/accuracy" in c else ""
+        failed = f"; {c['failed']} failed" if c["failed"] else ""
+        said.append(
+            f"  {place}. {progress.label(c['trial'], c['params'])}: {_shown(c[metric])} "
+            f"(the search's #{c['search_rank']}: {c['search_value']:.4g}){test}{failed}"
+        )
+    first = stage["configurations"][0]
+    if stage["search_best_kept_its_place"]:
+        said.append(f"Winner: trial {first['trial']}, the search's best, kept its place")
+    else:
+        found_best = [c for c in stage["configurations"] if c["search_rank"] == 1]
+        where = (
+            f"is #{stage['configurations'].index(found_best[0]) + 1} by its mean"
+            if found_best
+            else "has no confirmation run that completed"
+        )
+        said.append(
+            f"Winner: trial {first['trial']} (the search's #{first['search_rank']}); the "
+            f"search's best, trial {found['search_best']['trial']}, {where}"
+        )
+    return said
+
+
+def _shown(spread: dict[str, Any]) -> str:
+    low, high = spread["ci95"]
+    if low is None:
+        return f"{spread['mean']:.4f} (1 run)"
+    return f"{spread['mean']:.4f} ± {(high - low) / 2:.4f}"
+
+
+def results(opened: Opened, confirming: Any = None, runs: list | None = None) -> dict[str, Any]:
+    """What optimization_results.yaml holds: the counts, and the best trial; with a
+    confirmation stage (hydra.sweeper.confirm, `runs`: the trials' MLflow runs), the
+    confirmed configurations with their spread, and the winner by its mean as the best
+    (its run with the best value of the metric: its model)."""
     trials = opened.study.get_trials(deepcopy=False)
     state = schedule.tally(trials)
     found: dict[str, Any] = {
@@ -114,14 +160,30 @@ def results(opened: Opened) -> dict[str, Any]:
         "parent_run_id": opened.parent,
         "ended": opened.why_ended(),
     }
+    maximize = opened.study.direction == optuna.study.StudyDirection.MAXIMIZE
     if found["complete"]:
-        best = opened.study.best_trial
+        (best,) = confirm.top(trials, 1, maximize)
         found.update(
             best_trial=best.number,
             best_params=best.params,
             best_value=best.value,
             best_run_id=best.user_attrs.get("mlflow_run_id"),
         )
+    if found["complete"] and confirming and confirming.top_k:
+        metrics = {r.info.run_id: r.data.metrics for r in runs or []}
+        stage = confirm.results(
+            trials, confirming.top_k, confirming.seeds, opened.metric, maximize, metrics
+        )
+        if stage:
+            winner = stage["configurations"][0]
+            found["search_best"] = {k[5:]: found[k] for k in list(found) if k.startswith("best_")}
+            found["confirmation"] = stage
+            found.update(
+                best_trial=winner["model_trial"],
+                best_params=winner["params"],
+                best_value=winner[opened.metric]["mean"],
+                best_run_id=winner["model_run_id"],
+            )
     return found
 
 

@@ -16,7 +16,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from fashion_sweep.sweeps.schedule import trial_seed
+from fashion_sweep.sweeps.schedule import confirming, trial_seed
 from fashion_sweep.sweeps.settings import SweepError
 from fashion_sweep.sweeps.space import values
 
@@ -48,10 +48,32 @@ def make_sampler(config: DictConfig, space: dict[str, BaseDistribution]) -> Base
     return PerTrialSeed(make, config.get("seed"))
 
 
+class SearchOnly:
+    """A study as a sampler sees it: without its confirmation trials (confirm.py), which
+    repeat the best configurations with other seeds and would weigh them twice."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        return [t for t in self._study.get_trials(*args, **kwargs) if not confirming(t)]
+
+    def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        return [t for t in self._study._get_trials(*args, **kwargs) if not confirming(t)]
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
 class PerTrialSeed(BaseSampler):
     """The configured sampler, made afresh for each trial with the seed
     schedule.trial_seed(seed, trial number): reproducible for a seed, and never the same
-    draws for two trials, whichever process or resume asks for them."""
+    draws for two trials, whichever process or resume asks for them. It learns from the
+    search's trials alone (SearchOnly)."""
 
     def __init__(self, make: Callable[..., BaseSampler], seed: int | None) -> None:
         self._make, self._seed = make, seed
@@ -59,23 +81,23 @@ class PerTrialSeed(BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._sampler = self._make(seed=trial_seed(self._seed, trial.number))
-        self._sampler.before_trial(study, trial)
+        self._sampler.before_trial(SearchOnly(study), trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
-        return self._sampler.infer_relative_search_space(study, trial)
+        return self._sampler.infer_relative_search_space(SearchOnly(study), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, space: dict) -> dict:
-        return self._sampler.sample_relative(study, trial, space)
+        return self._sampler.sample_relative(SearchOnly(study), trial, space)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: BaseDistribution
     ) -> Any:
-        return self._sampler.sample_independent(study, trial, name, distribution)
+        return self._sampler.sample_independent(SearchOnly(study), trial, name, distribution)
 
     def after_trial(
         self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
     ) -> None:
-        self._sampler.after_trial(study, trial, state, values)
+        self._sampler.after_trial(SearchOnly(study), trial, state, values)
 
     def reseed_rng(self) -> None:
         self._sampler.reseed_rng()

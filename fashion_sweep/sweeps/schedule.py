@@ -13,6 +13,10 @@ A trial is one of:
   sweep knows). It does not count; one that ran is run again once, as a new trial
   with user attr `retry_of`;
 - running or waiting (enqueued, to be run by whichever worker asks next).
+
+A confirmation trial (user attr `confirms`: the search trial whose configuration it
+trains again with another seed, confirm.py) is none of these to the search: it does not
+count towards n_trials, hold a configuration, fail the search or run as a retry.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ FAILURE = "failure_reason"  # user attr: why a trial failed on its own
 PRUNED = "pruned"  # user attr of a PRUNED trial (and tag of its MLflow run): its last epoch
 CUT_OFF = "interrupted"  # user attr: why the sweep cut a trial off, where it knows
 RETRY_OF = "retry_of"  # user attr: the cut-off trial this one runs again
+CONFIRMS = "confirms"  # user attr: the search trial a confirmation trial confirms
 NOT_RUN = ("surplus", "duplicate")  # cut off before it ran: nothing to run again
 DIED = "its process died"  # why a trial was cut off whose launcher's process died
 
@@ -51,9 +56,14 @@ def run_reason(why: str | None) -> str:
     return DEAD_WORKER if why in (None, "crashed") else why
 
 
+def confirming(trial: FrozenTrial) -> bool:
+    """A trial of the confirmation stage (confirm.py), not of the search."""
+    return CONFIRMS in trial.user_attrs
+
+
 def counts(trial: FrozenTrial) -> bool:
-    """Finished, and not cut off: it counts towards n_trials."""
-    return trial.state.is_finished() and not cut_off(trial)
+    """A search trial finished, and not cut off: it counts towards n_trials."""
+    return trial.state.is_finished() and not cut_off(trial) and not confirming(trial)
 
 
 @dataclass
@@ -70,7 +80,7 @@ def tally(trials: list[FrozenTrial]) -> Tally:
             result.counted.append(trial)
             if trial.state == TrialState.FAIL:
                 result.failed.append(trial)
-        elif trial.state == TrialState.RUNNING:
+        elif trial.state == TrialState.RUNNING and not confirming(trial):
             result.running.append(trial)
     return result
 
@@ -98,7 +108,7 @@ def too_many_failures(
 def none_completed(trials: list[FrozenTrial]) -> str | None:
     """Why a sweep whose trials are done has no answer, if no trial completed: how many
     failed or were pruned, and the first failure's reason."""
-    if any(t.state == TrialState.COMPLETE for t in trials):
+    if any(t.state == TrialState.COMPLETE and not confirming(t) for t in trials):
         return None
     state = tally(trials)
     pruned = sum(t.state == TrialState.PRUNED for t in state.counted)
@@ -127,8 +137,7 @@ def surplus(number: int, trials: list[FrozenTrial], n_trials: int) -> bool:
     """Workers asking at the same moment may overshoot n_trials: a trial whose number
     ranks past n_trials among the counted, running and queued ones (a queued trial is
     the next ask's, whichever worker asks) steps aside."""
-    queued = (TrialState.RUNNING, TrialState.WAITING)
-    live = sorted(t.number for t in trials if counts(t) or t.state in queued)
+    live = sorted(t.number for t in trials if holds(t))
     return number not in live[:n_trials]
 
 
@@ -139,8 +148,9 @@ def config(trial: FrozenTrial) -> tuple | None:
 
 
 def holds(trial: FrozenTrial) -> bool:
-    """The trial has its configuration: run, running, or to be run."""
-    return counts(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
+    """A search trial has its configuration: run, running, or to be run."""
+    queued = trial.state in (TrialState.RUNNING, TrialState.WAITING)
+    return counts(trial) or (queued and not confirming(trial))
 
 
 def duplicate(trial: FrozenTrial, trials: list[FrozenTrial]) -> bool:
@@ -177,14 +187,14 @@ def retries_due(
         t
         for t in trials
         if cut_off(t)
+        and not confirming(t)  # confirm.py plans those again itself
         and t.user_attrs.get(CUT_OFF) not in NOT_RUN
         and RETRY_OF not in t.user_attrs
         and t.number not in retried
         and set(space) <= set(t.params)
         and space
     ]
-    busy = sum(counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-    return due[: max(0, n_trials - busy)]
+    return due[: max(0, n_trials - sum(holds(t) for t in trials))]
 
 
 def trial_seed(seed: int | None, number: int) -> int | None:

@@ -39,6 +39,16 @@ class Settings:
     grace_period: int
     pruner: DictConfig | None = None
     trial_output: str = "file"
+    confirm: DictConfig | None = None
+
+    @property
+    def top_k(self) -> int:
+        """How many configurations the confirmation stage trains again (0: none)."""
+        return int(self.confirm.top_k) if self.confirm else 0
+
+    @property
+    def seeds(self) -> int:
+        return int(self.confirm.seeds) if self.confirm else 0
 
     @property
     def seed(self) -> int | None:
@@ -79,6 +89,15 @@ class Settings:
             (
                 self.storage is None or isinstance(self.storage, str),
                 "hydra.sweeper.storage must be a database URL or null",
+            ),
+            (
+                isinstance(self.top_k, int) and self.top_k >= 0,
+                f"hydra.sweeper.confirm.top_k must be >= 0, got {self.top_k}",
+            ),
+            (
+                not self.top_k or self.seeds >= 2,
+                f"hydra.sweeper.confirm.seeds must be >= 2 (a spread needs two runs), "
+                f"got {self.seeds}",
             ),
             (
                 self.trial_output in (TO_FILE, CONSOLE),

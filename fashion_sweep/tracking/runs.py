@@ -35,7 +35,13 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 sqlite_wal.enable()  # before MLflow opens mlflow.db
 # Set per trial by the sweeper and recorded as tags (and run name), not as params,
 # so the UI's compare view shows only what differs in substance.
-AS_TAGS = ("tracking.parent_run_id", "tracking.trial", "tracking.study", "tracking.run_name")
+AS_TAGS = (
+    "tracking.parent_run_id",
+    "tracking.trial",
+    "tracking.study",
+    "tracking.run_name",
+    "tracking.confirms",
+)
 KIND_TAG = "fashion_sweep.kind"  # "train" for a training run, "sweep" for a sweep's parent
 EXPERIMENT_KIND = "mlflow.experimentKind"
 YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -151,6 +157,9 @@ def _run_tags(tracking: dict[str, Any], tags: dict[str, str], overrides: list[st
         tags["mlflow.parentRunId"] = tracking["parent_run_id"]
     if tracking["trial"] is not None:
         tags["trial"] = str(tracking["trial"])
+    if tracking.get("confirms") is not None:  # a sweep's confirmation run (confirm.py)
+        tags["stage"] = "confirm"
+        tags["confirms"] = str(tracking["confirms"])
     if overrides:
         tags["overrides"] = redact(" ".join(overrides))[:5000]
     return tags

@@ -147,6 +147,19 @@ def close_sweep_run(
             tags["best_run_id"] = found["best_run_id"]
         best = found["best_params"].items()
         tags.update({f"best.{to_mlflow(key)}": str(value) for key, value in best})
+        if stage := found.get("confirmation"):  # the winner by its mean over new seeds
+            winner = stage["configurations"][0]
+            tags["search_best_trial"] = str(found["search_best"]["trial"])
+            tags["confirmed_winner_trial"] = str(winner["trial"])
+            for name in (metric, "test/accuracy", "test/loss"):
+                if name in winner:
+                    spread = winner[name]
+                    low, high = spread["ci95"]
+                    values = {"mean": spread["mean"], "sd": spread["sd"], "ci95_low": low}
+                    values["ci95_high"] = high
+                    for what, value in values.items():
+                        if value is not None:
+                            client.log_metric(run_id, f"confirmed/{name}/{what}", value)
         log_tags(client, run_id, tags)
     if "failure_reason" in client.get_run(run_id).data.tags:  # another worker's interruption
         client.delete_tag(run_id, "failure_reason")
@@ -216,6 +229,16 @@ def summary(
             f"**Best: [{best.info.run_name}]({links.run(experiment_id, best.info.run_id)})**"
             f" ({found['optimized_metric']}): {numbers(best, '**')}"
         )
+    if stage := found.get("confirmation"):
+        lines.append(f"Confirmed with {stage['seeds']} new seeds each (mean, 95% interval):")
+        for place, c in enumerate(stage["configurations"], 1):
+            spread = c[found["optimized_metric"]]
+            low, high = spread["ci95"]
+            interval = f" [{low:.4f}, {high:.4f}]" if low is not None else ""
+            lines.append(
+                f"{place}. trial {c['trial']} {c['params']}: {spread['mean']:.4f}{interval}"
+                f" (the search's #{c['search_rank']}: {c['search_value']:.4g})"
+            )
     counts = ", ".join(
         f"{found[key]} {key}" for key in ("complete", "pruned", "failed") if found.get(key)
     )

@@ -206,6 +206,7 @@ def results(
                 # how far the search's single run was from the mean: + overstated it
                 "search_minus_mean": trial.value - spread[metric]["mean"],
                 "seeds": [t.user_attrs[SEED] for t in runs],
+                "values": [t.value for t in runs],  # of the metric, seed by seed
                 "trials": [t.number for t in runs],
                 "failed": failed,
                 **spread,

@@ -43,6 +43,8 @@ def finish(opened: Opened, config: DictConfig) -> None:
         OmegaConf.save(OmegaConf.create(found), path)
     what = Drawable.of(opened.study)
     figures = plots(opened.study, opened.metric, what)
+    if found.get("confirmation"):
+        figures["confirmed.png"] = confirmed_figure(found)
     pages = {"sweep.html": page(opened, what)}
     try:
         sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages, trials)
@@ -185,6 +187,64 @@ def results(opened: Opened, confirming: Any = None, runs: list | None = None) ->
                 best_run_id=winner["model_run_id"],
             )
     return found
+
+
+def confirmed_figure(found: dict[str, Any]) -> Any:
+    """Each confirmed configuration's mean and 95% interval of the optimized metric over
+    its new seeds, each run's value, and the search's single run (its place in the
+    search), best mean first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, stage = found["optimized_metric"], found["confirmation"]
+    figure, axes = plt.subplots(figsize=(8, 1.6 + 0.9 * len(stage["configurations"])))
+    for row, c in enumerate(stage["configurations"]):
+        spread = c[metric]
+        low, high = spread["ci95"]
+        if low is not None:
+            axes.errorbar(
+                spread["mean"],
+                row,
+                xerr=[[spread["mean"] - low], [high - spread["mean"]]],
+                fmt="o",
+                color="C0",
+                capsize=4,
+                label="mean, 95% interval" if row == 0 else None,
+            )
+        else:
+            axes.plot(spread["mean"], row, "o", color="C0")
+        axes.plot(
+            c.get("values", []),
+            [row] * len(c.get("values", [])),
+            "|",
+            color="C0",
+            alpha=0.6,
+            markersize=12,
+            label="each new seed" if row == 0 else None,
+        )
+        axes.plot(
+            c["search_value"],
+            row,
+            "x",
+            color="C3",
+            markersize=9,
+            label="the search's run" if row == 0 else None,
+        )
+    axes.set_yticks(
+        range(len(stage["configurations"])),
+        [
+            f"#{place} {progress.label(c['trial'], c['params'])}\n"
+            f"(the search's #{c['search_rank']})"
+            for place, c in enumerate(stage["configurations"], 1)
+        ],
+    )
+    axes.invert_yaxis()
+    axes.set_xlabel(f"{metric} over {stage['seeds']} new seeds each")
+    axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    return figure
 
 
 def pair(names: list[str]) -> list[str]:

@@ -275,11 +275,12 @@ class PackedLauncher(Launcher):
         """Runs the Hydra jobs of members that ended, each returning (or raising) its
         outcome, so that Hydra's callbacks (the study's record) see it as they see any
         job's; their log files leave the pack's output."""
-        if files is not None:  # its log ends with its trial, and says why it failed
-            for number, outcome in outcomes.items():
-                if isinstance(outcome, BaseException):
-                    trial_output.note(jobs[number].hydra, f"Job failed: {one_line(outcome)}")
+        if files is not None:  # its log ends with its trial
             files.drop([jobs[number].hydra for number in outcomes])
+        for number, outcome in outcomes.items():  # and says why it failed
+            job = jobs[number]
+            if isinstance(outcome, BaseException) and trial_output.wanted(job, job.hydra):
+                trial_output.note(job.hydra, f"Job failed: {one_line(outcome)}")
         for number, outcome in outcomes.items():
             left.discard(number)
             # logging stays the pack's: a member's records went to its file as it trained

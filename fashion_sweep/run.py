@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from inspect import signature
 from typing import Any, NamedTuple, Protocol
 
@@ -132,6 +132,7 @@ class Member:
     ended: Ended | None = None  # asked after each epoch, before anything of it is logged
     run: Any = None  # its tracker's handle
     epoch: int = 0  # its epochs trained (in a continuous pack, its own count)
+    tags: dict[str, str] = field(default_factory=dict)  # its run's own, beside the program's
 
 
 # refill(outcomes of the members that ended, by number) -> the members that join
@@ -241,7 +242,7 @@ def _open(
     for number in range(first, len(members)):
         member = members[number]
         resolved = OmegaConf.to_container(member.cfg, resolve=True, enum_to_str=True)
-        member.run = tracker.open_run(resolved, tags, member.overrides)
+        member.run = tracker.open_run(resolved, {**tags, **member.tags}, member.overrides)
         active.append(number)
 
 

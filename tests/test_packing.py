@@ -321,3 +321,35 @@ def test_a_sweep_that_fails_while_a_continuous_pack_trains_cuts_the_members_off(
     status = {c.data.params["optimizer.lr"]: c.info.status for c in children}
     assert status == {"0.1": "KILLED", "20000.0": "FAILED"}
     assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_refused_member_gives_its_place_in_a_continuous_pack_back_at_once(sweep, tmp_path):
+    """A trial whose values the check refuses as its pack forms fails at once, and the
+    next trial takes its place before the pack trains; a trial that joins later is
+    tagged with the pack it joined."""
+    done = sweep(
+        "hydra/launcher=packed",
+        "hydra/sweeper/sampler=grid",  # the grid's order: -2.0 first, then 0.02, 0.05, ...
+        "optimizer.lr=choice(0.1,0.05,0.02,0.01,-1.0,-2.0)",
+        "data.batch_size=64",
+        "trainer.epochs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.max_failure_rate=1",
+        "hydra.sweeper.study_name=refused",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = study(tmp_path, "refused").trials
+    assert trials[0].params["optimizer.lr"] == -2.0 and trials[0].state == TrialState.FAIL
+    assert "Packed 2 trials: 1, 2" in trial_log(tmp_path, 1)  # 2 took 0's place at once
+    assert (
+        trial_log(tmp_path, 0)
+        .strip()
+        .splitlines()[-1]
+        .startswith("Job failed: ConfigError: optimizer.lr must be a finite number > 0, got -2.0")
+    )
+    _, _, children = runs(tmp_path)
+    packs = {int(c.data.tags["trial"]): c.data.tags["pack"] for c in children}
+    assert packs[1] == packs[2] == "2 trials: 1, 2"
+    assert packs[3] == packs[4] == "2 trials: 3, 4"  # joined as 1 and 2 ended

@@ -282,9 +282,12 @@ class PackedLauncher(Launcher):
             if isinstance(outcome, BaseException) and trial_output.wanted(job, job.hydra):
                 trial_output.note(job.hydra, f"Job failed: {one_line(outcome)}")
         for number, outcome in outcomes.items():
+            job = jobs[number]
             left.discard(number)
-            # logging stays the pack's: a member's records went to its file as it trained
-            self._run(jobs[number], functools.partial(_returns, outcome), configure_log=False)
+            # with trial_output=file, logging stays the pack's: a member's records went to
+            # its file as it trained; else Hydra's job log, as for any job
+            to_file = trial_output.wanted(job, job.hydra)
+            self._run(job, functools.partial(_returns, outcome), configure_log=not to_file)
 
     def _run(self, config: DictConfig, task: TaskFunction, configure_log: bool = True) -> None:
         returned = run_job(
@@ -465,8 +468,21 @@ def train_pack(configs: list[DictConfig], join: Join | None = None) -> dict[int,
     returned is what it was not handed."""
     from fashion_sweep.tracking.writer import Writer  # MLflow: imported where a pack trains
 
+    def take(handed: dict[int, Any]) -> tuple[list[Member], list[int]]:
+        """The jobs `join` returns for the slots of those `handed` back, as members; one
+        whose values check() refuses is handed back at once, for another."""
+        joiners, joined = [], []
+        while handed:
+            refused: dict[int, Any] = {}
+            new, numbers = _members(join(handed), refused)
+            joiners, joined, handed = joiners + new, joined + numbers, refused
+        return joiners, joined
+
     outcomes: dict[int, Any] = {}
     members, numbers = _members(configs, outcomes)
+    if join is not None and outcomes:  # those refused give their slots back at once
+        new, joined = take(outcomes)
+        members, numbers, outcomes = members + new, numbers + joined, {}
     if not members:
         return outcomes
     first = members[0].cfg
@@ -478,7 +494,7 @@ def train_pack(configs: list[DictConfig], join: Join | None = None) -> dict[int,
     data = first.data
     splits = load_splits(data.root, data.train_size, data.val_size, data.test_size, data.split_seed)
     program = Packed(splits, [m.cfg for m in members], device, continuous=join is not None)
-    trials = ", ".join(str(m.cfg.tracking.trial) for m in members)
+    trials = ", ".join(_name(m, n) for m, n in zip(members, numbers, strict=True))
     sizes = sorted({m.cfg.data.batch_size for m in members})
     micro = f" (batch sizes {', '.join(map(str, sizes))}, in micro-batches of {sizes[0]})"
     print(f"Packed {len(members)} trials: {trials}{micro if len(sizes) > 1 else ''}")
@@ -488,15 +504,13 @@ def train_pack(configs: list[DictConfig], join: Join | None = None) -> dict[int,
         return trained if isinstance(trained, BaseException) else Objective.of(trained, metric)
 
     def refill(ended: dict[int, Any]) -> list[Member]:
-        handed, joiners = {numbers[n]: outcome(o) for n, o in ended.items()}, []
-        while True:
-            refused: dict[int, Any] = {}
-            new, joined = _members(join(handed), refused)
-            joiners += new
-            numbers.extend(joined)
-            if not refused:
-                return joiners
-            handed = refused  # a joiner whose values check() refuses is handed back at once
+        joiners, joined = take({numbers[n]: outcome(o) for n, o in ended.items()})
+        names = [str(program.trials[n]) for n in program.pack.ids]  # those staying
+        names += [_name(m, n) for m, n in zip(joiners, joined, strict=True)]
+        for member in joiners:  # the pack it joined
+            member.tags = {"pack": f"{len(names)} trials: {', '.join(names)}"}
+        numbers.extend(joined)
+        return joiners
 
     writer = Writer()  # the members' MLflow runs, written beside the training
     tags = {**trainer_tags(device), "pack": f"{len(members)} trials: {trials}"}
@@ -507,6 +521,12 @@ def train_pack(configs: list[DictConfig], join: Join | None = None) -> dict[int,
     for number, trained in done.items():
         outcomes[numbers[number]] = outcome(trained)
     return outcomes
+
+
+def _name(member: Member, number: int) -> str:
+    """A member as a pack's lines name it: its trial, or its job outside our sweeper."""
+    trial = member.cfg.tracking.trial
+    return str(trial) if trial is not None else f"job {number}"
 
 
 def _members(configs: list[DictConfig], failed: dict[int, Any]) -> tuple[list[Member], list[int]]:

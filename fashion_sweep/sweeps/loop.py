@@ -91,6 +91,8 @@ class Sweep:
                 except Exception:  # MLflow out of reach: the study is what counts
                     study.cut_off(self.opened.study, trial, why)
             self._cut_off_unreturned(why)
+            with contextlib.suppress(Exception):  # a trial recorded as its run ended
+                self.progress.say()
             sweep_runs.close_sweep_run(self.opened.parent, error)
             raise
         finally:

@@ -147,7 +147,7 @@ BAD = [  # Hydra's refusals with its own words, its "did you mean" kept; then ou
     ("data.batch_size=big", "data.batch_size"),
     ("optimizer=rmsprop", "Could not find 'optimizer/rmsprop'; options: adam, adamw, sgd"),
     ("optimizer.lr=[1", "cannot parse 'optimizer.lr=[1'"),
-    ("sweep=optuan", "Could not find 'sweep/optuan'; options: optuna"),  # not ignored
+    ("sweep=optuan", "Could not find 'sweep/optuan'; options: confirmed, optuna"),  # not ignored
     ("launcher=slrum", "Could not find 'launcher/slrum'; options: local, slurm"),
     ("optimizer.lr=???", "optimizer.lr: no value given (???): set it"),
     ("optimizer.lr=${oops}", "Interpolation key 'oops' not found"),

@@ -33,6 +33,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from fashion_sweep.sweeps.progress import label
 from fashion_sweep.sweeps.schedule import CONFIRMS, config, confirming, cut_off
 
 REPEAT = "repeat"  # user attr: which of the configuration's confirmation runs (0, 1, ...)
@@ -200,6 +201,7 @@ def results(
         confirmed.append(
             {
                 "trial": trial.number,
+                "label": label(trial.number, trial.params),  # as the trial's run is named
                 "params": dict(trial.params),
                 "search_rank": rank,
                 "search_value": trial.value,

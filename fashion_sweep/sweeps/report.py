@@ -17,7 +17,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from fashion_sweep.sweeps import confirm, progress, schedule, winner
+from fashion_sweep.sweeps import confirm, schedule, winner
 from fashion_sweep.tracking import links, sweep_runs
 from fashion_sweep.tracking.redaction import redact
 
@@ -114,7 +114,7 @@ def confirmed(found: dict[str, Any]) -> list[str]:
         test = f"; test/accuracy {_shown(c['test/accuracy'])}" if "test/accuracy" in c else ""
         failed = f"; {c['failed']} failed" if c["failed"] else ""
         said.append(
-            f"  {place}. {progress.label(c['trial'], c['params'])}: {_shown(c[metric])} "
+            f"  {place}. {c['label']}: {_shown(c[metric])} "
             f"(the search's #{c['search_rank']}: {c['search_value']:.4g}){test}{failed}"
         )
     first = stage["configurations"][0]
@@ -235,8 +235,7 @@ def confirmed_figure(found: dict[str, Any]) -> Any:
     axes.set_yticks(
         range(len(stage["configurations"])),
         [
-            f"#{place} {progress.label(c['trial'], c['params'])}\n"
-            f"(the search's #{c['search_rank']})"
+            f"#{place} {c['label']}\n(the search's #{c['search_rank']})"
             for place, c in enumerate(stage["configurations"], 1)
         ],
     )

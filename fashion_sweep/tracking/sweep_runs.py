@@ -236,7 +236,7 @@ def summary(
             low, high = spread["ci95"]
             interval = f" [{low:.4f}, {high:.4f}]" if low is not None else ""
             lines.append(
-                f"{place}. trial {c['trial']} {c['params']}: {spread['mean']:.4f}{interval}"
+                f"{place}. {c['label']}: {spread['mean']:.4f}{interval}"
                 f" (the search's #{c['search_rank']}: {c['search_value']:.4g})"
             )
     counts = ", ".join(

@@ -184,9 +184,12 @@ def test_confirmation_seeds_are_new_distinct_and_kept_for_a_rerun():
         (2, 2),
     ]
     seeds = [w.seed for w in wanted]
-    assert len(set(seeds)) == 6 and 0 not in seeds
+    assert len(set(seeds)) == 6
     again = confirm.missing(study.trials, 2, 3, seed=0, used={0}, maximize=True)
     assert [w.seed for w in again] == seeds  # every worker plans the same
+    # a seed the search used is never drawn: the first repeat's, taken, is drawn anew
+    avoided = confirm.missing(study.trials, 2, 3, seed=0, used={seeds[0]}, maximize=True)
+    assert seeds[0] not in [w.seed for w in avoided] and len({w.seed for w in avoided}) == 6
 
     # the first ran, the second was cut off, the third is queued
     states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
@@ -240,3 +243,73 @@ def test_confirmation_needs_two_seeds(main, tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         "error: hydra.sweeper.confirm.seeds must be >= 2 (a spread needs two runs), got 1"
     )
+
+
+def _trial(value, lr, state=TrialState.COMPLETE, **attrs):
+    return optuna.trial.create_trial(
+        state=state,
+        value=value if state == TrialState.COMPLETE else None,
+        params={"optimizer.lr": lr},
+        distributions={"optimizer.lr": FloatDistribution(1e-4, 1, log=True)},
+        user_attrs=attrs,
+    )
+
+
+def test_the_search_alone_counts_holds_and_is_retried():
+    """schedule.py's decisions leave the confirmation trials out: they do not count
+    towards n_trials, hold a configuration, overshoot n_trials or run as retries."""
+    trials = [_trial(0.5, 0.1), _trial(0.6, 0.2)]
+    trials += [_trial(0.61, 0.2, confirms=1, repeat=r, seed=10 + r) for r in range(2)]
+    trials += [_trial(None, 0.2, TrialState.RUNNING, confirms=1, repeat=2, seed=12)]
+    trials += [_trial(None, 0.2, TrialState.FAIL, confirms=1, repeat=3, seed=13, interrupted="x")]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    state = schedule.tally(trials)
+    assert [t.number for t in state.counted] == [0, 1] and not state.running
+    assert schedule.to_ask(state, n_trials=3, n_jobs=4) == 1  # one search trial left
+    assert not any(schedule.holds(t) for t in trials[2:])
+    assert not schedule.surplus(1, trials, n_trials=2)
+    assert schedule.retries_due(trials, {"optimizer.lr": None}, n_trials=10) == []
+
+
+def test_the_sampler_learns_from_the_search_alone():
+    """sampler.SearchOnly: the sampler sees the study without its confirmation trials."""
+    from fashion_sweep.sweeps.sampler import PerTrialSeed
+
+    seen = []
+
+    class Spy(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            seen.append(len(study.get_trials(deepcopy=False)))
+            return super().sample_independent(study, trial, name, distribution)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    held = optuna.create_study(sampler=PerTrialSeed(Spy, 0), direction="maximize")
+    held.add_trial(_trial(0.5, 0.1))
+    held.add_trials([_trial(0.6, 0.1, confirms=0, repeat=r, seed=r + 1) for r in range(3)])
+    held.ask({"optimizer.lr": FloatDistribution(1e-4, 1, log=True)})
+    assert seen == [2]  # the search's trial and the one being asked, not the 3 repeats
+
+
+def test_a_configuration_none_of_whose_runs_completed_is_named_not_confirmed():
+    """confirm.results: a configuration whose confirmation runs all failed is listed
+    apart, and one with a single completed run (no interval) cannot win over one with an
+    interval, whatever its mean."""
+    trials = [_trial(0.7, 0.3), _trial(0.6, 0.2), _trial(0.5, 0.1)]
+    trials += [_trial(0.9, 0.3, confirms=0, repeat=0, seed=1)]  # 1 of 3 completed
+    trials += [
+        _trial(None, 0.3, TrialState.FAIL, confirms=0, repeat=r, seed=r + 1, failure_reason="nan")
+        for r in (1, 2)
+    ]
+    trials += [_trial(0.55 + r / 100, 0.2, confirms=1, repeat=r, seed=r + 10) for r in range(3)]
+    trials += [
+        _trial(None, 0.1, TrialState.FAIL, confirms=2, repeat=r, seed=r + 20, failure_reason="nan")
+        for r in range(3)
+    ]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    stage = confirm.results(trials, 3, 3, "val/accuracy", True, {})
+    assert [c["trial"] for c in stage["configurations"]] == [1, 0]  # 0: n=1, after
+    assert stage["configurations"][1]["failed"] == 2
+    assert stage["unconfirmed"] == [{"trial": 2, "label": "trial 2 lr=0.1", "failed": 3}]
+    assert stage["winner"] == 1 and stage["search_best_kept_its_place"] is False

@@ -266,3 +266,16 @@ def test_a_trial_a_round_makes_or_takes_is_its_workers_before_its_values_are_dra
         made = asking.ask()  # a new one
     for trial in (taken, made):
         assert held.trials[trial.number].user_attrs["worker"] == worker
+
+
+def test_a_trial_a_round_queues_is_not_its_workers_until_it_takes_it(tmp_path):
+    """A trial a worker queues (a retry, a confirmation run) belongs to whichever worker
+    takes it: the queuing worker, interrupted, must not cut it off as its own."""
+    where = optuna.storages.get_storage(f"sqlite:///{tmp_path}/w.db")
+    held = optuna.create_study(storage=where, direction="maximize")
+    worker = {"id": "host:1:abc", "host": "host", "pid": 1}
+    asking, snapshot = study.for_asking(held, where, worker)
+    with snapshot.one_read(held.get_trials(deepcopy=False)):
+        asking.enqueue_trial({"optimizer.lr": 0.1})
+    (queued,) = held.trials
+    assert snapshot.taken == [] and "worker" not in queued.user_attrs

@@ -61,7 +61,9 @@ def top(trials: list[FrozenTrial], k: int, maximize: bool) -> list[FrozenTrial]:
     complete.sort(key=lambda t: (-t.value if maximize else t.value, t.number))
     chosen, seen = [], set()
     for trial in complete:
-        if (key := config(trial)) not in seen:
+        # a searched seed does not make another configuration: the stage replaces it
+        key = tuple(item for item in config(trial) or () if item[0] != "trainer.seed")
+        if key not in seen:
             seen.add(key)
             chosen.append(trial)
     return chosen[:k]
@@ -170,42 +172,42 @@ def results(
 ) -> dict[str, Any] | None:
     """What optimization_results.yaml says of the stage: each confirmed configuration
     with its spread (`metrics`: each confirmation run's MLflow metrics, by run id), best
-    mean first, and the winner; None before any confirmation run completed."""
-    confirmed = []
+    mean first (those with fewer than 2 completed runs, no interval, after the rest),
+    those none of whose runs completed, and the winner; None before the stage ran."""
+    confirmed, unconfirmed = [], []
     for rank, trial in enumerate(top(trials, k, maximize), 1):
-        runs = [
+        mine = [
             t
             for t in trials
             if confirming(t)
             and t.user_attrs[CONFIRMS] == trial.number
-            and t.state == TrialState.COMPLETE
+            and t.user_attrs[REPEAT] < seeds  # a resume may ask for fewer
         ]
+        runs = sorted(
+            (t for t in mine if t.state == TrialState.COMPLETE),
+            key=lambda t: t.user_attrs[REPEAT],
+        )
+        failed = sum(t.state.is_finished() and not cut_off(t) for t in mine) - len(runs)
+        name = label(trial.number, trial.params)  # as the trial's run is named
         if not runs:
+            if failed:
+                unconfirmed.append({"trial": trial.number, "label": name, "failed": failed})
             continue
-        runs.sort(key=lambda t: t.user_attrs[REPEAT])
         ids = [t.user_attrs.get("mlflow_run_id") for t in runs]
         spread = {metric: Spread.of([t.value for t in runs]).as_dict()}
-        for name in REPORTED:
-            values = [metrics.get(i, {}).get(name) for i in ids]
-            if name != metric and all(v is not None for v in values):
-                spread[name] = Spread.of(values).as_dict()
+        for reported in REPORTED:
+            values = [metrics.get(i, {}).get(reported) for i in ids]
+            if reported != metric and all(v is not None for v in values):
+                spread[reported] = Spread.of(values).as_dict()
         best = (max if maximize else min)(runs, key=lambda t: t.value)
-        failed = sum(
-            1
-            for t in trials
-            if confirming(t)
-            and t.user_attrs[CONFIRMS] == trial.number
-            and t.state in (TrialState.FAIL, TrialState.PRUNED)
-            and not cut_off(t)
-        )
         confirmed.append(
             {
                 "trial": trial.number,
-                "label": label(trial.number, trial.params),  # as the trial's run is named
+                "label": name,
                 "params": dict(trial.params),
                 "search_rank": rank,
                 "search_value": trial.value,
-                # how far the search's single run was from the mean: + overstated it
+                # the search's single run less the mean: > 0, its run was above the mean
                 "search_minus_mean": trial.value - spread[metric]["mean"],
                 "seeds": [t.user_attrs[SEED] for t in runs],
                 "values": [t.value for t in runs],  # of the metric, seed by seed
@@ -217,16 +219,17 @@ def results(
                 "model_seed": best.user_attrs[SEED],
             }
         )
-    if not confirmed:
+    if not confirmed and not unconfirmed:
         return None
-    confirmed.sort(key=lambda c: -c[metric]["mean"] if maximize else c[metric]["mean"])
-    winner = confirmed[0]
+    sign = -1 if maximize else 1
+    confirmed.sort(key=lambda c: (c[metric]["n"] < 2, sign * c[metric]["mean"]))
     return {
         "top_k": k,
         "seeds": seeds,
         "statistics": "over the confirmation runs alone (the search trial left out); "
         "95% confidence interval of the mean, Student's t",
         "configurations": confirmed,
-        "winner": winner["trial"],
-        "search_best_kept_its_place": winner["search_rank"] == 1,
+        "unconfirmed": unconfirmed,  # none of their runs completed
+        "winner": confirmed[0]["trial"] if confirmed else None,
+        "search_best_kept_its_place": bool(confirmed) and confirmed[0]["search_rank"] == 1,
     }

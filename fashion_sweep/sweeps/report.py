@@ -41,11 +41,12 @@ def finish(opened: Opened, config: DictConfig) -> None:
     if model:
         found["best_model_uri"] = model
         OmegaConf.save(OmegaConf.create(found), path)
-    what = Drawable.of(opened.study)
-    figures = plots(opened.study, opened.metric, what)
-    if found.get("confirmation"):
+    searched = search_view(opened.study)  # the plots are the search's; the stage has its own
+    what = Drawable.of(searched)
+    figures = plots(searched, opened.metric, what)
+    if found.get("confirmation", {}).get("configurations"):
         figures["confirmed.png"] = confirmed_figure(found)
-    pages = {"sweep.html": page(opened, what)}
+    pages = {"sweep.html": page(opened, what, searched)}
     try:
         sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages, trials)
     finally:
@@ -63,7 +64,14 @@ def answer(opened: Opened, found: dict[str, Any], trials: tuple) -> list[str]:
     said = [f"Search space used up: {opened.all_run()}"] if opened.used_up else []
     said += confirmed(found)
     best = sweep_runs.best_of(trials[1], found)
-    if best is not None:
+    winners = found.get("confirmation", {}).get("configurations")
+    if best is not None and winners:  # one seed's numbers: the table above has the mean
+        seeds = winners[0][opened.metric]["n"]
+        said.append(
+            f"The winner's model, the best of its {seeds} seeds by {opened.metric}: "
+            f"{best.info.run_name}: {sweep_runs.numbers(best)}"
+        )
+    elif best is not None:
         said.append(f"Best: {best.info.run_name}: {sweep_runs.numbers(best)}")
     else:
         said.append("No trial completed: there is no best trial")
@@ -117,6 +125,10 @@ def confirmed(found: dict[str, Any]) -> list[str]:
             f"  {place}. {c['label']}: {_shown(c[metric])} "
             f"(the search's #{c['search_rank']}: {c['search_value']:.4g}){test}{failed}"
         )
+    for c in stage["unconfirmed"]:
+        said.append(f"  not confirmed: {c['label']}: all {c['failed']} of its runs failed")
+    if not stage["configurations"]:
+        return [*said, "No confirmation run completed: the answer is the search's best"]
     first = stage["configurations"][0]
     if stage["search_best_kept_its_place"]:
         said.append(f"Winner: trial {first['trial']}, the search's best, kept its place")
@@ -173,13 +185,18 @@ def results(opened: Opened, confirming: Any = None, runs: list | None = None) ->
         )
     if found["complete"] and confirming and confirming.top_k:
         metrics = {r.info.run_id: r.data.metrics for r in runs or []}
+        for t in trials:  # a sweep of more runs than trials_of reads
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if schedule.confirming(t) and run_id and run_id not in metrics:
+                metrics[run_id] = sweep_runs.metrics_of(run_id)
         stage = confirm.results(
             trials, confirming.top_k, confirming.seeds, opened.metric, maximize, metrics
         )
         if stage:
+            found["confirmation"] = stage
+        if stage and stage["configurations"]:
             winner = stage["configurations"][0]
             found["search_best"] = {k[5:]: found[k] for k in list(found) if k.startswith("best_")}
-            found["confirmation"] = stage
             found.update(
                 best_trial=winner["model_trial"],
                 best_params=winner["params"],
@@ -246,6 +263,27 @@ def confirmed_figure(found: dict[str, Any]) -> Any:
     return figure
 
 
+def search_view(study: optuna.Study) -> optuna.Study:
+    """The study's search trials alone, for Optuna's plots: without the confirmation
+    stage's repeats of the best configurations (confirm.py), which would weigh them
+    again and draw their luckiest seed as the best value."""
+    trials = study.get_trials(deepcopy=False)
+    if not any(schedule.confirming(t) for t in trials):
+        return study
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
+    try:
+        view = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    view.add_trials([t for t in trials if not schedule.confirming(t)])
+    if study.metric_names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            view.set_metric_names(study.metric_names)
+    return view
+
+
 def pair(names: list[str]) -> list[str]:
     """The two parameters a contour plot shows: lr x batch size where searched."""
     chosen = [n for n in ("optimizer.lr", "data.batch_size") if n in names] or names[:2]
@@ -307,12 +345,13 @@ def plots(handle: optuna.Study, metric: str, what: Drawable) -> dict[str, Any]:
     return figures
 
 
-def page(opened: Opened, what: Drawable) -> str:
-    """Optuna's interactive plots of the study on one HTML page (plotly.js inline once,
-    so it opens offline, and inside MLflow's artifact viewer)."""
+def page(opened: Opened, what: Drawable, handle: optuna.Study) -> str:
+    """Optuna's interactive plots of the study (`handle`: its search_view) on one HTML
+    page (plotly.js inline once, so it opens offline, and inside MLflow's artifact
+    viewer)."""
     from optuna import visualization as vis
 
-    handle, metric = opened.study, opened.metric
+    metric = opened.metric
     wanted: dict[str, Any] = {
         "Optimization history": lambda: vis.plot_optimization_history(handle, target_name=metric),
         "Slice (each parameter against the metric)": lambda: vis.plot_slice(

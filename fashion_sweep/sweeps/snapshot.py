@@ -101,8 +101,9 @@ class Snapshot(BaseStorage):
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         trial_id = self.inner.create_new_trial(study_id, template_trial)
         self._wrote(trial_id)
-        self.taken.append(trial_id)
-        self._name(trial_id)
+        if template_trial is None or template_trial.state != TrialState.WAITING:
+            self.taken.append(trial_id)  # a queued one is whoever takes it's (below)
+            self._name(trial_id)
         return trial_id
 
     def set_trial_param(

@@ -147,7 +147,8 @@ def close_sweep_run(
             tags["best_run_id"] = found["best_run_id"]
         best = found["best_params"].items()
         tags.update({f"best.{to_mlflow(key)}": str(value) for key, value in best})
-        if stage := found.get("confirmation"):  # the winner by its mean over new seeds
+        stage = found.get("confirmation")
+        if stage and stage["configurations"]:  # the winner by its mean over new seeds
             winner = stage["configurations"][0]
             tags["search_best_trial"] = str(found["search_best"]["trial"])
             tags["confirmed_winner_trial"] = str(winner["trial"])
@@ -199,6 +200,11 @@ def trials_of(parent_run_id: str) -> tuple[str, list[mlflow.entities.Run]]:
     return experiment_id, children
 
 
+def metrics_of(run_id: str) -> dict[str, float]:
+    """A run's metrics (their last values)."""
+    return MlflowClient().get_run(run_id).data.metrics
+
+
 def best_of(children: list[mlflow.entities.Run], found: dict[str, Any]) -> Any:
     """The best trial's run among a sweep's, if there is one."""
     return next((c for c in children if c.info.run_id == found.get("best_run_id")), None)
@@ -231,6 +237,7 @@ def summary(
         )
     if stage := found.get("confirmation"):
         lines.append(f"Confirmed with {stage['seeds']} new seeds each (mean, 95% interval):")
+        lines += [f"Not confirmed: {c['label']}, all its runs failed" for c in stage["unconfirmed"]]
         for place, c in enumerate(stage["configurations"], 1):
             spread = c[found["optimized_metric"]]
             low, high = spread["ci95"]

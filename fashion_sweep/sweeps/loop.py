@@ -70,7 +70,13 @@ class Sweep:
             self.opened.n_trials,
             self.opened.metric,
             self.opened.study.direction == optuna.study.StudyDirection.MAXIMIZE,
+            confirmations=self.settings.top_k * self.settings.seeds,
         )
+        if self.settings.top_k and self.opened.metric.startswith("test/"):
+            log.warning(
+                f"The confirmation stage picks its winner by {self.opened.metric}: on the "
+                f"test set (sweep=optuna optimizes val/accuracy, a split held out)"
+            )
         quiet = progress.QuietLaunchers() if self.settings.trials_to_file else None
         self.progress.start()
         try:

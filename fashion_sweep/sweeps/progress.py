@@ -114,11 +114,19 @@ def line(
     metric: str,
     maximize: bool,
     opened_at: datetime,
+    confirmations: int = 0,
 ) -> str:
-    """The line for `trial`, which has ended, as the study stood when it ended."""
+    """The line for `trial`, which has ended, as the study stood when it ended; a
+    confirmation trial's counted among the stage's `confirmations` runs."""
     if schedule.confirming(trial):  # the search's count, best and ETA are not its
         seed, confirms = trial.user_attrs.get("seed"), trial.user_attrs[schedule.CONFIRMS]
-        parts = [f"[confirm] {label(trial.number, trial.params)} seed={seed}"]
+        end = trial.datetime_complete or datetime.now()
+        done = sum(
+            _ended(t) and schedule.confirming(t) and (t.datetime_complete or end) <= end
+            for t in trials
+        )
+        parts = [f"[confirm {done}/{confirmations}] {label(trial.number, trial.params)}"]
+        parts[0] += f" seed={seed}"
         parts += [f"(confirms trial {confirms})", outcome(trial, metric)]
         if trial.datetime_start and trial.datetime_complete:
             parts.append(duration((trial.datetime_complete - trial.datetime_start).total_seconds()))
@@ -151,9 +159,16 @@ class Progress:
     once more at the end (`say`)."""
 
     def __init__(
-        self, study: Any, n_trials: int, metric: str, maximize: bool, out: TextIO | None = None
+        self,
+        study: Any,
+        n_trials: int,
+        metric: str,
+        maximize: bool,
+        out: TextIO | None = None,
+        confirmations: int = 0,
     ) -> None:
         self.study, self.n_trials, self.metric, self.maximize = study, n_trials, metric, maximize
+        self.confirmations = confirmations  # runs of the confirmation stage: top_k x seeds
         self.out = out or sys.stdout  # the console, before a trial sends its output elsewhere
         self.opened_at = datetime.now()
         self.mine: set[int] = set()  # trial numbers this worker launched
@@ -187,7 +202,13 @@ class Progress:
             for trial in ended:
                 self.said.add(trial.number)
                 text = line(
-                    trial, trials, self.n_trials, self.metric, self.maximize, self.opened_at
+                    trial,
+                    trials,
+                    self.n_trials,
+                    self.metric,
+                    self.maximize,
+                    self.opened_at,
+                    self.confirmations,
                 )
                 print(text, file=self.out, flush=True)
 

@@ -151,6 +151,7 @@ def close_sweep_run(
         if stage and stage["configurations"]:  # the winner by its mean over new seeds
             winner = stage["configurations"][0]
             tags["search_best_trial"] = str(found["search_best"]["trial"])
+            tags["confirm"] = f"top_k={stage['top_k']} seeds={stage['seeds']}"
             tags["confirmed_winner_trial"] = str(winner["trial"])
             for name in (metric, "test/accuracy", "test/loss"):
                 if name in winner:

@@ -38,7 +38,6 @@ from fashion_sweep.sweeps.schedule import CONFIRMS, config, confirming, cut_off
 
 REPEAT = "repeat"  # user attr: which of the configuration's confirmation runs (0, 1, ...)
 SEED = "seed"  # user attr: its trainer.seed
-STAGE = "confirm"  # the MLflow tag `stage` of a confirmation run
 REPORTED = ("test/accuracy", "test/loss")  # reported with their spread beside the metric
 
 
@@ -155,11 +154,6 @@ class Spread:
 
     def as_dict(self) -> dict[str, Any]:
         return {"n": self.n, "mean": self.mean, "sd": self.sd, "ci95": [self.low, self.high]}
-
-    def shown(self) -> str:
-        if self.sd is None:
-            return f"{self.mean:.4f} (1 run)"
-        return f"{self.mean:.4f} ± {self.high - self.mean:.4f}"
 
 
 def results(

@@ -125,9 +125,11 @@ def line(
             _ended(t) and schedule.confirming(t) and (t.datetime_complete or end) <= end
             for t in trials
         )
-        parts = [f"[confirm {done}/{confirmations}] {label(trial.number, trial.params)}"]
-        parts[0] += f" seed={seed}"
-        parts += [f"(confirms trial {confirms})", outcome(trial, metric)]
+        parts = [
+            f"[confirm {done}/{confirmations}] {label(trial.number, trial.params)} seed={seed}",
+            f"(confirms trial {confirms})",
+            outcome(trial, metric),
+        ]
         if trial.datetime_start and trial.datetime_complete:
             parts.append(duration((trial.datetime_complete - trial.datetime_start).total_seconds()))
         return "  ".join(parts)

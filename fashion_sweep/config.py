@@ -29,6 +29,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TRAIN_IMAGES = 60_000
 TEST_IMAGES = 10_000
 METRICS = {"train/loss", "val/loss", "val/accuracy", "test/loss", "test/accuracy"}
+# what optimized_metric may name: the metrics, and an epoch's cost (run.epoch_metrics)
+OBJECTIVES = METRICS | {"perf/epoch_seconds", "perf/samples_per_second"}
 
 
 class ConfigError(ValueError):
@@ -135,8 +137,9 @@ class TrainConfig:
     optimizer: Any = MISSING
     trainer: Any = MISSING
     tracking: Any = MISSING
-    # The metric train() returns to Hydra (and so to the sweeper): a `split/name` key.
-    optimized_metric: str = "test/accuracy"
+    # The metric train() returns to Hydra (and so to the sweeper): a `split/name` key;
+    # or a list of them, one per hydra.sweeper.direction (a multi-objective sweep)
+    optimized_metric: Any = "test/accuracy"
 
 
 @dataclass
@@ -279,17 +282,28 @@ def validate(cfg: DictConfig) -> None:
     _check(
         trainer.log_interval > 0, f"trainer.log_interval must be > 0, got {trainer.log_interval}"
     )
+    metrics = optimized(cfg)
+    _check(
+        len(set(metrics)) == len(metrics) > 0,
+        f"optimized_metric: a metric, or a list of distinct ones, got {metrics}",
+    )
+    for metric in metrics:
+        _check(
+            metric in OBJECTIVES,
+            f"optimized_metric must be one of {sorted(OBJECTIVES)}, got {metric}",
+        )
+        _check(
+            not metric.startswith("val/") or data.val_size > 0,
+            f"optimized_metric={metric} needs a validation split: set data.val_size > 0",
+            "optimized_metric",
+            "data.val_size",
+        )
+
+
+def optimized(cfg: DictConfig) -> list[str]:
+    """optimized_metric as a list: one metric, or a multi-objective sweep's several."""
     metric = cfg.optimized_metric
-    _check(
-        metric in METRICS,
-        f"optimized_metric must be one of {sorted(METRICS)}, got {metric}",
-    )
-    _check(
-        not metric.startswith("val/") or data.val_size > 0,
-        f"optimized_metric={metric} needs a validation split: set data.val_size > 0",
-        "optimized_metric",
-        "data.val_size",
-    )
+    return [metric] if isinstance(metric, str) else [str(m) for m in metric]
 
 
 @functools.cache

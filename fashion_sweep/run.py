@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fashion_sweep import signals, threads
-from fashion_sweep.config import ConfigError
+from fashion_sweep.config import ConfigError, optimized
 from fashion_sweep.core.data import load_splits, make_loaders, prepare_raw
 from fashion_sweep.core.engine import TrainStep, evaluate, train_one_epoch
 from fashion_sweep.core.model import classify
@@ -96,11 +96,33 @@ class Objective(float):
         return self
 
     @classmethod
-    def of(cls, trained: Trained, metric: str) -> Objective:
+    def of(cls, trained: Trained, metric: Any) -> Objective | Objectives:
+        """The value of `metric` (optimized_metric); a list of them: an Objectives."""
+        if not isinstance(metric, str):
+            values = tuple(trained.metrics[m] for m in metric)
+            return Objectives(values, trained.run_id, trained.pruned)
         return cls(trained.metrics[metric], trained.run_id, trained.pruned)
 
     def __reduce__(self) -> tuple[Any, ...]:  # to launchers that pickle the result
         return (Objective, (float(self), self.run_id, self.pruned))
+
+
+class Objectives(tuple):
+    """A multi-objective trial's values (optimized_metric's list, in its order), with
+    its MLflow run, as Objective carries one value."""
+
+    run_id: str
+    pruned: int | None
+
+    def __new__(
+        cls, values: tuple[float, ...], run_id: str, pruned: int | None = None
+    ) -> Objectives:
+        self = super().__new__(cls, values)
+        self.run_id, self.pruned = run_id, pruned
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Objectives, (tuple(self), self.run_id, self.pruned))
 
 
 def epoch_metrics(
@@ -259,7 +281,7 @@ def train_epoch(
     after, its model.pth first, FAILED when it diverged or its records failed, and
     KILLED (a CutOff) when its sweep has ended its trial meanwhile. The outcomes of
     those that ended, by number."""
-    metric, epochs = members[0].cfg.optimized_metric, members[0].cfg.trainer.epochs
+    metric, epochs = optimized(members[0].cfg)[0], members[0].cfg.trainer.epochs
     start = time.perf_counter()
     losses = program.train_epoch(epoch)
     seconds, start = time.perf_counter() - start, time.perf_counter()

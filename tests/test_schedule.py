@@ -84,7 +84,7 @@ def test_stops_when_more_failed_than_allowed(study):
     assert schedule.too_many_failures(state, n_trials=4, max_failure_rate=0.25) is None
     assert schedule.too_many_failures(state, n_trials=3, max_failure_rate=0.25) == (
         "1 trials failed, more than hydra.sweeper.max_failure_rate=0.25 of "
-        "hydra.sweeper.n_trials=3 allows"
+        "hydra.sweeper.n_trials=3 allows; the first failed: DivergedError: nan"
     )
 
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from fashion_sweep.sweeps.settings import SweepError
-from fashion_sweep.sweeps.space import direction, related
+from fashion_sweep.sweeps.space import directions, related
 
 
 def test_a_sweeps_pre_check_leaves_to_the_trials_what_the_space_may_change():
@@ -26,9 +26,18 @@ def test_a_sweeps_pre_check_leaves_to_the_trials_what_the_space_may_change():
 
 
 def test_the_direction_is_the_one_the_metric_needs():
-    assert direction("maximize", "val/accuracy") == "maximize"
-    assert direction(OmegaConf.create(["minimize"]), "val/loss") == "minimize"  # as Hydra gives it
-    with pytest.raises(SweepError, match="set hydra.sweeper.direction=maximize"):
-        direction("minimize", "val/accuracy")
-    with pytest.raises(SweepError, match="one direction, for optimized_metric"):
-        direction(OmegaConf.create(["minimize", "maximize"]), "val/loss")
+    assert directions("maximize", ["val/accuracy"], True) == ["maximize"]
+    # as Hydra gives it
+    assert directions(OmegaConf.create(["minimize"]), ["val/loss"], True) == ["minimize"]
+    with pytest.raises(SweepError, match="set it to maximize"):
+        directions("minimize", ["val/accuracy"], True)
+    with pytest.raises(SweepError, match=r"2 direction\(s\) for 1 metric\(s\) \(val/loss\)"):
+        directions(OmegaConf.create(["minimize", "maximize"]), ["val/loss"], True)
+    pair = ["val/accuracy", "perf/epoch_seconds"]
+    assert directions(["maximize", "minimize"], pair, True) == ["maximize", "minimize"]
+    with pytest.raises(SweepError, match=r"direction\[1\]=maximize would maximize perf"):
+        directions(["maximize", "maximize"], pair, True)
+    # any other app: as many values as directions, and no names to check them by
+    assert directions(["minimize", "maximize"], None, False) == ["minimize", "maximize"]
+    with pytest.raises(SweepError, match="sideways is neither minimize nor maximize"):
+        directions("sideways", None, False)

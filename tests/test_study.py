@@ -36,7 +36,7 @@ def define(compose):
             **{k: v for k, _, v in (o.partition("=") for o in overrides) if "hydra" not in k},
             **(fixed or {}),
         }
-        return study.definition(cfg, space, fixed, sampler, "val/accuracy", "maximize")
+        return study.definition(cfg, space, fixed, sampler, ["val/accuracy"], ["maximize"])
 
     return _define
 

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fashion_sweep import signals
 from fashion_sweep.sweeps import confirm, progress, report, schedule, slots, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
-from fashion_sweep.sweeps.opening import open_sweep
+from fashion_sweep.sweeps.opening import open_sweep, release
 from fashion_sweep.sweeps.settings import Settings, SweepFailed
 from fashion_sweep.tracking import sweep_runs
 from fashion_sweep.tracking.redaction import one_line
@@ -61,6 +61,8 @@ class Sweep:
         self.opened = open_sweep(
             self.settings, self.config, self.compose, arguments, self._on_stale
         )
+        # trial_output=file where the app writes each trial's output to its log (apps.py)
+        self.to_file = self.settings.trials_to_file and self.opened.app.logs_trials
         self.asking, self.snapshot = study.for_asking(
             self.opened.study, self.opened.where, workers.me()
         )
@@ -68,8 +70,8 @@ class Sweep:
         self.progress = progress.Progress(
             self.opened.study,
             self.opened.n_trials,
-            self.opened.metric,
-            self.opened.study.direction == optuna.study.StudyDirection.MAXIMIZE,
+            self.opened.metrics,
+            self.opened.maximize,
             confirmations=self.settings.top_k * self.settings.seeds,
         )
         if self.settings.top_k and self.opened.metric.startswith("test/"):
@@ -77,7 +79,7 @@ class Sweep:
                 f"The confirmation stage picks its winner by {self.opened.metric}: on the "
                 f"test set (sweep=optuna optimizes val/accuracy, a split held out)"
             )
-        quiet = progress.QuietLaunchers() if self.settings.trials_to_file else None
+        quiet = progress.QuietLaunchers() if self.to_file else None
         self.progress.start()
         try:
             with workers.handed_down():  # a trial in a process of its own watches this one
@@ -99,10 +101,12 @@ class Sweep:
             self._cut_off_unreturned(why)
             with contextlib.suppress(Exception):  # a trial recorded as its run ended
                 self.progress.say()
-            sweep_runs.close_sweep_run(self.opened.parent, error)
+            if self.opened.parent:
+                sweep_runs.close_sweep_run(self.opened.parent, error)
             raise
         finally:
             self.beats.stop()
+            release(self.opened.sweep_dir)
             if quiet is not None:
                 quiet.close()
 
@@ -132,10 +136,9 @@ class Sweep:
         settings = self.settings
         if not settings.top_k or state.running or len(state.counted) < self.opened.n_trials:
             return []
-        used = {self.config.trainer.seed} | {
-            t.params["trainer.seed"] for t in trials if "trainer.seed" in t.params
-        }
-        maximize = self.opened.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        key = self.opened.app.seed_key(settings.confirm)
+        used = {self.opened.app.seed(key)} | {t.params[key] for t in trials if key in t.params}
+        maximize = self.opened.maximize
         wanted = confirm.missing(
             trials, settings.top_k, settings.seeds, settings.seed, used, maximize
         )
@@ -190,24 +193,26 @@ class Sweep:
         cut off before it recorded its outcome is recorded as its run ended; any other
         trial is cut off (user attr `interrupted`), its MLflow run KILLED. True if it was
         cut off here."""
-        uri = self.config.tracking.uri
-        run = sweep_runs.trial_run(uri, self.opened.parent, trial.number)
-        ended = sweep_runs.ended_as(run, self.opened.metric) if run else None
+        uri, parent = self.opened.app.tracking_uri, self.opened.parent
+        run = sweep_runs.trial_run(uri, parent, trial.number) if parent else None
+        ended = sweep_runs.ended_as(run, self.opened.metrics) if run else None
         if ended is not None:
             pruned = run.data.tags.get(schedule.PRUNED)
             study.record(holder, trial, ended, run.info.run_id, int(pruned) if pruned else None)
             return False
         if not study.cut_off(holder, trial, why):
             return False
-        sweep_runs.kill_trial_run(uri, run, schedule.run_reason(why))
+        if run is not None:
+            sweep_runs.kill_trial_run(uri, run, schedule.run_reason(why))
         return True
 
     def _on_stale(self, _: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's callback for a trial it failed because its heartbeat stopped."""
         log.warning(self._gone(trial))
-        uri = self.config.tracking.uri
-        run = sweep_runs.trial_run(uri, self.opened.parent, trial.number)
-        sweep_runs.kill_trial_run(uri, run, workers.DEAD_WORKER)
+        uri, parent = self.opened.app.tracking_uri, self.opened.parent
+        if parent:
+            run = sweep_runs.trial_run(uri, parent, trial.number)
+            sweep_runs.kill_trial_run(uri, run, workers.DEAD_WORKER)
 
     def _gone(self, trial: FrozenTrial) -> str:
         worker = workers.name(trial.user_attrs.get("worker"))
@@ -330,7 +335,7 @@ class Sweep:
             reason = found.user_attrs.get(schedule.FAILURE)
             if found.state == TrialState.RUNNING:  # its job could not record it
                 reason = self._record(trial, job)
-            if reason and not self.settings.trials_to_file:  # else progress.py says it
+            if reason and not self.to_file:  # else progress.py says it
                 log.warning(f"Trial {trial.number} failed: {reason}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
@@ -356,8 +361,8 @@ class Sweep:
     def _record(self, trial: optuna.Trial, job: Any) -> str | None:
         """Records a job's outcome here (a study in this process's memory, a job whose
         process died); the reason it failed, if it did."""
-        uri, parent = self.config.tracking.uri, self.opened.parent
-        ended = study.outcome_of(job, uri, parent, trial.number, self.settings.trials_to_file)
+        uri, parent = self.opened.app.tracking_uri, self.opened.parent
+        ended = study.outcome_of(job, uri, parent, trial.number, self.to_file)
         if ended is None:
             return None
         outcome, run_id = ended
@@ -371,22 +376,14 @@ class Sweep:
         values = {**trial.params, **space.fixed}
         fixed = space.fixed_overrides
         name_of = progress.label(trial.number, trial.params)
-        extra: tuple[str, ...] = ()
-        attrs = trial.user_attrs
-        if schedule.CONFIRMS in attrs:
-            values["trainer.seed"] = attrs[confirm.SEED]
-            fixed = [o for o in fixed if o.lstrip("+~").split("=")[0] != "trainer.seed"]
-            name_of += f" seed={attrs[confirm.SEED]} (confirms {attrs[schedule.CONFIRMS]})"
-            extra = (f"tracking.confirms={attrs[schedule.CONFIRMS]}",)
-        return (
-            *(f"{key}={value}" for key, value in values.items()),
-            *fixed,
-            f"tracking.parent_run_id='{self.opened.parent}'",
-            f"tracking.trial={trial.number}",
-            f"tracking.study='{name}'",
-            f"tracking.run_name='{name_of}'",
-            *extra,
-        )
+        attrs, confirms = trial.user_attrs, trial.user_attrs.get(schedule.CONFIRMS)
+        if confirms is not None:
+            key = self.opened.app.seed_key(self.settings.confirm)
+            values[key] = attrs[confirm.SEED]
+            fixed = [o for o in fixed if o.lstrip("+~").split("=")[0] != key]
+            name_of += f" {key.rsplit('.', 1)[-1]}={attrs[confirm.SEED]} (confirms {confirms})"
+        place = self.opened.app.overrides(name, trial.number, self.opened.parent, name_of, confirms)
+        return (*(f"{key}={value}" for key, value in values.items()), *fixed, *place)
 
     def _step_aside(self, trial: optuna.Trial, why: str) -> None:
         """Cuts off a trial of this worker's that never ran (surplus, duplicate)."""

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, read_write
 
 from fashion_sweep.config import ConfigError
 from fashion_sweep.core.data import DataError
-from fashion_sweep.sweeps import sampler, space, study, workers
+from fashion_sweep.sweeps import apps, sampler, space, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.schedule import tally
 from fashion_sweep.sweeps.settings import Settings, SweepError
@@ -32,6 +32,7 @@ from fashion_sweep.tracking.redaction import mask_log_records, redact
 
 log = logging.getLogger(__name__)
 PARENT_RUN = "mlflow_parent_run_id"  # study user attr
+CLAIM = ".worker"  # in a worker's sweep folder while it runs (claim_sweep_dir)
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,29 @@ class Opened:
     points: list[dict[str, Any]] | None  # every configuration of a finite space
     extend: Callable[..., Any] | None  # hydra.sweeper.custom_search_space's function
     n_trials: int  # the settings' n_trials, or fewer: a finite space's configurations
-    metric: str
+    metrics: list[str]  # the names of a trial's values, one per direction
+    directions: list[str]
     name: str  # the study's
     where: Any  # its storage, as the study reads it (with Optuna's cache, for a database)
     study: optuna.Study
     study_id: int
     sweep_dir: str  # this worker's
-    parent: str  # the MLflow parent run's id
+    parent: str | None  # the MLflow parent run's id; None for an app without runs
     n_asked: int  # hydra.sweeper.n_trials
+    app: apps.App
+
+    @property
+    def metric(self) -> str:
+        """The metric a single-objective sweep optimizes (the first of several)."""
+        return self.metrics[0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def maximize(self) -> bool:
+        return self.directions[0] == "maximize"
 
     @property
     def used_up(self) -> bool:
@@ -90,16 +106,21 @@ def open_sweep(
     # known here
     size = space.size(searched.searched) if extend is None else None
     n_trials = min(settings.n_trials, size or settings.n_trials)
-    check_storage(settings.storage, config.tracking.uri)
-    preflight(config, compose, searched)
-    metric = config.optimized_metric
-    direction = space.direction(settings.direction, metric)
+    app = apps.make(settings.app, config)
+    check_storage(settings.storage, app.tracking_uri)
+    app.check(compose, searched)
+    named = app.metrics()
+    direction = space.directions(settings.direction, named, named is not None)
+    metrics = named or (
+        ["value"] if len(direction) == 1 else [f"value_{i}" for i in range(len(direction))]
+    )
+    check_objectives(settings, metrics, app)
     defined = study.definition(
         config,
         searched.searched,
         searched.fixed,
         settings.sampler,
-        metric,
+        metrics,
         direction,
         settings.custom_search_space,
         settings.pruner if settings.prunes else None,
@@ -113,7 +134,7 @@ def open_sweep(
         pruner = settings.make_pruner()  # TPE samples Hyperband's brackets apart
         held, created = study.open_study(name, where, chosen, direction, pruner)
         study.check_definition(held, defined, created)
-        study.name_metric(held, metric)
+        study.name_metric(held, metrics)
     except study.StudyError as error:
         raise SweepError(str(error)) from None
     sweep_dir = claim_sweep_dir(config, compose)
@@ -122,15 +143,23 @@ def open_sweep(
         "optuna.study_name": name,
         "optuna.storage": shown,
         "optuna.n_trials": str(n_trials),
-        "optuna.direction": direction,
-        "optimized_metric": metric,
+        "optuna.direction": ",".join(direction),
+        "optimized_metric": ",".join(metrics),
         "sweep_dir": str(Path(sweep_dir).resolve()),
     }
-    parent = parent_run(held, created, config, f"{name} ({n_trials} trials)", tags, searched)
+    parent = None
     try:
-        sweep_runs.share_view(parent, metric, direction == "maximize", list(searched.searched))
-    except BaseException as error:  # the parent is not left RUNNING
-        sweep_runs.close_sweep_run(parent, error)
+        if app.tracking_uri is not None:
+            parent = parent_run(
+                held, created, config, f"{name} ({n_trials} trials)", tags, searched
+            )
+            sweep_runs.share_view(
+                parent, metrics[0], direction[0] == "maximize", list(searched.searched)
+            )
+    except BaseException as error:  # the parent is not left RUNNING, the folder not held
+        release(sweep_dir)
+        if parent is not None:
+            sweep_runs.close_sweep_run(parent, error)
         raise
     counted = len(tally(held.get_trials(deepcopy=False)).counted)
     fewer = (
@@ -145,12 +174,32 @@ def open_sweep(
     study_id = where.get_study_id_from_name(name)
     return Opened(
         searched, space.points(searched.searched) if extend is None else None, extend,
-        n_trials, metric, name, where,
-        held, study_id, sweep_dir, parent, settings.n_trials,
+        n_trials, metrics, direction, name, where,
+        held, study_id, sweep_dir, parent, settings.n_trials, app,
     )  # fmt: skip
 
 
-def check_storage(storage: str | None, tracking_uri: str) -> None:
+def check_objectives(settings: Settings, metrics: list[str], app: apps.App) -> None:
+    """What a multi-objective sweep cannot do, and confirmation without a seed, in one
+    line each."""
+    if len(metrics) > 1 and settings.prunes:
+        raise SweepError(
+            f"hydra.sweeper.pruner: Optuna cannot prune a multi-objective study "
+            f"({', '.join(metrics)}); use hydra/sweeper/pruner=none"
+        )
+    if len(metrics) > 1 and settings.top_k:
+        raise SweepError(
+            "hydra.sweeper.confirm.top_k: a multi-objective study has a Pareto front, not "
+            "a top k; set it to 0"
+        )
+    if settings.top_k and not app.seed_key(settings.confirm):
+        raise SweepError(
+            "hydra.sweeper.confirm.seed_key: name the key the app seeds its runs with "
+            "(e.g. seed), which each confirmation run gets anew"
+        )
+
+
+def check_storage(storage: str | None, tracking_uri: str | None) -> None:
     """The study's database checked as MLflow's store is (tracking/stores.py): usable,
     and not MLflow's; before either is written, so a sweep that cannot open its study
     leaves no mlflow.db behind."""
@@ -161,7 +210,7 @@ def check_storage(storage: str | None, tracking_uri: str) -> None:
     except stores.StoreError as error:
         raise SweepError(str(error)) from None
     with contextlib.suppress(ValueError):  # a tracking.uri that is no address: preflight's
-        if stores.absolute(storage) == stores.absolute(tracking_uri):
+        if tracking_uri is not None and stores.absolute(storage) == stores.absolute(tracking_uri):
             raise SweepError(
                 f"hydra.sweeper.storage and tracking.uri both name {redact(storage)}: Optuna "
                 "and MLflow each need a database of their own (sqlite:///optuna.db)"
@@ -203,15 +252,20 @@ def _extender(name: str | None) -> Callable[..., Any] | None:
 
 
 def claim_sweep_dir(config: DictConfig, compose: ComposeOnce) -> str:
-    """This worker's own sweep folder: Hydra's, or with `-1`, `-2`, ... added when
-    another worker started in the same second. Set into the sweep's config (which the
-    launcher reads) and into every job's (composed by `compose`). Trial folders are
-    trial numbers."""
+    """This worker's own sweep folder: Hydra's (made, or found as a fixed
+    hydra.sweep.dir), or with `-1`, `-2`, ... added while another worker runs in it
+    (one that started in the same second). A worker claims its folder with a file
+    (CLAIM) made only where there is none, and `release` removes it as the sweep ends;
+    a worker killed -9 leaves it, and the next run takes the next folder. Set into the
+    sweep's config (which the launcher reads) and into every job's (composed by
+    `compose`)."""
     base = Path(str(config.hydra.sweep.dir))
     for n in itertools.count():
         path = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        path.mkdir(parents=True, exist_ok=True)
         try:
-            path.mkdir(parents=True)
+            with open(path / CLAIM, "x") as claim:
+                claim.write(f"{workers.me()['id']}\n")
             break
         except FileExistsError:
             continue
@@ -219,6 +273,12 @@ def claim_sweep_dir(config: DictConfig, compose: ComposeOnce) -> str:
         config.hydra.sweep.dir = str(path)
     compose.sweep_dir = str(path)
     return str(path)
+
+
+def release(sweep_dir: str) -> None:
+    """Gives up this worker's sweep folder (claim_sweep_dir): a later run may use it."""
+    with contextlib.suppress(OSError):
+        Path(sweep_dir, CLAIM).unlink()
 
 
 def parent_run(

@@ -74,6 +74,9 @@ class ConfirmConf:
     # (docs/sweeps.md, Confirmed winners); 0: no confirmation stage
     top_k: int = 0
     seeds: int = 5
+    # the key each confirmation run's new seed is set on; null: the app's own
+    # (fashion_sweep.train's trainer.seed), and for any other app confirmation needs it
+    seed_key: str | None = None
 
 
 @dataclass
@@ -94,6 +97,9 @@ class StudySweeperConf(OptunaSweeperConf):
     # trials' output on the console, as a plain multirun prints it
     trial_output: str = "file"
     confirm: ConfirmConf = dataclasses.field(default_factory=ConfirmConf)
+    # what the sweep asks of the app (fashion_sweep/sweeps/apps.py): null, any Hydra app
+    # (the task function returns the value); conf/sweep/optuna.yaml names this project's
+    app: str | None = None
 
 
 ConfigStore.instance().store(

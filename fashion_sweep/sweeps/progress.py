@@ -81,9 +81,10 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
-def outcome(trial: FrozenTrial, metric: str) -> str:
+def outcome(trial: FrozenTrial, metrics: list[str]) -> str:
+    metric = metrics[0]
     if trial.state == TrialState.COMPLETE:
-        return f"{metric} {trial.value:.4g}"
+        return ", ".join(f"{m} {v:.4g}" for m, v in zip(metrics, trial.values, strict=True))
     if trial.state == TrialState.PRUNED:
         epoch = trial.user_attrs.get(schedule.PRUNED, trial.last_step)
         last = trial.intermediate_values.get(trial.last_step) if trial.last_step else None
@@ -111,7 +112,7 @@ def line(
     trial: FrozenTrial,
     trials: list[FrozenTrial],
     n_trials: int,
-    metric: str,
+    metrics: list[str],
     maximize: bool,
     opened_at: datetime,
     confirmations: int = 0,
@@ -128,7 +129,7 @@ def line(
         parts = [
             f"[confirm {done}/{confirmations}] {label(trial.number, trial.params)} seed={seed}",
             f"(confirms trial {confirms})",
-            outcome(trial, metric),
+            outcome(trial, metrics),
         ]
         if trial.datetime_start and trial.datetime_complete:
             parts.append(duration((trial.datetime_complete - trial.datetime_start).total_seconds()))
@@ -136,11 +137,11 @@ def line(
     end = trial.datetime_complete or datetime.now()
     counted = [t for t in trials if schedule.counts(t) and t.datetime_complete]
     done = sum(t.datetime_complete <= end for t in counted)
-    parts = [f"[{done}/{n_trials}] {label(trial.number, trial.params)}", outcome(trial, metric)]
+    parts = [f"[{done}/{n_trials}] {label(trial.number, trial.params)}", outcome(trial, metrics)]
     if trial.datetime_start:
         parts.append(duration((end - trial.datetime_start).total_seconds()))
     text = "  ".join(parts)
-    best = best_before(trials, end, maximize)
+    best = best_before(trials, end, maximize) if len(metrics) == 1 else None  # a front, not one
     if best is not None:
         text += f" | best {best.value:.4g} (trial {best.number})"
     since = sum(opened_at <= t.datetime_complete <= end for t in counted)
@@ -164,12 +165,12 @@ class Progress:
         self,
         study: Any,
         n_trials: int,
-        metric: str,
+        metrics: list[str],
         maximize: bool,
         out: TextIO | None = None,
         confirmations: int = 0,
     ) -> None:
-        self.study, self.n_trials, self.metric, self.maximize = study, n_trials, metric, maximize
+        self.study, self.n_trials, self.metrics, self.maximize = study, n_trials, metrics, maximize
         self.confirmations = confirmations  # runs of the confirmation stage: top_k x seeds
         self.out = out or sys.stdout  # the console, before a trial sends its output elsewhere
         self.opened_at = datetime.now()
@@ -207,7 +208,7 @@ class Progress:
                     trial,
                     trials,
                     self.n_trials,
-                    self.metric,
+                    self.metrics,
                     self.maximize,
                     self.opened_at,
                     self.confirmations,

@@ -89,5 +89,39 @@ def ended_elsewhere(cfg: DictConfig, hydra_cfg: DictConfig) -> EndedElsewhere | 
     return EndedElsewhere(url, cfg.tracking.study, cfg.tracking.trial)
 
 
+class PrunedAt(optuna.TrialPruned):
+    """report's stop: the trial was pruned after `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"trial pruned after step {self.step}"
+
+
+def report(value: float, step: int) -> None:
+    """The reporting call for any Hydra app that hydra/sweeper=study runs
+    (docs/any-app.md): tells the trial's study its value after `step` (an epoch, from
+    1), and raises optuna.TrialPruned (PrunedAt) when the study's pruner stops the
+    trial; the sweep records it as pruned. Outside such a sweep (a single run, another
+    sweeper, a study in memory) it does nothing."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from fashion_sweep.sweeps.apps import STUDY, TRIAL
+
+    name, number = os.environ.get(STUDY), os.environ.get(TRIAL)
+    if name is None or number is None or not HydraConfig.initialized():
+        return
+    sweeper = HydraConfig.get().sweeper
+    if sweeper.get("storage") is None:
+        return
+    pruner = sweeper.get("pruner") or OmegaConf.create({"_target_": NO_PRUNER})
+    if Pruning(sweeper.storage, name, int(number), pruner)(step, float(value)):
+        raise PrunedAt(step)
+
+
 def forget() -> None:
     _STUDIES.clear()

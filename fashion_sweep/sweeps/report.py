@@ -31,24 +31,28 @@ def finish(opened: Opened, config: DictConfig) -> None:
     """The answer first (optimization_results.yaml, the best trial's line), then what
     takes seconds (the winner registered as an MLflow Model, the plots), then where to
     look."""
-    trials = sweep_runs.trials_of(opened.parent)
+    tracked = opened.parent is not None  # an app with MLflow runs (apps.py)
+    trials = sweep_runs.trials_of(opened.parent) if tracked else ("", [])
     found = results(opened, OmegaConf.select(config, "hydra.sweeper.confirm"), trials[1])
     path = Path(opened.sweep_dir, "optimization_results.yaml")
     OmegaConf.save(OmegaConf.create(found), path)
     for text in answer(opened, found, trials):
         log.info(text)
-    model = winner.register(config, found.get("best_run_id"))
+    model = winner.register(config, found.get("best_run_id")) if tracked else None
     if model:
         found["best_model_uri"] = model
         OmegaConf.save(OmegaConf.create(found), path)
     searched = search_view(opened.study)  # the plots are the search's; the stage has its own
     what = Drawable.of(searched)
-    figures = plots(searched, opened.metric, what)
+    figures = plots(searched, opened.metrics, what)
     if found.get("confirmation", {}).get("configurations"):
         figures["confirmed.png"] = confirmed_figure(found)
     pages = {"sweep.html": page(opened, what, searched)}
     try:
-        sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages, trials)
+        if tracked:
+            sweep_runs.close_sweep_run(opened.parent, None, found, figures, pages, trials)
+        else:
+            save_plots(Path(opened.sweep_dir, "plots"), figures, pages)
     finally:
         import matplotlib.pyplot as plt
 
@@ -63,6 +67,15 @@ def answer(opened: Opened, found: dict[str, Any], trials: tuple) -> list[str]:
     sweep_runs.trials_of)."""
     said = [f"Search space used up: {opened.all_run()}"] if opened.used_up else []
     said += confirmed(found)
+    if opened.multi:
+        return [*said, *front(found)]
+    if opened.parent is None:
+        if "best_trial" not in found:
+            return [*said, "No trial completed: there is no best trial"]
+        from fashion_sweep.sweeps.progress import label
+
+        best = f"{label(found['best_trial'], found['best_params'])}: {opened.metric}"
+        return [*said, f"Best: {best} {found['best_value']:.6g}"]
     best = sweep_runs.best_of(trials[1], found)
     winners = found.get("confirmation", {}).get("configurations")
     if best is not None and winners:  # one seed's numbers: the table above has the mean
@@ -83,6 +96,9 @@ def where_to_look(
 ) -> list[str]:
     """What the console says after the answer: where to look at the trials, and how to
     use the best one's model. `trials`: sweep_runs.trials_of."""
+    if opened.parent is None:
+        plotted = Path(opened.sweep_dir, "plots", "sweep.html")
+        return [f"Plots: {plotted}", f"Results: {path}"]
     uri = str(config.tracking.uri)
     experiment_id, children = trials
     ui = links.ui(uri)
@@ -163,7 +179,7 @@ def results(opened: Opened, confirming: Any = None, runs: list | None = None) ->
     found: dict[str, Any] = {
         "name": "optuna",
         "study_name": opened.name,
-        "optimized_metric": opened.metric,
+        "optimized_metric": opened.metrics if opened.multi else opened.metric,
         "n_trials": opened.n_trials,
         "finished": len(state.counted),
         "complete": sum(t.state == TrialState.COMPLETE for t in state.counted),
@@ -174,8 +190,18 @@ def results(opened: Opened, confirming: Any = None, runs: list | None = None) ->
         "parent_run_id": opened.parent,
         "ended": opened.why_ended(),
     }
-    maximize = opened.study.direction == optuna.study.StudyDirection.MAXIMIZE
-    if found["complete"]:
+    maximize = opened.maximize
+    if found["complete"] and opened.multi:  # hydra-optuna-sweeper's key, with the trials
+        found["solutions"] = [
+            {
+                "trial": t.number,
+                "params": t.params,
+                "values": t.values,
+                **({"run_id": t.user_attrs["mlflow_run_id"]} if opened.parent else {}),
+            }
+            for t in sorted(opened.study.best_trials, key=lambda t: t.number)
+        ]
+    elif found["complete"]:
         (best,) = confirm.top(trials, 1, maximize)
         found.update(
             best_trial=best.number,
@@ -311,14 +337,21 @@ class Drawable:
         return cls(names, importances, any(t.intermediate_values for t in trials))
 
 
-def plots(handle: optuna.Study, metric: str, what: Drawable) -> dict[str, Any]:
+def plots(handle: optuna.Study, metrics: list[str], what: Drawable) -> dict[str, Any]:
     """Optimisation history, parameter importances, lr x batch size (static images, for
-    the parent run's description); what can be drawn."""
+    the parent run's description), or a multi-objective study's Pareto front; what can
+    be drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     from optuna.visualization import matplotlib as vis
 
+    metric = metrics[0]
+    wanted: dict[str, Any] = {
+        "pareto_front.png": lambda: vis.plot_pareto_front(handle, target_names=metrics)
+    }
+    if len(metrics) > 1:
+        return _figures(wanted)
     wanted = {
         "optimization_history.png": lambda: vis.plot_optimization_history(
             handle, target_name=metric
@@ -335,6 +368,10 @@ def plots(handle: optuna.Study, metric: str, what: Drawable) -> dict[str, Any]:
         wanted[f"{'_x_'.join(_slug(n) for n in shown)}.png"] = lambda: vis.plot_contour(
             handle, params=shown, target_name=metric
         )
+    return _figures(wanted)
+
+
+def _figures(wanted: dict[str, Any]) -> dict[str, Any]:
     figures = {}
     for name, axes in drawn(wanted).items():
         axes = axes.flat[0] if hasattr(axes, "flat") else axes
@@ -352,6 +389,31 @@ def page(opened: Opened, what: Drawable, handle: optuna.Study) -> str:
     from optuna import visualization as vis
 
     metric = opened.metric
+    wanted: dict[str, Any] = {}
+    if opened.multi:
+        wanted["Pareto front"] = lambda: vis.plot_pareto_front(handle, target_names=opened.metrics)
+    else:
+        wanted.update(_single(handle, metric, what))
+    wanted["Timeline"] = lambda: vis.plot_timeline(handle)
+    parts = []
+    # the static plots said what cannot be drawn
+    for number, (title, figure) in enumerate(drawn(wanted, say=False).items()):
+        inline = "inline" if number == 0 else False
+        body = figure.to_html(full_html=False, include_plotlyjs=inline)
+        parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
+    title = html.escape(f"Sweep {opened.name}: {', '.join(opened.metrics)}")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>'
+        f'<body style="font-family: sans-serif"><h1>{title}</h1>\n'
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+
+
+def _single(handle: optuna.Study, metric: str, what: Drawable) -> dict[str, Any]:
+    """The interactive plots of a single-objective study."""
+    from optuna import visualization as vis
+
     wanted: dict[str, Any] = {
         "Optimization history": lambda: vis.plot_optimization_history(handle, target_name=metric),
         "Slice (each parameter against the metric)": lambda: vis.plot_slice(
@@ -368,20 +430,30 @@ def page(opened: Opened, what: Drawable, handle: optuna.Study) -> str:
         )
     if what.pruned:
         wanted["Intermediate values (pruning)"] = lambda: vis.plot_intermediate_values(handle)
-    wanted["Timeline"] = lambda: vis.plot_timeline(handle)
-    parts = []
-    # the static plots said what cannot be drawn
-    for number, (title, figure) in enumerate(drawn(wanted, say=False).items()):
-        inline = "inline" if number == 0 else False
-        body = figure.to_html(full_html=False, include_plotlyjs=inline)
-        parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
-    title = html.escape(f"Sweep {opened.name}: {metric}")
-    return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>'
-        f'<body style="font-family: sans-serif"><h1>{title}</h1>\n'
-        + "\n".join(parts)
-        + "</body></html>\n"
-    )
+    return wanted
+
+
+def front(found: dict[str, Any]) -> list[str]:
+    """The console's lines on a multi-objective study: its Pareto front."""
+    if "solutions" not in found:
+        return ["No trial completed: there is no Pareto front"]
+    from fashion_sweep.sweeps.progress import label
+
+    metrics = found["optimized_metric"]
+    said = [f"Pareto front ({len(found['solutions'])} trials, none better in every metric):"]
+    for s in found["solutions"]:
+        values = ", ".join(f"{m} {v:.4g}" for m, v in zip(metrics, s["values"], strict=True))
+        said.append(f"  {label(s['trial'], s['params'])}: {values}")
+    return said
+
+
+def save_plots(folder: Path, figures: dict[str, Any], pages: dict[str, str]) -> None:
+    """The plots in the sweep folder, for an app without MLflow runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, figure in figures.items():
+        figure.savefig(folder / name, dpi=100)
+    for name, text in pages.items():
+        (folder / name).write_text(text)
 
 
 def drawn(wanted: dict[str, Any], say: bool = True) -> dict[str, Any]:

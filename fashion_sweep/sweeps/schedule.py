@@ -101,8 +101,13 @@ def too_many_failures(
     whole = whole or f"hydra.sweeper.n_trials={n_trials}"
     return (
         f"{len(state.failed)} trials failed, more than hydra.sweeper.max_failure_rate="
-        f"{max_failure_rate} of {whole} allows"
+        f"{max_failure_rate} of {whole} allows{_first_failure(state)}"
     )
+
+
+def _first_failure(state: Tally) -> str:
+    reasons = [t.user_attrs[FAILURE] for t in state.failed if FAILURE in t.user_attrs]
+    return f"; the first failed: {reasons[0]}" if reasons else ""
 
 
 def none_completed(trials: list[FrozenTrial]) -> str | None:
@@ -112,11 +117,9 @@ def none_completed(trials: list[FrozenTrial]) -> str | None:
         return None
     state = tally(trials)
     pruned = sum(t.state == TrialState.PRUNED for t in state.counted)
-    reasons = [t.user_attrs[FAILURE] for t in state.failed if FAILURE in t.user_attrs]
-    first = f"; the first failed: {reasons[0]}" if reasons else ""
     return (
         f"no trial completed: {len(state.failed)} failed, {pruned} pruned, of "
-        f"{len(state.counted)} finished{first}"
+        f"{len(state.counted)} finished{_first_failure(state)}"
     )
 
 

@@ -40,6 +40,7 @@ class Settings:
     pruner: DictConfig | None = None
     trial_output: str = "file"
     confirm: DictConfig | None = None
+    app: str | None = None
 
     @property
     def top_k(self) -> int:

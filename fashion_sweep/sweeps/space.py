@@ -67,20 +67,30 @@ def exists(config: Any, key: str) -> bool:
     return node is not None and leaf in node
 
 
-def direction(setting: Any, metric: str) -> str:
-    """hydra.sweeper.direction as one direction, the one `metric` needs."""
-    if not isinstance(setting, str):
-        directions = list(setting) if OmegaConf.is_list(setting) else [setting]
-        if len(directions) != 1:
-            raise SweepError("hydra.sweeper.direction: one direction, for optimized_metric")
-        setting = getattr(directions[0], "name", directions[0])
-    expected = "minimize" if metric.endswith("loss") else "maximize"
-    if setting != expected:
+def directions(setting: Any, metrics: list[str] | None, checked: bool) -> list[str]:
+    """hydra.sweeper.direction as a list, one per metric (`metrics`: the app's names;
+    None: as many as directions are given); where `checked` (this project's metrics), each
+    the direction its metric needs."""
+    given = (
+        list(setting)
+        if isinstance(setting, list | tuple) or OmegaConf.is_list(setting)
+        else [setting]
+    )
+    given = [str(getattr(d, "name", d)).lower() for d in given]
+    for d in given:
+        if d not in ("minimize", "maximize"):
+            raise SweepError(f"hydra.sweeper.direction: {d} is neither minimize nor maximize")
+    if metrics is not None and len(given) != len(metrics):
         raise SweepError(
-            f"hydra.sweeper.direction={setting} would {setting} {metric}; "
-            f"set hydra.sweeper.direction={expected}"
+            f"hydra.sweeper.direction gives {len(given)} direction(s) for "
+            f"{len(metrics)} metric(s) ({', '.join(metrics)}): one per metric"
         )
-    return setting
+    for i, (d, metric) in enumerate(zip(given, metrics or [], strict=False)):
+        expected = "minimize" if metric.endswith(("loss", "seconds")) else "maximize"
+        if checked and d != expected:
+            where = "direction" if len(given) == 1 else f"direction[{i}]"
+            raise SweepError(f"hydra.sweeper.{where}={d} would {d} {metric}; set it to {expected}")
+    return given
 
 
 def related(keys: tuple[str, ...], space: dict[str, BaseDistribution]) -> bool:

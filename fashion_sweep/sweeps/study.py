@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -111,14 +112,18 @@ def forget() -> None:
 
 
 def open_study(
-    name: str, where: Any, sampler: BaseSampler, direction: str, pruner: Any = None
+    name: str, where: Any, sampler: BaseSampler, directions: list[str], pruner: Any = None
 ) -> tuple[optuna.Study, bool]:
     """The study, and whether this process created it (the database decides the race).
     The pruner decides nothing here (each trial asks its own, pruning.Pruning); the
     sampler reads it (TPE keeps Hyperband's brackets apart)."""
     try:
         return optuna.create_study(
-            study_name=name, storage=where, sampler=sampler, direction=direction, pruner=pruner
+            study_name=name,
+            storage=where,
+            sampler=sampler,
+            directions=directions,
+            pruner=pruner,
         ), True
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(
@@ -144,10 +149,10 @@ def computed(key: str) -> bool:
     return not _under(key.lstrip("+~"), RUNTIME_KEYS)
 
 
-def name_metric(held: optuna.Study, metric: str) -> None:
-    """The study's objective named (Optuna's plots and dashboard then say `metric`)."""
-    if held.metric_names != [metric]:
-        quiet(held.set_metric_names, [metric])
+def name_metric(held: optuna.Study, metrics: list[str]) -> None:
+    """The study's objectives named (Optuna's plots and dashboard then say them)."""
+    if held.metric_names != metrics:
+        quiet(held.set_metric_names, metrics)
 
 
 def definition(
@@ -155,8 +160,8 @@ def definition(
     space: dict[str, BaseDistribution],
     fixed: dict[str, Any],
     sampler: DictConfig,
-    metric: str,
-    direction: str,
+    metrics: list[str],
+    directions: list[str],
     extender: str | None = None,
     pruner: DictConfig | None = None,
 ) -> dict[str, Any]:
@@ -184,7 +189,7 @@ def definition(
         if not _under(key, RUNTIME_KEYS) and not _under(key, tuple(space))
     }
     return {
-        "objective": f"{direction} {metric}",
+        "objective": ", ".join(f"{d} {m}" for d, m in zip(directions, metrics, strict=True)),
         "sampler": OmegaConf.to_container(sampler, resolve=True),
         **({"pruner": OmegaConf.to_container(pruner, resolve=True)} if pruner else {}),
         "space": {key: repr(d) for key, d in sorted(space.items())},
@@ -250,15 +255,18 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, **result: Any) -> None:
 def record(
     study: optuna.Study,
     trial: optuna.Trial,
-    outcome: float | str,
+    outcome: Any,
     run_id: str | None,
     pruned: int | None = None,
 ) -> bool:
-    """Tells the study a trial's outcome: its value, the reason it failed (user attr
-    `failure_reason`), or that it was pruned after epoch `pruned` (PRUNED, user attr
-    `pruned`; a run.Objective says so itself), with its MLflow run. False if the
-    trial had already been ended (cut off by the sweep, or found dead)."""
+    """Tells the study a trial's outcome: its value (one per direction), the reason it
+    failed (user attr `failure_reason`; a value that is none, too), or that it was
+    pruned after epoch `pruned` (PRUNED, user attr `pruned`; a run.Objective says so
+    itself, a Pruned knows its step or not), with its MLflow run. False if the trial had
+    already been ended (cut off by the sweep, or found dead)."""
     pruned = pruned or getattr(outcome, "pruned", None)
+    if not isinstance(outcome, str) and not pruned:
+        outcome = values_of(outcome, len(study.directions))
     try:
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
@@ -266,13 +274,40 @@ def record(
             trial.set_user_attr(FAILURE, outcome)
             tell(study, trial, state=TrialState.FAIL)
         elif pruned:
-            trial.set_user_attr(PRUNED, pruned)
+            if pruned is not True:
+                trial.set_user_attr(PRUNED, pruned)
             tell(study, trial, state=TrialState.PRUNED)
         else:
-            tell(study, trial, values=float(outcome))
+            tell(study, trial, values=outcome)
     except (ValueError, UpdateFinishedTrialError):
         return False
     return True
+
+
+def values_of(returned: Any, directions: int) -> list[float] | str:
+    """What a task function returned as the study's values, one per direction; or why
+    it is none (a failure reason)."""
+    many = isinstance(returned, list | tuple) or OmegaConf.is_list(returned)
+    raw = list(returned) if many else [returned]
+    wanted = "a number" if directions == 1 else f"{directions} numbers, one per direction"
+    shown = repr(returned) if len(repr(returned)) <= 80 else f"{repr(returned)[:77]}..."
+    try:
+        values = [float(v) for v in raw]
+    except (TypeError, ValueError):
+        return f"the task returned {shown}, not {wanted}"
+    if len(values) != directions:
+        return f"the task returned {len(values)} values, not {wanted}"
+    if any(math.isnan(v) for v in values):
+        return f"the task returned {shown}: nan is no value"
+    return values
+
+
+class Pruned:
+    """The outcome of a job whose task stopped because its trial was pruned
+    (optuna.TrialPruned), after step `pruned` where known (True: not known)."""
+
+    def __init__(self, step: int | None) -> None:
+        self.pruned = step if step else True
 
 
 def cut_off(study: optuna.Study, trial: optuna.Trial, why: str) -> bool:
@@ -334,15 +369,20 @@ def load(url: str | None, name: str, pruner: Any = None) -> tuple[optuna.Study, 
 
 
 def outcome_of(
-    job: Any, uri: str, parent_run_id: str, number: int, quiet: bool = False
-) -> tuple[float | str, str | None] | None:
-    """A job's outcome (its value, or why it failed) and its MLflow run; None for a job
-    cut off by a signal, which the sweep marks. `quiet`: without Hydra's "Error
-    executing job with overrides" block on stderr (the trial's log has its traceback)."""
+    job: Any, uri: str | None, parent_run_id: str | None, number: int, quiet: bool = False
+) -> tuple[Any, str | None] | None:
+    """A job's outcome (its value, Pruned, or why it failed) and its MLflow run (where
+    the sweep has runs: `uri`, `parent_run_id`); None for a job cut off by a signal,
+    which the sweep marks. `quiet`: without Hydra's "Error executing job with overrides"
+    block on stderr (the trial's log has its traceback)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
             outcome = job.return_value  # re-raises the job's exception
+    except optuna.TrialPruned as pruned:  # trial.report's, or the app's own
+        return Pruned(getattr(pruned, "step", None)), None
     except Exception as error:
+        if not parent_run_id:
+            return one_line(error), None
         from fashion_sweep.tracking.sweep_runs import trial_run_id  # a failed job's run
 
         return one_line(error), trial_run_id(uri, parent_run_id, number)

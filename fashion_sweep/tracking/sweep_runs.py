@@ -102,11 +102,13 @@ def trial_run_id(uri: str, parent_run_id: str, trial: int) -> str | None:
     return run.info.run_id if run else None
 
 
-def ended_as(run: mlflow.entities.Run, metric: str) -> float | str | None:
-    """How a trial's run ended: the value of `metric` if it finished, the failure_reason
-    if it failed on its own, None if it did not end (running, killed)."""
-    if run.info.status == "FINISHED" and metric in run.data.metrics:
-        return run.data.metrics[metric]
+def ended_as(run: mlflow.entities.Run, metrics: list[str]) -> Any:
+    """How a trial's run ended: the value of each of `metrics` if it finished (one: a
+    float), the failure_reason if it failed on its own, None if it did not end
+    (running, killed)."""
+    held = run.data.metrics
+    if run.info.status == "FINISHED" and all(m in held for m in metrics):
+        return held[metrics[0]] if len(metrics) == 1 else [held[m] for m in metrics]
     if run.info.status == "FAILED" and "failure_reason" in run.data.tags:
         return run.data.tags["failure_reason"]
     return None
@@ -236,6 +238,14 @@ def summary(
             f"**Best: [{best.info.run_name}]({links.run(experiment_id, best.info.run_id)})**"
             f" ({found['optimized_metric']}): {numbers(best, '**')}"
         )
+    if found.get("solutions"):  # a multi-objective study's Pareto front
+        names = found["optimized_metric"]
+        lines.append(f"**Pareto front** ({', '.join(names)}): {len(found['solutions'])} trials")
+        for s in found["solutions"]:
+            values = ", ".join(f"{m} {v:.4g}" for m, v in zip(names, s["values"], strict=True))
+            where = links.run(experiment_id, s["run_id"]) if s.get("run_id") else None
+            name = f"[trial {s['trial']}]({where})" if where else f"trial {s['trial']}"
+            lines.append(f"- {name}: {values}")
     if stage := found.get("confirmation"):
         lines.append(f"Confirmed with {stage['seeds']} new seeds each (mean, 95% interval):")
         lines += [f"Not confirmed: {c['label']}, all its runs failed" for c in stage["unconfirmed"]]

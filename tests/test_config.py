@@ -134,6 +134,8 @@ def test_composition_rejects_and_names_the_key(compose, override, error, named):
         ("trainer.epochs=0", "trainer.epochs"),
         ("optimized_metric=val/accuracy", "data.val_size"),
         ("optimized_metric=accuracy", "optimized_metric"),
+        ("optimized_metric=[test/accuracy,speed]", "optimized_metric must be one of"),
+        ("optimized_metric=[test/loss,test/loss]", "a list of distinct ones"),
         ("optimizer=adam optimizer.betas=[0.9,1.5]", "optimizer.betas"),
         ("optimizer.lr=inf", "optimizer.lr must be a finite number > 0, got inf"),
         ("optimizer.lr=nan", "optimizer.lr must be a finite number > 0, got nan"),

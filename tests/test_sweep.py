@@ -407,6 +407,43 @@ def test_a_key_the_config_lacks_is_searched_and_its_name_logged_as_mlflow_takes_
     assert dampening in values and len(values) == 2  # each trial's run has its own
 
 
+def test_a_multi_objective_sweep_reports_its_pareto_front_everywhere_a_user_looks(sweep, tmp_path):
+    done = sweep(
+        "hydra.sweeper.n_trials=5",
+        "optimized_metric=[val/accuracy,perf/epoch_seconds]",
+        "hydra.sweeper.direction=[maximize,minimize]",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = results(tmp_path)
+    held = study(tmp_path, found["study_name"]).get_trials()
+    complete = [t for t in held if t.state == TrialState.COMPLETE]
+    assert len(complete) == 5 and "best_value" not in found
+    front = {s["trial"]: s for s in found["solutions"]}
+    for t in complete:  # on the front exactly when no other trial is as good in both
+        beaten = any(
+            o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values
+            for o in complete
+        )
+        assert (t.number in front) == (not beaten), t.number
+    client, (parent,), children = runs(tmp_path)
+    by_trial = {int(c.data.tags["trial"]): c for c in children}
+    for number, solution in front.items():  # each value is its run's, named in its order
+        run = by_trial[number]
+        assert solution["run_id"] == run.info.run_id
+        logged = [run.data.metrics["val/accuracy"], run.data.metrics["perf/epoch_seconds"]]
+        assert solution["values"] == pytest.approx(logged)
+    for number, run in by_trial.items():  # the MLflow UI filters the front by a tag
+        assert run.data.tags["pareto_front"] == str(number in front).lower()
+    assert parent.data.tags["pareto_front_trials"] == ",".join(map(str, front))
+    assert (
+        "**Pareto front** (val/accuracy, perf/epoch_seconds)"
+        in parent.data.tags["mlflow.note.content"]
+    )
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/pareto_front.png" in plots
+    assert f"Pareto front ({len(front)} trial" in done.stdout + done.stderr
+
+
 def test_a_sweep_in_which_no_trial_completed_fails_whatever_the_failure_rate_allows(
     sweep, tmp_path
 ):

@@ -440,7 +440,8 @@ def front(found: dict[str, Any]) -> list[str]:
     from fashion_sweep.sweeps.progress import label
 
     metrics = found["optimized_metric"]
-    said = [f"Pareto front ({len(found['solutions'])} trials, none better in every metric):"]
+    n = len(found["solutions"])
+    said = [f"Pareto front ({n} trial{'s' if n > 1 else ''}: none is better in every metric):"]
     for s in found["solutions"]:
         values = ", ".join(f"{m} {v:.4g}" for m, v in zip(metrics, s["values"], strict=True))
         said.append(f"  {label(s['trial'], s['params'])}: {values}")

@@ -165,6 +165,13 @@ def close_sweep_run(
                         if value is not None:
                             client.log_metric(run_id, f"confirmed/{name}/{what}", value)
         log_tags(client, run_id, tags)
+    if found.get("solutions"):  # a multi-objective study: its front, on each trial's run too
+        front = {s["run_id"]: s["trial"] for s in found["solutions"] if s.get("run_id")}
+        log_tags(client, run_id, {"pareto_front_trials": ",".join(map(str, front.values()))})
+        trials = trials or trials_of(run_id)
+        for child in trials[1]:
+            on = "true" if child.info.run_id in front else "false"
+            client.set_tag(child.info.run_id, "pareto_front", on)
     if "failure_reason" in client.get_run(run_id).data.tags:  # another worker's interruption
         client.delete_tag(run_id, "failure_reason")
     for name, figure in (figures or {}).items():

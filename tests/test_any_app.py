@@ -4,12 +4,16 @@ Each sweep runs as its user runs it, in a process of its own."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -49,6 +53,82 @@ def test_another_apps_trials_are_pruned_through_the_one_reporting_call(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(study.get_trials()) == 12
     assert OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml").finished == 12
+
+
+def test_an_app_that_logs_to_mlflow_opts_in_to_a_parent_run_and_a_run_per_trial(tmp_path):
+    done = sweep(
+        tmp_path,
+        "hydra.sweeper.app=fashion_sweep.sweeps.apps.MlflowApp",
+        "log_to_mlflow=true",
+        "hydra.job.chdir=true",  # each job in its own folder: the store is still the sweep's
+        "hydra.sweeper.n_trials=8",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="quadratic", storage=f"sqlite:///{tmp_path}/study.db")
+    trials = study.get_trials()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = client.search_runs(["0"], "tags.`fashion_sweep.kind` = 'sweep'")
+    children = client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(client.search_runs(["0"])) == 1 + len(trials) == 9  # the app made none else
+    by_id = {c.info.run_id: c for c in children}
+    for t in trials:  # the app's own records and ours, in one run per trial
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED" and run.data.tags["trial"] == str(t.number)
+        assert run.data.params["steps"] == "4"  # the app's param
+        assert float(run.data.params["x"]) == pytest.approx(t.params["x"])  # the sweep's
+        assert run.data.metrics["loss"] == t.intermediate_values[max(t.intermediate_values)]
+        if t.state == TrialState.COMPLETE:
+            assert run.data.metrics["value"] == t.value
+        else:  # pruned: the app's `with mlflow.start_run()` ended it FAILED, we did not
+            assert t.state == TrialState.PRUNED and "value" not in run.data.metrics
+            assert run.data.tags["pruned"] == str(t.user_attrs["pruned"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["value"] == study.best_value
+    assert "Error executing job" not in done.stderr  # a pruned trial is no error
+
+
+def test_another_apps_sweep_killed_9_goes_on_where_it_stopped(tmp_path):
+    command = [sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    slow = [
+        *command,
+        "step_seconds=0.3",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.pruner.n_startup_trials=100",
+    ]
+    process = subprocess.Popen(
+        slow,
+        cwd=tmp_path,
+        start_new_session=True,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    storage = f"sqlite:///{tmp_path}/study.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # killed while a trial runs, after one finished
+        time.sleep(0.2)
+        try:
+            states = [
+                t.state
+                for t in optuna.load_study(study_name="quadratic", storage=storage).get_trials()
+            ]
+        except Exception:  # not made yet
+            continue
+        if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+            break
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    cut = optuna.load_study(study_name="quadratic", storage=storage).get_trials()[-1]
+    assert cut.state == TrialState.RUNNING  # as kill -9 left it
+    again = subprocess.run(slow, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()
+    assert all(t.state.is_finished() for t in trials)
+    assert trials[cut.number].state == TrialState.FAIL  # cut off, and run again once
+    rerun = [t for t in trials if t.params == cut.params and t.number != cut.number]
+    assert [t.state for t in rerun] == [TrialState.COMPLETE]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 10  # n_trials, counted
 
 
 def test_a_task_that_returns_no_number_fails_its_trial_saying_so(tmp_path):

@@ -13,6 +13,7 @@ registered. docs/any-app.md says what another app gets and how to opt in.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from hydra.utils import get_class
@@ -21,10 +22,15 @@ from omegaconf import DictConfig
 from fashion_sweep.sweeps.settings import SweepError
 
 if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
     from fashion_sweep.sweeps.compose import ComposeOnce
     from fashion_sweep.sweeps.space import Space
 
 STUDY, TRIAL = "FASHION_SWEEP_STUDY", "FASHION_SWEEP_TRIAL"
+# the trial's MLflow run, which WithRunId hands on as MLFLOW_RUN_ID (MlflowApp)
+RUN_ID = "FASHION_SWEEP_MLFLOW_RUN_ID"
 
 
 class App:
@@ -33,6 +39,9 @@ class App:
     # whether each trial's output goes to its folder's log (hydra.sweeper.trial_output=
     # file); any app: its output is its own, on the console
     logs_trials = False
+    # whether the best trial's run holds a model fashion_sweep.predict loads, registered
+    # as tracking.registered_model
+    has_model = False
 
     def __init__(self, config: DictConfig) -> None:
         self.config = config
@@ -41,6 +50,11 @@ class App:
     def tracking_uri(self) -> str | None:
         """MLflow's store for the sweep's parent run and its trials' runs; None: no runs."""
         return None
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of the parent and trial runs."""
+        return "Default"
 
     def metrics(self) -> list[str] | None:
         """The names of a trial's values, one per direction, each checked against its
@@ -68,23 +82,80 @@ class App:
             )
 
     def overrides(
-        self, study: str, number: int, parent: str | None, label: str, confirms: int | None
+        self, study: str, trial: optuna.Trial, parent: str | None, label: str, confirms: int | None
     ) -> list[str]:
         """What a trial's job gets besides its values: its place in the study."""
         return [
             f"++hydra.job.env_set.{STUDY}='{study}'",
-            f"++hydra.job.env_set.{TRIAL}='{number}'",
+            f"++hydra.job.env_set.{TRIAL}='{trial.number}'",
         ]
+
+    def ended(self, trial: FrozenTrial, metrics: list[str]) -> None:
+        """Told of each of this worker's trials as the study records its end."""
+
+
+class MlflowApp(App):
+    """Any Hydra app that logs to MLflow itself, opted in to the parent and child runs
+    (hydra.sweeper.app=fashion_sweep.sweeps.apps.MlflowApp): the sweep makes each
+    trial's run under the study's parent run before its job starts, with the trial's
+    params, and the job gets its id as MLFLOW_RUN_ID, so the app's mlflow.start_run()
+    continues that run. As the trial ends, the sweep logs its value(s) there, and ends
+    the run as the trial ended if the app did not. The store and experiment are
+    MLFLOW_TRACKING_URI's and MLFLOW_EXPERIMENT_NAME's (sqlite:///mlflow.db in the
+    folder the sweep starts in, Default); a subclass may set others."""
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+
+    @property
+    def experiment(self) -> str:
+        return os.environ.get("MLFLOW_EXPERIMENT_NAME", "Default")
+
+    def overrides(
+        self, study: str, trial: optuna.Trial, parent: str | None, label: str, confirms: int | None
+    ) -> list[str]:
+        from fashion_sweep.tracking import stores, sweep_runs
+
+        uri = stores.absolute(str(self.tracking_uri))  # a job may run in its own folder
+        run_id = sweep_runs.open_trial_run(uri, parent, trial.number, label, trial.params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        return [
+            *super().overrides(study, trial, parent, label, confirms),
+            f"++hydra.job.env_set.{RUN_ID}='{run_id}'",
+            f"++hydra.job.env_set.MLFLOW_TRACKING_URI='{uri}'",
+        ]
+
+    def ended(self, trial: FrozenTrial, metrics: list[str]) -> None:
+        from optuna.trial import TrialState
+
+        from fashion_sweep.sweeps.schedule import CUT_OFF, FAILURE, PRUNED
+        from fashion_sweep.tracking import sweep_runs
+
+        run_id, attrs = trial.user_attrs.get("mlflow_run_id"), trial.user_attrs
+        if not run_id or CUT_OFF in attrs:  # a cut-off trial's run: the sweep KILLED it
+            return
+        complete = trial.state == TrialState.COMPLETE
+        values = dict(zip(metrics, trial.values, strict=True)) if complete else {}
+        pruned = attrs.get(PRUNED, trial.last_step) if trial.state == TrialState.PRUNED else None
+        failed = attrs.get(FAILURE, "failed") if trial.state == TrialState.FAIL else None
+        uri = str(self.tracking_uri)
+        sweep_runs.end_trial_run(uri, run_id, values, trial.last_step or 0, pruned, failed)
 
 
 class FashionSweepApp(App):
     """fashion_sweep.train: config.optimized_metric, config.tracking, trainer.seed."""
 
     logs_trials = True
+    has_model = True
 
     @property
     def tracking_uri(self) -> str | None:
         return str(self.config.tracking.uri)
+
+    @property
+    def experiment(self) -> str:
+        return str(self.config.tracking.experiment)
 
     def metrics(self) -> list[str] | None:
         metric = self.config.optimized_metric
@@ -99,15 +170,47 @@ class FashionSweepApp(App):
         preflight(self.config, compose, searched)
 
     def overrides(
-        self, study: str, number: int, parent: str | None, label: str, confirms: int | None
+        self, study: str, trial: optuna.Trial, parent: str | None, label: str, confirms: int | None
     ) -> list[str]:
         return [
             f"tracking.parent_run_id='{parent}'",
-            f"tracking.trial={number}",
+            f"tracking.trial={trial.number}",
             f"tracking.study='{study}'",
             f"tracking.run_name='{label}'",
             *([f"tracking.confirms={confirms}"] if confirms is not None else []),
         ]
+
+
+class WithRunId:
+    """An MlflowApp's task function, run with MLFLOW_RUN_ID set to its trial's run (from
+    RUN_ID), so that the app's mlflow.start_run() continues it. Not through
+    hydra.job.env_set: mlflow.end_run() deletes MLFLOW_RUN_ID, and Hydra's restore of
+    the environment then fails on it."""
+
+    def __init__(self, task_function: Any) -> None:
+        self.task_function = task_function
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        run_id = os.environ.get(RUN_ID)
+        if run_id is None:
+            return self.task_function(cfg)
+        before = os.environ.get("MLFLOW_RUN_ID")
+        os.environ["MLFLOW_RUN_ID"] = run_id
+        try:
+            return self.task_function(cfg)
+        finally:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+            if before is not None:
+                os.environ["MLFLOW_RUN_ID"] = before
+
+
+def task(name: str | None, task_function: Any) -> Any:
+    """The task function the launcher runs for the app `name` names."""
+    try:
+        chosen = get_class(name) if name else App
+    except Exception:
+        return task_function  # make() says what is wrong, as the sweep opens
+    return WithRunId(task_function) if issubclass(chosen, MlflowApp) else task_function
 
 
 def make(name: str | None, config: DictConfig) -> App:

@@ -339,6 +339,8 @@ class Sweep:
                 log.warning(f"Trial {trial.number} failed: {reason}")
             self.beats.discard(self._trial_id(trial.number))
             self.pending.remove(trial)
+            ended = self.opened.where.get_trial(self._trial_id(trial.number))
+            self.opened.app.ended(ended, self.opened.metrics)
 
     def _died(self, trial: optuna.Trial, error: BaseException) -> None:
         """A trial whose process died under it (killed, out of memory): cut off, to run
@@ -382,7 +384,7 @@ class Sweep:
             values[key] = attrs[confirm.SEED]
             fixed = [o for o in fixed if o.lstrip("+~").split("=")[0] != key]
             name_of += f" {key.rsplit('.', 1)[-1]}={attrs[confirm.SEED]} (confirms {confirms})"
-        place = self.opened.app.overrides(name, trial.number, self.opened.parent, name_of, confirms)
+        place = self.opened.app.overrides(name, trial, self.opened.parent, name_of, confirms)
         return (*(f"{key}={value}" for key, value in values.items()), *fixed, *place)
 
     def _step_aside(self, trial: optuna.Trial, why: str) -> None:

@@ -308,9 +308,9 @@ def parent_run(
             break
         time.sleep(0.5)
         parent = held.user_attrs.get(PARENT_RUN)
-    tracking = config.tracking
+    app = apps.make(config.hydra.sweeper.get("app"), config)
     run_id = sweep_runs.open_sweep_run(
-        tracking.uri, tracking.experiment, name, tags, parent, params
+        str(app.tracking_uri), app.experiment, name, tags, parent, params
     )
     if run_id != parent:
         held.set_user_attr(PARENT_RUN, run_id)

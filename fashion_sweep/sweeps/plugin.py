@@ -122,8 +122,12 @@ class StudySweeper(Sweeper):
         # the launcher composes each trial's config through this loader: once per sweep
         self.compose = ComposeOnce(hydra_context.config_loader)
         hydra_context = dataclasses.replace(hydra_context, config_loader=self.compose)
+        from fashion_sweep.sweeps.apps import task
+
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
+            hydra_context=hydra_context,
+            task_function=task(self.settings.app, task_function),
+            config=config,
         )
 
     def sweep(self, arguments: list[str]) -> None:

@@ -102,10 +102,8 @@ def best_before(trials: list[FrozenTrial], end: datetime, maximize: bool) -> Fro
         and t.datetime_complete
         and t.datetime_complete <= end
     ]
-    pick = max if maximize else min
-    return (
-        pick(done, key=lambda t: (t.value if maximize else -t.value, -t.number)) if done else None
-    )
+    # the best value, the earlier trial among equals
+    return max(done, key=lambda t: (t.value if maximize else -t.value, -t.number)) if done else None
 
 
 def line(

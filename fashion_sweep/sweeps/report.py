@@ -38,7 +38,7 @@ def finish(opened: Opened, config: DictConfig) -> None:
     OmegaConf.save(OmegaConf.create(found), path)
     for text in answer(opened, found, trials):
         log.info(text)
-    model = winner.register(config, found.get("best_run_id")) if tracked else None
+    model = winner.register(config, found.get("best_run_id")) if opened.app.has_model else None
     if model:
         found["best_model_uri"] = model
         OmegaConf.save(OmegaConf.create(found), path)
@@ -99,7 +99,7 @@ def where_to_look(
     if opened.parent is None:
         plotted = Path(opened.sweep_dir, "plots", "sweep.html")
         return [f"Plots: {plotted}", f"Results: {path}"]
-    uri = str(config.tracking.uri)
+    uri = str(opened.app.tracking_uri)
     experiment_id, children = trials
     ui = links.ui(uri)
     best = sweep_runs.best_of(children, found)
@@ -115,7 +115,7 @@ def where_to_look(
         said.append("(the links open once `mlflow ui` runs in this folder)")
     if found.get("best_model_uri"):
         said.append(f"Best model: mlflow.pyfunc.load_model({found['best_model_uri']!r})")
-    if best is not None:
+    if best is not None and opened.app.has_model:
         store = "" if uri == links.DEFAULT_STORE else f" tracking.uri={redact(uri)}"
         said.append(
             f"Predict with it: python -m fashion_sweep.predict run_id={best.info.run_id}{store}"

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -375,12 +376,15 @@ def outcome_of(
     the sweep has runs: `uri`, `parent_run_id`); None for a job cut off by a signal,
     which the sweep marks. `quiet`: without Hydra's "Error executing job with overrides"
     block on stderr (the trial's log has its traceback)."""
+    said = io.StringIO()  # Hydra's "Error executing job" block, said below where it is news
     try:
-        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        with contextlib.redirect_stderr(said):
             outcome = job.return_value  # re-raises the job's exception
-    except optuna.TrialPruned as pruned:  # trial.report's, or the app's own
+    except optuna.TrialPruned as pruned:  # trial.report's, or the app's own: no error
         return Pruned(getattr(pruned, "step", None)), None
     except Exception as error:
+        if not quiet:
+            sys.stderr.write(said.getvalue())
         if not parent_run_id:
             return one_line(error), None
         from fashion_sweep.tracking.sweep_runs import trial_run_id  # a failed job's run

@@ -97,6 +97,44 @@ def trial_run(uri: str, parent_run_id: str, trial: int) -> mlflow.entities.Run |
     return runs[0] if runs else None
 
 
+def open_trial_run(
+    uri: str, parent_run_id: str | None, trial: int, name: str, params: dict[str, Any]
+) -> str:
+    """A trial's run under the sweep's parent run, made before its job starts (for an app
+    that logs to MLflow itself: apps.MlflowApp), with the trial's params."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(str(parent_run_id)).info.experiment_id
+    tags = {"mlflow.parentRunId": str(parent_run_id), "trial": str(trial), KIND_TAG: "trial"}
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    logged = [Param(in_config(key), str(value)[:6000]) for key, value in params.items()]
+    client.log_batch(run_id, params=logged)
+    return run_id
+
+
+def end_trial_run(
+    uri: str,
+    run_id: str,
+    values: dict[str, float],
+    step: int,
+    pruned: int | None = None,
+    failed: str | None = None,
+) -> None:
+    """A trial's run, as its trial ended (apps.MlflowApp): its `values` logged at `step`
+    (its last), `pruned` after that step or `failed` for that reason, and the run ended
+    so where the app left it running."""
+    client = MlflowClient(absolute(uri))
+    for metric, value in values.items():
+        client.log_metric(run_id, metric, value, step=step)
+    if pruned is not None:  # FINISHED, as a pruned trial of ours: an app's `with
+        # mlflow.start_run()` ended it FAILED on optuna.TrialPruned
+        client.set_tag(run_id, "pruned", str(pruned))
+        end_run(run_id, "FINISHED", anew=True, uri=uri)
+    elif failed is not None:
+        end_run(run_id, "FAILED", failed, if_running=True, uri=uri)
+    else:
+        end_run(run_id, "FINISHED", if_running=True, uri=uri)
+
+
 def trial_run_id(uri: str, parent_run_id: str, trial: int) -> str | None:
     run = trial_run(uri, parent_run_id, trial)
     return run.info.run_id if run else None
@@ -224,7 +262,7 @@ def numbers(run: mlflow.entities.Run, mark: str = "") -> str:
     """A run's validation and test numbers: `test/accuracy 0.7735, ...` (`mark` around
     each value, `**` for bold)."""
     metrics = run.data.metrics
-    shown = sorted(k for k in metrics if k.split("/")[0] in ("val", "test"))
+    shown = sorted(k for k in metrics if k.split("/")[0] in ("val", "test")) or sorted(metrics)
     return ", ".join(f"{key} {mark}{metrics[key]:.4g}{mark}" for key in shown)
 
 

@@ -1,6 +1,10 @@
 """Another team's Hydra app, as tests/test_any_app.py sweeps it with our sweeper: it
 knows nothing of fashion_sweep but the one reporting call that lets its trials be
-pruned (docs/any-app.md)."""
+pruned (docs/any-app.md). With log_to_mlflow=true it logs to MLflow itself, as such
+apps do."""
+
+import contextlib
+import time
 
 import hydra
 from omegaconf import DictConfig
@@ -12,10 +16,21 @@ from fashion_sweep.sweeps.pruning import report
 def fit(cfg: DictConfig) -> float | None:
     if cfg.give_nothing:
         return None
-    loss = 0.0
-    for step in range(1, cfg.steps + 1):
-        loss = (cfg.x - 2) ** 2 + 1 / step  # each step closer to the trial's own floor
-        report(loss, step)
+    run = contextlib.nullcontext()
+    if cfg.log_to_mlflow:
+        import mlflow
+
+        run = mlflow.start_run()
+    with run:
+        if cfg.log_to_mlflow:
+            mlflow.log_param("steps", cfg.steps)
+        loss = 0.0
+        for step in range(1, cfg.steps + 1):
+            loss = (cfg.x - 2) ** 2 + 1 / step  # each step closer to the trial's own floor
+            time.sleep(cfg.step_seconds)
+            if cfg.log_to_mlflow:
+                mlflow.log_metric("loss", loss, step=step)
+            report(loss, step)
     return loss
 
 

@@ -4,6 +4,7 @@ Each sweep runs as its user runs it, in a process of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -129,6 +130,43 @@ def test_another_apps_sweep_killed_9_goes_on_where_it_stopped(tmp_path):
     rerun = [t for t in trials if t.params == cut.params and t.number != cut.number]
     assert [t.state for t in rerun] == [TrialState.COMPLETE]
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 10  # n_trials, counted
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])
+def test_another_apps_trials_in_joblib_workers_do_not_outlive_their_sweep(tmp_path, how):
+    command = [sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    command += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
+    command += ["step_seconds=0.5", "steps=100", "hydra.sweeper.pruner.n_startup_trials=100"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a pipe would wait for every child
+        process = subprocess.Popen(
+            command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    storage = f"sqlite:///{tmp_path}/study.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # both trials training in joblib's workers
+        time.sleep(0.3)
+        with contextlib.suppress(Exception):  # the study not made yet
+            trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()
+            if sum(bool(t.intermediate_values) for t in trials) == 2:
+                break
+    os.kill(process.pid, how)  # the sweep alone: its workers are left to notice
+    process.wait(timeout=60)
+    err = (tmp_path / "stderr.txt").read_text()
+    gone = time.monotonic() + 30
+    while time.monotonic() < gone:  # every process of the sweep's session ends
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("a trial's process outlived its sweep")
+    trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()
+    if how == signal.SIGTERM:  # its trials cut off, to run again; the end said in one line
+        assert process.returncode == -signal.SIGTERM
+        assert err.strip().splitlines()[-1] == "error: interrupted: SIGTERM"
+        assert [t.user_attrs.get("interrupted") for t in trials] == ["interrupted: SIGTERM"] * 2
 
 
 def test_a_task_that_returns_no_number_fails_its_trial_saying_so(tmp_path):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from fashion_sweep.sweeps.space import Space
 
 STUDY, TRIAL = "FASHION_SWEEP_STUDY", "FASHION_SWEEP_TRIAL"
-# the trial's MLflow run, which WithRunId hands on as MLFLOW_RUN_ID (MlflowApp)
+# the trial's MLflow run, which AppTask hands on as MLFLOW_RUN_ID (MlflowApp)
 RUN_ID = "FASHION_SWEEP_MLFLOW_RUN_ID"
 
 
@@ -181,36 +181,47 @@ class FashionSweepApp(App):
         ]
 
 
-class WithRunId:
-    """An MlflowApp's task function, run with MLFLOW_RUN_ID set to its trial's run (from
-    RUN_ID), so that the app's mlflow.start_run() continues it. Not through
-    hydra.job.env_set: mlflow.end_run() deletes MLFLOW_RUN_ID, and Hydra's restore of
-    the environment then fails on it."""
+class AppTask:
+    """Another app's task function, as a sweep of ours runs each trial of it:
+    - in a process a launcher started (joblib, submitit), it stops, its process exiting,
+      when the sweep worker that launched it dies (workers.watched), as this project's
+      trials do (fashion_sweep.train does so itself);
+    - for an MlflowApp, with MLFLOW_RUN_ID set to its trial's run (from RUN_ID), so that
+      the app's mlflow.start_run() continues it. Not through hydra.job.env_set:
+      mlflow.end_run() deletes MLFLOW_RUN_ID, and Hydra's restore of the environment
+      then fails on it."""
 
     def __init__(self, task_function: Any) -> None:
         self.task_function = task_function
 
     def __call__(self, cfg: DictConfig) -> Any:
+        from fashion_sweep import signals
+        from fashion_sweep.sweeps.workers import watched
+
         run_id = os.environ.get(RUN_ID)
-        if run_id is None:
-            return self.task_function(cfg)
         before = os.environ.get("MLFLOW_RUN_ID")
-        os.environ["MLFLOW_RUN_ID"] = run_id
+        if run_id is not None:
+            os.environ["MLFLOW_RUN_ID"] = run_id
         try:
-            return self.task_function(cfg)
+            with signals.interrupts(), watched():
+                return self.task_function(cfg)
         finally:
-            os.environ.pop("MLFLOW_RUN_ID", None)
-            if before is not None:
-                os.environ["MLFLOW_RUN_ID"] = before
+            if run_id is not None:
+                os.environ.pop("MLFLOW_RUN_ID", None)
+                if before is not None:
+                    os.environ["MLFLOW_RUN_ID"] = before
 
 
 def task(name: str | None, task_function: Any) -> Any:
-    """The task function the launcher runs for the app `name` names."""
+    """The task function the launcher runs for the app `name` names: this project's as
+    it is, another app's as an AppTask."""
     try:
         chosen = get_class(name) if name else App
     except Exception:
         return task_function  # make() says what is wrong, as the sweep opens
-    return WithRunId(task_function) if issubclass(chosen, MlflowApp) else task_function
+    if isinstance(chosen, type) and issubclass(chosen, FashionSweepApp):
+        return task_function
+    return AppTask(task_function)
 
 
 def make(name: str | None, config: DictConfig) -> App:

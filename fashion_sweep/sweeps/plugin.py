@@ -10,6 +10,7 @@ plugin; the sweep itself (loop.py: Optuna, MLflow) is imported when a sweep star
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,17 @@ class StudySweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         self.settings.check()
+        from fashion_sweep import signals
         from fashion_sweep.sweeps.loop import Sweep
 
-        Sweep(self.settings, self.config, self.launcher, self.compose).run(arguments)
+        # SIGTERM and SIGHUP end a sweep of any app as Ctrl-C does (this project's entry
+        # point has done so already: mistakes.run)
+        outermost = not signals.active()
+        try:
+            with signals.interrupts():
+                Sweep(self.settings, self.config, self.launcher, self.compose).run(arguments)
+        except KeyboardInterrupt as stop:
+            if not outermost:
+                raise
+            print(f"error: {signals.reason(stop)}", file=sys.stderr)
+            signals.exit_like(stop)

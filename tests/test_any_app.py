@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import optuna
@@ -54,6 +55,9 @@ def test_another_apps_trials_are_pruned_through_the_one_reporting_call(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(study.get_trials()) == 12
     assert OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml").finished == 12
+    # each trial's folder is its number, unique in the study, not Hydra's job number
+    folders = [int(p.name) for p in (tmp_path / "sweep").iterdir() if p.name.isdigit()]
+    assert sorted(folders) == list(range(12))
 
 
 def test_an_app_that_logs_to_mlflow_opts_in_to_a_parent_run_and_a_run_per_trial(tmp_path):
@@ -200,6 +204,12 @@ def test_a_task_that_returns_no_number_fails_its_trial_saying_so(tmp_path):
             ["hydra/launcher=packed"],
             "hydra/launcher=packed trains fashion_sweep.train's model in packs: it runs "
             "no other app's trials",
+        ),
+        pytest.param(
+            ["hydra/sweeper/sampler=cmaes"],
+            "hydra.sweeper.sampler: CmaEsSampler needs the package cmaes, which is not "
+            "installed here (pip install cmaes)",
+            marks=pytest.mark.skipif(bool(find_spec("cmaes")), reason="cmaes is installed"),
         ),
         (
             ["hydra.sweeper.app=collections.OrderedDict"],

@@ -17,7 +17,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fashion_sweep.sweeps.settings import SweepError
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from fashion_sweep.sweeps.space import Space
 
 STUDY, TRIAL = "FASHION_SWEEP_STUDY", "FASHION_SWEEP_TRIAL"
+JOB_NUM = "${hydra.job.num}"  # Hydra's hydra.sweep.subdir
 # the trial's MLflow run, which AppTask hands on as MLFLOW_RUN_ID (MlflowApp)
 RUN_ID = "FASHION_SWEEP_MLFLOW_RUN_ID"
 
@@ -67,8 +68,6 @@ class App:
 
     def seed(self, key: str) -> Any:
         """The seed the app's config gives `key`: no confirmation run takes it."""
-        from omegaconf import OmegaConf
-
         return OmegaConf.select(self.config, key)
 
     def check(self, compose: ComposeOnce, searched: Space) -> None:
@@ -84,10 +83,15 @@ class App:
     def overrides(
         self, study: str, trial: optuna.Trial, parent: str | None, label: str, confirms: int | None
     ) -> list[str]:
-        """What a trial's job gets besides its values: its place in the study."""
+        """What a trial's job gets besides its values: its place in the study; and where
+        the app keeps Hydra's folder per job (hydra.sweep.subdir=${hydra.job.num}, which
+        each run of a resumed study counts from 0 again), the trial's number as its
+        folder, unique in the study."""
+        subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)["subdir"]
         return [
             f"++hydra.job.env_set.{STUDY}='{study}'",
             f"++hydra.job.env_set.{TRIAL}='{trial.number}'",
+            *([f"hydra.sweep.subdir={trial.number}"] if subdir == JOB_NUM else []),
         ]
 
     def ended(self, trial: FrozenTrial, metrics: list[str]) -> None:

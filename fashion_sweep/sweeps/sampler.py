@@ -5,6 +5,7 @@ and resumes that start the same sampler never draw the same sequence."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,9 @@ SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 SEQUENCES = (optuna.samplers.GridSampler, optuna.samplers.QMCSampler)
 
 
+NEEDS = {optuna.samplers.CmaEsSampler: "cmaes"}
+
+
 def make_sampler(config: DictConfig, space: dict[str, BaseDistribution]) -> BaseSampler:
     """The configured sampler (for how many trials a finite space can give, any
     sampler's: space.size)."""
@@ -43,6 +47,12 @@ def make_sampler(config: DictConfig, space: dict[str, BaseDistribution]) -> Base
         first = make()  # its arguments, checked here, before any store opens
     except (TypeError, ValueError) as error:
         raise SweepError(f"hydra.sweeper.sampler: {str(error).splitlines()[0]}") from None
+    needs = NEEDS.get(kind)  # an optional package, which Optuna imports at the first ask
+    if needs and importlib.util.find_spec(needs) is None:
+        raise SweepError(
+            f"hydra.sweeper.sampler: {kind.__name__} needs the package {needs}, which is "
+            f"not installed here (pip install {needs})"
+        )
     if kind in SEQUENCES:
         return first
     return PerTrialSeed(make, config.get("seed"))

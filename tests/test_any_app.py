@@ -60,6 +60,28 @@ def test_another_apps_trials_are_pruned_through_the_one_reporting_call(tmp_path)
     assert sorted(folders) == list(range(12))
 
 
+def test_another_apps_trials_in_joblib_workers_and_folders_of_their_own_report(tmp_path):
+    # hydra.job.chdir=true: the study's relative sqlite:///study.db is still the sweep's
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.job.chdir=true"]
+    done = sweep(tmp_path, *joblib, "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="quadratic", storage=f"sqlite:///{tmp_path}/study.db")
+    trials = study.get_trials()
+    assert len(trials) == 8 and all(t.intermediate_values for t in trials)
+    assert not list(tmp_path.glob("sweep/*/study.db"))
+    # two objectives: reported values are not sent (Optuna cannot take them), nothing is
+    # pruned, and the front is the answer
+    two = ["objectives=2", "hydra.sweeper.direction=[minimize,minimize]"]
+    both = sweep(
+        tmp_path, *joblib, *two, "hydra/sweeper/pruner=none", "hydra.sweeper.study_name=two"
+    )
+    assert both.returncode == 0, both.stderr[-3000:]
+    front = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml").solutions
+    held = optuna.load_study(study_name="two", storage=f"sqlite:///{tmp_path}/study.db")
+    assert sorted(s.trial for s in front) == sorted(t.number for t in held.best_trials)
+    assert all(len(s["values"]) == 2 for s in front)
+
+
 def test_an_app_that_logs_to_mlflow_opts_in_to_a_parent_run_and_a_run_per_trial(tmp_path):
     done = sweep(
         tmp_path,
@@ -134,6 +156,9 @@ def test_another_apps_sweep_killed_9_goes_on_where_it_stopped(tmp_path):
     rerun = [t for t in trials if t.params == cut.params and t.number != cut.number]
     assert [t.state for t in rerun] == [TrialState.COMPLETE]
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 10  # n_trials, counted
+    # the killed worker's claim on the folder is taken over: the answer is where it was
+    assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+    assert not (tmp_path / "sweep-1").exists()
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])

@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
+from fashion_sweep.sweeps.apps import FashionSweepApp
 from fashion_sweep.sweeps.settings import SweepError
 from fashion_sweep.sweeps.space import directions, related
 
@@ -26,18 +27,19 @@ def test_a_sweeps_pre_check_leaves_to_the_trials_what_the_space_may_change():
 
 
 def test_the_direction_is_the_one_the_metric_needs():
-    assert directions("maximize", ["val/accuracy"], True) == ["maximize"]
+    ours, anyone = FashionSweepApp(OmegaConf.create()).direction, lambda _: None
+    assert directions("maximize", ["val/accuracy"], ours) == ["maximize"]
     # as Hydra gives it
-    assert directions(OmegaConf.create(["minimize"]), ["val/loss"], True) == ["minimize"]
+    assert directions(OmegaConf.create(["minimize"]), ["val/loss"], ours) == ["minimize"]
     with pytest.raises(SweepError, match="set it to maximize"):
-        directions("minimize", ["val/accuracy"], True)
+        directions("minimize", ["val/accuracy"], ours)
     with pytest.raises(SweepError, match=r"2 direction\(s\) for 1 metric\(s\) \(val/loss\)"):
-        directions(OmegaConf.create(["minimize", "maximize"]), ["val/loss"], True)
+        directions(OmegaConf.create(["minimize", "maximize"]), ["val/loss"], ours)
     pair = ["val/accuracy", "perf/epoch_seconds"]
-    assert directions(["maximize", "minimize"], pair, True) == ["maximize", "minimize"]
+    assert directions(["maximize", "minimize"], pair, ours) == ["maximize", "minimize"]
     with pytest.raises(SweepError, match=r"direction\[1\]=maximize would maximize perf"):
-        directions(["maximize", "maximize"], pair, True)
+        directions(["maximize", "maximize"], pair, ours)
     # any other app: as many values as directions, and no names to check them by
-    assert directions(["minimize", "maximize"], None, False) == ["minimize", "maximize"]
+    assert directions(["minimize", "maximize"], None, anyone) == ["minimize", "maximize"]
     with pytest.raises(SweepError, match="sideways is neither minimize nor maximize"):
-        directions("sideways", None, False)
+        directions("sideways", None, anyone)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from fashion_sweep.sweeps.space import Space
 
 STUDY, TRIAL = "FASHION_SWEEP_STUDY", "FASHION_SWEEP_TRIAL"
+CONFIRMS = "FASHION_SWEEP_CONFIRMS"  # a confirmation run's search trial: never pruned
 JOB_NUM = "${hydra.job.num}"  # Hydra's hydra.sweep.subdir
 # the trial's MLflow run, which AppTask hands on as MLFLOW_RUN_ID (MlflowApp)
 RUN_ID = "FASHION_SWEEP_MLFLOW_RUN_ID"
@@ -62,6 +63,11 @@ class App:
         direction; None: as many values as directions, named `value` (`value_0`, ...)."""
         return None
 
+    def direction(self, metric: str) -> str | None:
+        """The direction `metric` needs, which hydra.sweeper.direction must give; None:
+        any."""
+        return None
+
     def seed_key(self, confirm: DictConfig | None) -> str | None:
         """The key a confirmation run's new seed is set on (hydra.sweeper.confirm.seed_key)."""
         return confirm.get("seed_key") if confirm is not None else None
@@ -91,6 +97,7 @@ class App:
         return [
             f"++hydra.job.env_set.{STUDY}='{study}'",
             f"++hydra.job.env_set.{TRIAL}='{trial.number}'",
+            *([f"++hydra.job.env_set.{CONFIRMS}='{confirms}'"] if confirms is not None else []),
             *([f"hydra.sweep.subdir={trial.number}"] if subdir == JOB_NUM else []),
         ]
 
@@ -137,8 +144,8 @@ class MlflowApp(App):
         from fashion_sweep.tracking import sweep_runs
 
         run_id, attrs = trial.user_attrs.get("mlflow_run_id"), trial.user_attrs
-        if not run_id or CUT_OFF in attrs:  # a cut-off trial's run: the sweep KILLED it
-            return
+        if not run_id or CUT_OFF in attrs or not trial.state.is_finished():
+            return  # a cut-off trial's run is the sweep's to end (KILLED)
         complete = trial.state == TrialState.COMPLETE
         values = dict(zip(metrics, trial.values, strict=True)) if complete else {}
         pruned = attrs.get(PRUNED, trial.last_step) if trial.state == TrialState.PRUNED else None
@@ -164,6 +171,9 @@ class FashionSweepApp(App):
     def metrics(self) -> list[str] | None:
         metric = self.config.optimized_metric
         return [metric] if isinstance(metric, str) else list(metric)
+
+    def direction(self, metric: str) -> str | None:
+        return "minimize" if metric.endswith(("loss", "seconds")) else "maximize"
 
     def seed_key(self, confirm: DictConfig | None) -> str | None:
         return super().seed_key(confirm) or "trainer.seed"

@@ -54,14 +54,17 @@ class Wanted:
         return {CONFIRMS: self.confirms.number, REPEAT: self.repeat, SEED: self.seed}
 
 
-def top(trials: list[FrozenTrial], k: int, maximize: bool) -> list[FrozenTrial]:
-    """The search's best k distinct configurations, best first (ties: the earlier)."""
+def top(
+    trials: list[FrozenTrial], k: int, maximize: bool, seed_key: str = "trainer.seed"
+) -> list[FrozenTrial]:
+    """The search's best k distinct configurations, best first (ties: the earlier); a
+    searched seed (`seed_key`) makes no other configuration."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE and not confirming(t)]
     complete.sort(key=lambda t: (-t.value if maximize else t.value, t.number))
     chosen, seen = [], set()
     for trial in complete:
         # a searched seed does not make another configuration: the stage replaces it
-        key = tuple(item for item in config(trial) or () if item[0] != "trainer.seed")
+        key = tuple(item for item in config(trial) or () if item[0] != seed_key)
         if key not in seen:
             seen.add(key)
             chosen.append(trial)
@@ -85,6 +88,7 @@ def missing(
     seed: int | None,
     used: Iterable[int],
     maximize: bool,
+    seed_key: str = "trainer.seed",
 ) -> list[Wanted]:
     """The confirmation trials the stage needs and no trial holds, in order. One that
     was cut off runs again with its seed; a new one gets a seed that neither the search
@@ -94,7 +98,7 @@ def missing(
     before = {key(t): t.user_attrs[SEED] for t in confirmations}
     taken = {*used, *before.values()}
     wanted = []
-    for trial in top(trials, k, maximize):
+    for trial in top(trials, k, maximize, seed_key):
         for repeat in range(seeds):
             if (trial.number, repeat) in have:
                 continue
@@ -163,13 +167,14 @@ def results(
     metric: str,
     maximize: bool,
     metrics: dict[str, dict[str, float]],
+    seed_key: str = "trainer.seed",
 ) -> dict[str, Any] | None:
     """What optimization_results.yaml says of the stage: each confirmed configuration
     with its spread (`metrics`: each confirmation run's MLflow metrics, by run id), best
     mean first (those with fewer than 2 completed runs, no interval, after the rest),
     those none of whose runs completed, and the winner; None before the stage ran."""
     confirmed, unconfirmed = [], []
-    for rank, trial in enumerate(top(trials, k, maximize), 1):
+    for rank, trial in enumerate(top(trials, k, maximize, seed_key), 1):
         mine = [
             t
             for t in trials

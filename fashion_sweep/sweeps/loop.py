@@ -61,24 +61,13 @@ class Sweep:
         self.opened = open_sweep(
             self.settings, self.config, self.compose, arguments, self._on_stale
         )
-        # trial_output=file where the app writes each trial's output to its log (apps.py)
-        self.to_file = self.settings.trials_to_file and self.opened.app.logs_trials
-        self.asking, self.snapshot = study.for_asking(
-            self.opened.study, self.opened.where, workers.me()
-        )
-        self.beats = workers.Heartbeats(self._beat, self.settings.heartbeat_interval)
-        self.progress = progress.Progress(
-            self.opened.study,
-            self.opened.n_trials,
-            self.opened.metrics,
-            self.opened.maximize,
-            confirmations=self.settings.top_k * self.settings.seeds,
-        )
-        if self.settings.top_k and self.opened.metric.startswith("test/"):
-            log.warning(
-                f"The confirmation stage picks its winner by {self.opened.metric}: on the "
-                f"test set (sweep=optuna optimizes val/accuracy, a split held out)"
-            )
+        try:
+            self._start()
+        except BaseException as error:  # the folder not held, the parent not left RUNNING
+            release(self.opened.sweep_dir)
+            if self.opened.parent:
+                sweep_runs.close_sweep_run(self.opened.parent, error)
+            raise
         quiet = progress.QuietLaunchers() if self.to_file else None
         self.progress.start()
         try:
@@ -110,6 +99,27 @@ class Sweep:
             if quiet is not None:
                 quiet.close()
 
+    def _start(self) -> None:
+        """What the loop needs besides what opening.py opened."""
+        # trial_output=file where the app writes each trial's output to its log (apps.py)
+        self.to_file = self.settings.trials_to_file and self.opened.app.logs_trials
+        self.asking, self.snapshot = study.for_asking(
+            self.opened.study, self.opened.where, workers.me()
+        )
+        self.beats = workers.Heartbeats(self._beat, self.settings.heartbeat_interval)
+        self.progress = progress.Progress(
+            self.opened.study,
+            self.opened.n_trials,
+            self.opened.metrics,
+            self.opened.maximize,
+            confirmations=self.settings.top_k * self.settings.seeds,
+        )
+        if self.settings.top_k and self.opened.metric.startswith("test/"):
+            log.warning(
+                f"The confirmation stage picks its winner by {self.opened.metric}: on the "
+                f"test set (sweep=optuna optimizes val/accuracy, a split held out)"
+            )
+
     def _loop(self) -> None:
         while True:
             trials = self._reap()
@@ -140,7 +150,7 @@ class Sweep:
         used = {self.opened.app.seed(key)} | {t.params[key] for t in trials if key in t.params}
         maximize = self.opened.maximize
         wanted = confirm.missing(
-            trials, settings.top_k, settings.seeds, settings.seed, used, maximize
+            trials, settings.top_k, settings.seeds, settings.seed, used, maximize, key
         )
         waiting = [t for t in trials if schedule.confirming(t) and t.state == TrialState.WAITING]
         return [*[None] * len(waiting), *wanted]
@@ -369,7 +379,8 @@ class Sweep:
             return None
         outcome, run_id = ended
         study.record(self.opened.study, trial, outcome, run_id)
-        return outcome if isinstance(outcome, str) else None
+        recorded = self.opened.where.get_trial(self._trial_id(trial.number))
+        return recorded.user_attrs.get(schedule.FAILURE)  # a value that is none, too
 
     def _overrides(self, trial: optuna.Trial) -> tuple[str, ...]:
         """A trial's overrides: its values, the fixed ones, and its place in MLflow; a

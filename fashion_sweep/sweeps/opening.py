@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +112,7 @@ def open_sweep(
     check_storage(settings.storage, app.tracking_uri)
     app.check(compose, searched)
     named = app.metrics()
-    direction = space.directions(settings.direction, named, named is not None)
+    direction = space.directions(settings.direction, named, app.direction)
     metrics = named or (
         ["value"] if len(direction) == 1 else [f"value_{i}" for i in range(len(direction))]
     )
@@ -256,23 +258,45 @@ def claim_sweep_dir(config: DictConfig, compose: ComposeOnce) -> str:
     hydra.sweep.dir), or with `-1`, `-2`, ... added while another worker runs in it
     (one that started in the same second). A worker claims its folder with a file
     (CLAIM) made only where there is none, and `release` removes it as the sweep ends;
-    a worker killed -9 leaves it, and the next run takes the next folder. Set into the
+    one a worker killed -9 left is taken over once that worker is provably gone. Set
+    into the
     sweep's config (which the launcher reads) and into every job's (composed by
     `compose`)."""
     base = Path(str(config.hydra.sweep.dir))
     for n in itertools.count():
         path = base if n == 0 else base.with_name(f"{base.name}-{n}")
         path.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(path / CLAIM, "x") as claim:
-                claim.write(f"{workers.me()['id']}\n")
+        if _claim(path / CLAIM):
             break
-        except FileExistsError:
-            continue
     with read_write(config.hydra.sweep):
         config.hydra.sweep.dir = str(path)
     compose.sweep_dir = str(path)
     return str(path)
+
+
+def _claim(file: Path) -> bool:
+    """Whether this worker now holds `file`: made here, or taken over from a worker that
+    is provably gone (workers.alive), which one of several resumes does."""
+    for _ in range(2):
+        try:
+            with open(file, "x") as claim:
+                claim.write(json.dumps(workers.me()))
+            return True
+        except FileExistsError:
+            pass
+        try:
+            holder = json.loads(file.read_text())
+        except (OSError, ValueError):  # being written this moment: another's
+            return False
+        if workers.alive(holder) is not False:
+            return False
+        try:  # the rename is atomic: only one worker takes it over
+            taken = file.with_name(f"{CLAIM}.{os.getpid()}.gone")
+            os.rename(file, taken)
+            taken.unlink()
+        except FileNotFoundError:
+            return False
+    return False
 
 
 def release(sweep_dir: str) -> None:

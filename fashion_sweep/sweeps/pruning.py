@@ -9,6 +9,7 @@ trial; here every trial lives in the persistent study, which the job opens itsel
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import optuna
@@ -36,6 +37,7 @@ class Pruning:
         held, where, study_id = _STUDIES[url, name, spec]
         trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
         self.trial = optuna.trial.Trial(held, trial_id)
+        self.multi = len(held.directions) > 1
 
     def __call__(self, epoch: int, value: float, last: bool = False) -> bool:
         """Reports `value` for `epoch`; True if the trial should stop after it (never
@@ -106,21 +108,48 @@ def report(value: float, step: int) -> None:
     1), and raises optuna.TrialPruned (PrunedAt) when the study's pruner stops the
     trial; the sweep records it as pruned. Outside such a sweep (a single run, another
     sweeper, a study in memory) it does nothing."""
-    import os
+    from fashion_sweep.sweeps.apps import CONFIRMS
 
+    link = _link()
+    if link is None or link.multi or os.environ.get(CONFIRMS):
+        return  # Optuna cannot prune several objectives; a confirmation run runs in full
+    if link(step, float(value)):
+        raise PrunedAt(step)
+
+
+def current_trial() -> optuna.Trial | None:
+    """The job's own Optuna trial, for an app that uses Optuna's trial API
+    (trial.report, trial.should_prune, raise optuna.TrialPruned) as it would inside
+    study.optimize; None outside a sweep of ours whose study is in a database."""
+    link = _link()
+    return link.trial if link is not None else None
+
+
+def _link() -> Pruning | None:
+    """This job's link to its trial's study, from its place (apps.STUDY, apps.TRIAL)."""
     from hydra.core.hydra_config import HydraConfig
 
     from fashion_sweep.sweeps.apps import STUDY, TRIAL
 
     name, number = os.environ.get(STUDY), os.environ.get(TRIAL)
     if name is None or number is None or not HydraConfig.initialized():
-        return
-    sweeper = HydraConfig.get().sweeper
-    if sweeper.get("storage") is None:
-        return
-    pruner = sweeper.get("pruner") or OmegaConf.create({"_target_": NO_PRUNER})
-    if Pruning(sweeper.storage, name, int(number), pruner)(step, float(value)):
-        raise PrunedAt(step)
+        return None
+    hydra = HydraConfig.get()
+    if hydra.sweeper.get("storage") is None:
+        return None
+    # a relative sqlite:/// path is the sweep's, whose folder a job may have left
+    # (hydra.job.chdir=true)
+    storage = in_folder(str(hydra.sweeper.storage), hydra.runtime.cwd)
+    pruner = hydra.sweeper.get("pruner") or OmegaConf.create({"_target_": NO_PRUNER})
+    return Pruning(storage, name, int(number), pruner)
+
+
+def in_folder(url: str, folder: str) -> str:
+    """A database URL as seen from `folder`: a relative SQLite path made absolute."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
+        return prefix + os.path.join(folder, url[len(prefix) :])
+    return url
 
 
 def forget() -> None:

@@ -197,7 +197,11 @@ def results(opened: Opened, confirming: Any = None, runs: list | None = None) ->
                 "trial": t.number,
                 "params": t.params,
                 "values": t.values,
-                **({"run_id": t.user_attrs["mlflow_run_id"]} if opened.parent else {}),
+                **(
+                    {"run_id": t.user_attrs["mlflow_run_id"]}
+                    if "mlflow_run_id" in t.user_attrs
+                    else {}
+                ),
             }
             for t in sorted(opened.study.best_trials, key=lambda t: t.number)
         ]
@@ -216,7 +220,13 @@ def results(opened: Opened, confirming: Any = None, runs: list | None = None) ->
             if schedule.confirming(t) and run_id and run_id not in metrics:
                 metrics[run_id] = sweep_runs.metrics_of(run_id)
         stage = confirm.results(
-            trials, confirming.top_k, confirming.seeds, opened.metric, maximize, metrics
+            trials,
+            confirming.top_k,
+            confirming.seeds,
+            opened.metric,
+            maximize,
+            metrics,
+            opened.app.seed_key(confirming),
         )
         if stage:
             found["confirmation"] = stage

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +68,12 @@ def exists(config: Any, key: str) -> bool:
     return node is not None and leaf in node
 
 
-def directions(setting: Any, metrics: list[str] | None, checked: bool) -> list[str]:
+def directions(
+    setting: Any, metrics: list[str] | None, needs: Callable[[str], str | None]
+) -> list[str]:
     """hydra.sweeper.direction as a list, one per metric (`metrics`: the app's names;
-    None: as many as directions are given); where `checked` (this project's metrics), each
-    the direction its metric needs."""
+    None: as many as directions are given), each the direction its metric `needs`
+    (apps.App.direction; None: any)."""
     given = (
         list(setting)
         if isinstance(setting, list | tuple) or OmegaConf.is_list(setting)
@@ -86,8 +89,8 @@ def directions(setting: Any, metrics: list[str] | None, checked: bool) -> list[s
             f"{len(metrics)} metric(s) ({', '.join(metrics)}): one per metric"
         )
     for i, (d, metric) in enumerate(zip(given, metrics or [], strict=False)):
-        expected = "minimize" if metric.endswith(("loss", "seconds")) else "maximize"
-        if checked and d != expected:
+        expected = needs(metric)
+        if expected is not None and d != expected:
             where = "direction" if len(given) == 1 else f"direction[{i}]"
             raise SweepError(f"hydra.sweeper.{where}={d} would {d} {metric}; set it to {expected}")
     return given

@@ -288,8 +288,10 @@ def record(
 def values_of(returned: Any, directions: int) -> list[float] | str:
     """What a task function returned as the study's values, one per direction; or why
     it is none (a failure reason)."""
-    many = isinstance(returned, list | tuple) or OmegaConf.is_list(returned)
-    raw = list(returned) if many else [returned]
+    try:  # several values: any sequence of them (a list, a tuple, an array, a tensor)
+        raw = [returned] if isinstance(returned, str | bytes) else list(returned)
+    except TypeError:  # one value (a float, a 0-d array)
+        raw = [returned]
     wanted = "a number" if directions == 1 else f"{directions} numbers, one per direction"
     shown = repr(returned) if len(repr(returned)) <= 80 else f"{repr(returned)[:77]}..."
     try:

@@ -13,7 +13,7 @@ from fashion_sweep.sweeps.pruning import report
 
 
 @hydra.main(config_path="conf", config_name="config")
-def fit(cfg: DictConfig) -> float | None:
+def fit(cfg: DictConfig) -> float | tuple[float, float] | None:
     if cfg.give_nothing:
         return None
     run = contextlib.nullcontext()
@@ -31,7 +31,7 @@ def fit(cfg: DictConfig) -> float | None:
             if cfg.log_to_mlflow:
                 mlflow.log_metric("loss", loss, step=step)
             report(loss, step)
-    return loss
+    return loss if cfg.objectives == 1 else (loss, abs(cfg.x))
 
 
 if __name__ == "__main__":

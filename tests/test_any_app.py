@@ -60,6 +60,16 @@ def test_another_apps_trials_are_pruned_through_the_one_reporting_call(tmp_path)
     assert sorted(folders) == list(range(12))
 
 
+def test_another_app_prunes_through_optunas_own_trial_api(tmp_path):
+    done = sweep(tmp_path, "trial_api=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="quadratic", storage=f"sqlite:///{tmp_path}/study.db")
+    states = [t.state for t in study.get_trials()]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+    assert "Error executing job" not in done.stderr  # a pruned trial is no error
+    assert "pruned after epoch" in done.stdout
+
+
 def test_another_apps_trials_in_joblib_workers_and_folders_of_their_own_report(tmp_path):
     # hydra.job.chdir=true: the study's relative sqlite:///study.db is still the sweep's
     joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.job.chdir=true"]

@@ -7,9 +7,10 @@ import contextlib
 import time
 
 import hydra
+import optuna
 from omegaconf import DictConfig
 
-from fashion_sweep.sweeps.pruning import report
+from fashion_sweep.sweeps.pruning import current_trial, report
 
 
 @hydra.main(config_path="conf", config_name="config")
@@ -30,7 +31,13 @@ def fit(cfg: DictConfig) -> float | tuple[float, float] | None:
             time.sleep(cfg.step_seconds)
             if cfg.log_to_mlflow:
                 mlflow.log_metric("loss", loss, step=step)
-            report(loss, step)
+            if cfg.trial_api:  # Optuna's own calls, on the trial the sweep gives
+                trial = current_trial()
+                trial.report(loss, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            else:
+                report(loss, step)
     return loss if cfg.objectives == 1 else (loss, abs(cfg.x))
 
 

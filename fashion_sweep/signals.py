@@ -152,11 +152,6 @@ def interrupts() -> Iterator[None]:
         _why = None
 
 
-def active() -> bool:
-    """Whether this thread is inside an interrupts() block already."""
-    return any(signal.getsignal(signum) is _raise for signum in HANDLED)
-
-
 def exit_like(error: KeyboardInterrupt) -> None:
     """Ends the process as the signal behind `error` ends it by default."""
     signum = error.signum if isinstance(error, Terminated) else signal.SIGINT

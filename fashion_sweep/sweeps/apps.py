@@ -226,16 +226,20 @@ class AppTask:
                     os.environ["MLFLOW_RUN_ID"] = before
 
 
-def task(name: str | None, task_function: Any) -> Any:
-    """The task function the launcher runs for the app `name` names: this project's as
-    it is, another app's as an AppTask."""
+def ours(name: str | None) -> bool:
+    """Whether hydra.sweeper.app names this project's app, whose entry point
+    (fashion_sweep.train) handles signals and its trials' processes itself."""
     try:
         chosen = get_class(name) if name else App
     except Exception:
-        return task_function  # make() says what is wrong, as the sweep opens
-    if isinstance(chosen, type) and issubclass(chosen, FashionSweepApp):
-        return task_function
-    return AppTask(task_function)
+        return False  # make() says what is wrong, as the sweep opens
+    return isinstance(chosen, type) and issubclass(chosen, FashionSweepApp)
+
+
+def task(name: str | None, task_function: Any) -> Any:
+    """The task function the launcher runs for the app `name` names: this project's as
+    it is, another app's as an AppTask."""
+    return task_function if ours(name) else AppTask(task_function)
 
 
 def make(name: str | None, config: DictConfig) -> App:

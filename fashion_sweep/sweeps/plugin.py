@@ -134,16 +134,18 @@ class StudySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         self.settings.check()
         from fashion_sweep import signals
+        from fashion_sweep.sweeps.apps import ours
         from fashion_sweep.sweeps.loop import Sweep
 
-        # SIGTERM and SIGHUP end a sweep of any app as Ctrl-C does (this project's entry
-        # point has done so already: mistakes.run)
-        outermost = not signals.active()
+        sweep = Sweep(self.settings, self.config, self.launcher, self.compose)
+        if ours(self.settings.app):  # its entry point handles signals (mistakes.run)
+            sweep.run(arguments)
+            return
+        # SIGTERM and SIGHUP end another app's sweep as Ctrl-C does: its trials cut off,
+        # one line, the process ended by the signal
         try:
             with signals.interrupts():
-                Sweep(self.settings, self.config, self.launcher, self.compose).run(arguments)
+                sweep.run(arguments)
         except KeyboardInterrupt as stop:
-            if not outermost:
-                raise
             print(f"error: {signals.reason(stop)}", file=sys.stderr)
             signals.exit_like(stop)

@@ -236,6 +236,10 @@ def test_a_task_that_returns_no_number_fails_its_trial_saying_so(tmp_path):
             "(e.g. seed), which each confirmation run gets anew",
         ),
         (
+            ["hydra.sweeper.confirm.top_k=2", "hydra.sweeper.confirm.seed_key=seed"],
+            "hydra.sweeper.confirm.seed_key=seed is not a key of the config",
+        ),
+        (
             ["hydra/launcher=packed"],
             "hydra/launcher=packed trains fashion_sweep.train's model in packs: it runs "
             "no other app's trials",

@@ -407,7 +407,9 @@ def test_a_key_the_config_lacks_is_searched_and_its_name_logged_as_mlflow_takes_
     assert dampening in values and len(values) == 2  # each trial's run has its own
 
 
-def test_a_multi_objective_sweep_reports_its_pareto_front_everywhere_a_user_looks(sweep, tmp_path):
+def test_a_multi_objective_sweep_reports_its_pareto_front_everywhere_a_user_looks(
+    sweep, main, tmp_path
+):
     done = sweep(
         "hydra.sweeper.n_trials=5",
         "optimized_metric=[val/accuracy,perf/epoch_seconds]",
@@ -442,6 +444,14 @@ def test_a_multi_objective_sweep_reports_its_pareto_front_everywhere_a_user_look
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/pareto_front.png" in plots
     assert f"Pareto front ({len(front)} trial" in done.stdout + done.stderr
+    # predict's best: there is no one best, and it says where to pick
+    shown = main("predict", "run_id=best", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    assert shown.returncode == 2
+    assert shown.stderr.strip().endswith(
+        f"is a multi-objective sweep, whose Pareto front is trials "
+        f"{parent.data.tags['pareto_front_trials']}: pick one by its run id (MLflow's UI: "
+        "tags.pareto_front = 'true')"
+    )
 
 
 def test_a_sweep_in_which_no_trial_completed_fails_whatever_the_failure_rate_allows(

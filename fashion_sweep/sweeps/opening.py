@@ -194,11 +194,14 @@ def check_objectives(settings: Settings, metrics: list[str], app: apps.App) -> N
             "hydra.sweeper.confirm.top_k: a multi-objective study has a Pareto front, not "
             "a top k; set it to 0"
         )
-    if settings.top_k and not app.seed_key(settings.confirm):
+    key = app.seed_key(settings.confirm)
+    if settings.top_k and not key:
         raise SweepError(
             "hydra.sweeper.confirm.seed_key: name the key the app seeds its runs with "
             "(e.g. seed), which each confirmation run gets anew"
         )
+    if settings.top_k and not space.exists(app.config, key):
+        raise SweepError(f"hydra.sweeper.confirm.seed_key={key} is not a key of the config")
 
 
 def check_storage(storage: str | None, tracking_uri: str | None) -> None:

@@ -120,6 +120,12 @@ def _run_of_model(client: MlflowClient, uri: str) -> str:
 
 
 def _why_no_best(run: mlflow.entities.Run) -> str:
+    front = run.data.tags.get("pareto_front_trials")
+    if front:  # a multi-objective sweep: no one best
+        return (
+            f"it is a multi-objective sweep, whose Pareto front is trials {front}: pick "
+            f"one by its run id (MLflow's UI: tags.pareto_front = 'true')"
+        )
     status = run.info.status
     if status == "RUNNING":
         return "it is running, and no trial has completed yet"

@@ -1,7 +1,8 @@
 """The sweeps layer: our Optuna sweeper for Hydra.
 
 plugin.py is the Hydra plugin (configuration only, imported by every run); settings.py
-its values and their checks; opening.py what a sweep opens before its first trial (the
+its values and their checks; apps.py what a sweep asks of the app it runs (any Hydra
+app, or this one); opening.py what a sweep opens before its first trial (the
 search space from space.py, the sampler from sampler.py, the study from study.py, its
 folder and MLflow parent run); loop.py the loop that asks, launches and records;
 snapshot.py the study as a round of asks reads it (once, whatever is running);

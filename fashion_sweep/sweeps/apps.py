@@ -4,10 +4,11 @@
 trial's value is what its task function returns (one number, or one per direction),
 nothing is checked before the first trial, and no MLflow run is made. Each trial learns
 its place in the study from its environment (FASHION_SWEEP_STUDY, FASHION_SWEEP_TRIAL,
-set through hydra.job.env_set), which `fashion_sweep.sweeps.trial.report` reads to
-prune. `FashionSweepApp` (conf/sweep/optuna.yaml) is this project's app: its checks
-before the first trial, the MLflow parent run and one child run per trial (the trial's
-place passed as tracking.* overrides), its seed for the confirmation stage, its model
+set through hydra.job.env_set), which `fashion_sweep.sweeps.pruning.report` reads to
+prune. `MlflowApp` is another app that logs to MLflow itself, opted in to the runs.
+`FashionSweepApp` (conf/sweep/optuna.yaml) is this project's app: its checks before
+the first trial, the MLflow parent run and one child run per trial (the trial's place
+passed as tracking.* overrides), its seed for the confirmation stage, its model
 registered. docs/any-app.md says what another app gets and how to opt in.
 """
 

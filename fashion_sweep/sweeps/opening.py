@@ -152,9 +152,7 @@ def open_sweep(
     parent = None
     try:
         if app.tracking_uri is not None:
-            parent = parent_run(
-                held, created, config, f"{name} ({n_trials} trials)", tags, searched
-            )
+            parent = parent_run(held, created, app, f"{name} ({n_trials} trials)", tags, searched)
             sweep_runs.share_view(
                 parent, metrics[0], direction[0] == "maximize", list(searched.searched)
             )
@@ -311,7 +309,7 @@ def release(sweep_dir: str) -> None:
 def parent_run(
     held: optuna.Study,
     created: bool,
-    config: DictConfig,
+    app: apps.App,
     name: str,
     tags: dict[str, str],
     searched: space.Space,
@@ -335,7 +333,6 @@ def parent_run(
             break
         time.sleep(0.5)
         parent = held.user_attrs.get(PARENT_RUN)
-    app = apps.make(config.hydra.sweeper.get("app"), config)
     run_id = sweep_runs.open_sweep_run(
         str(app.tracking_uri), app.experiment, name, tags, parent, params
     )

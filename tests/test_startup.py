@@ -48,6 +48,28 @@ def _pid_of(run) -> str:
     return run.data.tags["process"].rsplit(":", 1)[1]
 
 
+def test_another_hydra_app_finds_our_plugins_without_importing_torch_or_mlflow(tmp_path):
+    # Hydra imports every installed plugin as any app starts: ours must cost it nothing
+    # like torch's second (docs/any-app.md); the sphere example's single run, then its sweep
+    sphere = Path(__file__).parent / "upstream_optuna" / "example" / "sphere.py"
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "finally:\n"
+        "    print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))\n"
+    )
+    single = [sys.executable, "-c", probe, str(sphere), f"hydra.run.dir={tmp_path / 'one'}"]
+    done = subprocess.run(single, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    swept = [*single[:4], "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweeper.n_trials=1"]
+    done = subprocess.run(swept, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch" not in done.stdout.strip().splitlines()[-1]
+
+
 def test_a_run_killed_outright_is_ended_failed_crashed_by_its_mlflow_process(tmp_path):
     run, log = start(tmp_path, "data.train_size=2000", "trainer.epochs=300")
     wait_for(lambda: "Epoch 2\n" in log.read_text(), "the second epoch")

@@ -23,7 +23,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, read_write
 
 from fashion_sweep.config import ConfigError
-from fashion_sweep.core.data import DataError
 from fashion_sweep.sweeps import apps, sampler, space, study, workers
 from fashion_sweep.sweeps.compose import ComposeOnce
 from fashion_sweep.sweeps.schedule import tally
@@ -225,6 +224,7 @@ def preflight(config: DictConfig, compose: ComposeOnce, searched: space.Space) -
     which also sets up the MLflow store and the data on first use): a value no trial
     can run with is refused now, not trial after trial. What depends on the trial's
     own values (a learning rate the space allows) is left to the trial."""
+    from fashion_sweep.core.data import DataError  # torch: this app's sweeps alone
     from fashion_sweep.preflight import check, prepare
 
     point = {name: space.some_value(d) for name, d in searched.searched.items()}

@@ -17,7 +17,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from fashion_sweep.sweeps import confirm, schedule, winner
+from fashion_sweep.sweeps import confirm, schedule
 from fashion_sweep.tracking import links, sweep_runs
 from fashion_sweep.tracking.redaction import redact
 
@@ -38,7 +38,11 @@ def finish(opened: Opened, config: DictConfig) -> None:
     OmegaConf.save(OmegaConf.create(found), path)
     for text in answer(opened, found, trials):
         log.info(text)
-    model = winner.register(config, found.get("best_run_id")) if opened.app.has_model else None
+    model = None
+    if opened.app.has_model:  # torch and the model's code: this app's sweeps alone
+        from fashion_sweep.sweeps import winner
+
+        model = winner.register(config, found.get("best_run_id"))
     if model:
         found["best_model_uri"] = model
         OmegaConf.save(OmegaConf.create(found), path)

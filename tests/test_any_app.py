@@ -216,6 +216,31 @@ def test_another_apps_trials_in_joblib_workers_do_not_outlive_their_sweep(tmp_pa
         assert [t.user_attrs.get("interrupted") for t in trials] == ["interrupted: SIGTERM"] * 2
 
 
+def test_ctrl_c_keeps_the_trials_another_app_finished_in_the_running_batch(tmp_path):
+    command = [sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    command += ["step_seconds=0.4", "hydra.sweeper.pruner.n_startup_trials=100"]
+    process = subprocess.Popen(  # the basic launcher: a batch of n_jobs=2, one by one
+        command,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    storage = f"sqlite:///{tmp_path}/study.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the batch's first trial done, its second running
+        time.sleep(0.2)
+        with contextlib.suppress(Exception):
+            trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()
+            if any(t.state == TrialState.COMPLETE for t in trials):
+                break
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=60)
+    trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs["interrupted"] == "interrupted"
+
+
 def test_a_task_that_returns_no_number_fails_its_trial_saying_so(tmp_path):
     done = sweep(
         tmp_path,

@@ -219,12 +219,32 @@ class AppTask:
             os.environ["MLFLOW_RUN_ID"] = run_id
         try:
             with signals.interrupts(), watched():
-                return self.task_function(cfg)
+                returned = self.task_function(cfg)
+            _record(returned)  # now: a signal after this job cannot undo its trial
+            return returned
         finally:
             if run_id is not None:
                 os.environ.pop("MLFLOW_RUN_ID", None)
                 if before is not None:
                     os.environ["MLFLOW_RUN_ID"] = before
+
+
+def _record(returned: Any) -> None:
+    """A job's value recorded in its trial from the job's own process, as it returns,
+    where the study is in a database or in this process (the sweep's, basic launcher)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fashion_sweep.sweeps import study
+
+    name, number = os.environ.get(STUDY), os.environ.get(TRIAL)
+    if name is None or number is None or not HydraConfig.initialized():
+        return
+    url = HydraConfig.get().sweeper.get("storage")
+    if url not in study._STORAGES:
+        return  # another process's database: the sweep records it, as before
+    found = study.trial(url, name, int(number))
+    if found is not None:
+        study.record(*found, returned, None)
 
 
 def ours(name: str | None) -> bool:

@@ -31,6 +31,16 @@ def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+def until(storage: str, ready, timeout: float = 120) -> None:
+    """Waits until the study's trials are `ready` (a test's moment to send a signal)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(Exception):  # the study not made yet
+            if ready(optuna.load_study(study_name="quadratic", storage=storage).get_trials()):
+                return
+
+
 def test_another_apps_trials_are_pruned_through_the_one_reporting_call(tmp_path):
     done = sweep(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -150,18 +160,13 @@ def test_another_apps_sweep_killed_9_goes_on_where_it_stopped(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     storage = f"sqlite:///{tmp_path}/study.db"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # killed while a trial runs, after one finished
-        time.sleep(0.2)
-        try:
-            states = [
-                t.state
-                for t in optuna.load_study(study_name="quadratic", storage=storage).get_trials()
-            ]
-        except Exception:  # not made yet
-            continue
-        if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
-            break
+    until(  # killed while a trial runs, after one finished
+        storage,
+        lambda trials: (
+            TrialState.COMPLETE in [t.state for t in trials]
+            and trials[-1].state == TrialState.RUNNING
+        ),
+    )
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     cut = optuna.load_study(study_name="quadratic", storage=storage).get_trials()[-1]
@@ -189,13 +194,8 @@ def test_another_apps_trials_in_joblib_workers_do_not_outlive_their_sweep(tmp_pa
             command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr
         )
     storage = f"sqlite:///{tmp_path}/study.db"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # both trials training in joblib's workers
-        time.sleep(0.3)
-        with contextlib.suppress(Exception):  # the study not made yet
-            trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()
-            if sum(bool(t.intermediate_values) for t in trials) == 2:
-                break
+    # both trials training in joblib's workers
+    until(storage, lambda trials: sum(bool(t.intermediate_values) for t in trials) == 2)
     os.kill(process.pid, how)  # the sweep alone: its workers are left to notice
     process.wait(timeout=60)
     err = (tmp_path / "stderr.txt").read_text()
@@ -227,13 +227,8 @@ def test_ctrl_c_keeps_the_trials_another_app_finished_in_the_running_batch(tmp_p
         stderr=subprocess.DEVNULL,
     )
     storage = f"sqlite:///{tmp_path}/study.db"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # the batch's first trial done, its second running
-        time.sleep(0.2)
-        with contextlib.suppress(Exception):
-            trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()
-            if any(t.state == TrialState.COMPLETE for t in trials):
-                break
+    # the batch's first trial done, its second running
+    until(storage, lambda trials: any(t.state == TrialState.COMPLETE for t in trials))
     os.killpg(process.pid, signal.SIGINT)
     process.wait(timeout=60)
     trials = optuna.load_study(study_name="quadratic", storage=storage).get_trials()

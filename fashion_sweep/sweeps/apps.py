@@ -240,7 +240,7 @@ def _record(returned: Any) -> None:
     if name is None or number is None or not HydraConfig.initialized():
         return
     url = HydraConfig.get().sweeper.get("storage")
-    if url not in study._STORAGES:
+    if not study.opened_here(url):
         return  # another process's database: the sweep records it, as before
     found = study.trial(url, name, int(number))
     if found is not None:

@@ -356,6 +356,11 @@ def _for_recording(url: str | None, name: str) -> tuple[optuna.Study, Any, int] 
     return _RECORDING[url, name]
 
 
+def opened_here(url: str | None) -> bool:
+    """Whether this process opened the study's storage `url` (the sweep's own process)."""
+    return url in _STORAGES
+
+
 def load(url: str | None, name: str, pruner: Any = None) -> tuple[optuna.Study, Any, int] | None:
     """Study `name` for recording into (no sampling), its storage and its id: the
     storage this process opened, or a new connection; None for a study in another

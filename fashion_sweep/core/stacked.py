@@ -241,9 +241,13 @@ def train_epoch(loaders: list[Iterable], pack: Pack, log_interval: int = 100) ->
             X, y = items[0]
         else:
             X, y = torch.stack([X for X, _ in items]), torch.stack([y for _, y in items])
+        # a captured step's losses are its graph's buffer, overwritten by the next step:
+        # read, never kept (in float64 a .to() of it is the buffer itself)
         losses = pack.step(X, y)
-        losses = losses.to(accumulator_dtype(losses.device))
-        total = losses if total is None else total + losses
+        if total is None:
+            total = losses.to(accumulator_dtype(losses.device), copy=True)
+        else:
+            total += losses
         num_batches += 1
         if batch % log_interval == 0:
             _fail_diverged(pack, losses, f"at batch {batch}")

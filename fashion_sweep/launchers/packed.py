@@ -201,23 +201,27 @@ class PackedLauncher(Launcher):
         self._configure_log()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         waiting = [self._job_config(list(overrides), idx) for overrides, idx in jobs]
+        keys = {c.hydra.job.num: pack_key(c, self.mix_batch_sizes) for c in waiting}
         while waiting:
             config = waiting.pop(0)
             self._show(config)
-            if (key := pack_key(config, self.mix_batch_sizes)) is None:
+            if (key := keys[config.hydra.job.num]) is None:
                 self._run(config, self.task_function)
                 continue
-            same = [c for c in waiting if pack_key(c, self.mix_batch_sizes) == key]
+            same = [c for c in waiting if keys[c.hydra.job.num] == key]
             pack = next(p for p in by_batch_size([config, *same]) if any(c is config for c in p))
             waiting = [c for c in waiting if not any(c is m for m in pack)]
             for member in pack[1:]:
                 self._show(member)
-            self._stream(pack, key, waiting, more)
+            self._stream(pack, key, waiting, keys, more)
         handed, self.handed = self.handed, []
         return handed
 
-    def _stream(self, pack: list[DictConfig], key: str, waiting: list, more: More) -> None:
-        """Trains one continuous pack; its jobs' outcomes in self.handed."""
+    def _stream(
+        self, pack: list[DictConfig], key: str, waiting: list, keys: dict, more: More
+    ) -> None:
+        """Trains one continuous pack; its jobs' outcomes in self.handed. `keys`: each
+        job's pack key by its number, the joiners' added."""
         from fashion_sweep.launchers.pack import train_pack
         from fashion_sweep.run import settle_heap
 
@@ -237,7 +241,8 @@ class PackedLauncher(Launcher):
             for overrides, idx in nexts:
                 config = self._job_config(list(overrides), idx)
                 self._show(config)
-                fits = pack_key(config, self.mix_batch_sizes) == key
+                keys[idx] = pack_key(config, self.mix_batch_sizes)
+                fits = keys[idx] == key
                 if not waiting and fits and config.data.batch_size % micro == 0:
                     joined.append(config)
                     jobs[idx] = config

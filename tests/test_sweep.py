@@ -484,6 +484,11 @@ def test_a_sweep_in_which_no_trial_completed_fails_whatever_the_failure_rate_all
             "hydra.sweeper.n_trial=3",
             "Key 'n_trial' not in 'StudySweeperConf'. Did you mean: 'n_trials'?",
         ),
+        (  # added with +: Hydra composes it, the sweeper refuses it
+            "+hydra.sweeper.n_trial=3",
+            "Could not add 'hydra.sweeper.n_trial': Key 'n_trial' not in 'StudySweeperConf'. "
+            "Did you mean: 'n_trials'?",
+        ),
         # a search space written under hydra.sweeper.params: the command line's form
         (
             "hydra.sweeper.params.optimizer.lr=interval(0.1,1)",

@@ -114,7 +114,7 @@ for _name, _node in PRUNERS.items():
 
 class StudySweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
-        self.settings = Settings(**settings)
+        self.settings = Settings.of(settings)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig

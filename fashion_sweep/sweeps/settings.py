@@ -3,6 +3,8 @@ anything is opened, and the error a sweep stops with."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,22 @@ class Settings:
     trial_output: str = "file"
     confirm: DictConfig | None = None
     app: str | None = None
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> Settings:
+        """The sweeper's settings. A key that is not one of them, added with
+        `+hydra.sweeper.KEY=...` (Hydra refuses it without the `+`), is refused in
+        Hydra's words."""
+        known = sorted(field.name for field in dataclasses.fields(cls))
+        for key in settings:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean: '{close[0]}'?" if close else ""
+                raise SweepError(
+                    f"Could not add 'hydra.sweeper.{key}': Key '{key}' not in "
+                    f"'StudySweeperConf'.{hint}"
+                )
+        return cls(**settings)
 
     @property
     def top_k(self) -> int:

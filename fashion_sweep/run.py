@@ -12,6 +12,7 @@ bottom in one file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
@@ -179,6 +180,7 @@ class Program(Protocol):
     def add(self, members: list[Member]) -> None: ...  # where it takes joiners (Refill)
     def pruned(self, number: int, epoch: int, metric: str) -> None: ...
     def epoch_done(self, epoch: int, active: int, seconds: float, eval_seconds: float) -> None: ...
+    def reports(self) -> contextlib.AbstractContextManager: ...  # around an epoch's reports
 
 
 def run_epochs(
@@ -288,43 +290,44 @@ def train_epoch(
     evaluated = {split: program.evaluate(split) for split in program.splits}
     eval_seconds, share = time.perf_counter() - start, len(program.ids)
     ended: dict[int, Trained | BaseException] = {}
-    for position, number in enumerate(program.ids):
-        if number not in active:
-            continue
-        members[number].epoch += 1
-        own, last = members[number].epoch, members[number].epoch == epochs
-        run, prune = members[number].run, members[number].prune
-        error = tracker.error(run) or program.failed.get(number)
-        if error is not None:  # its records failed, or it diverged
-            active.remove(number)  # first: an interruption from here on leaves it be
-            tracker.end_run(run, "FAILED", one_line(error))
-            ended[number] = error.with_traceback(None)
-            continue
-        why = members[number].ended() if members[number].ended else None
-        if why is not None:  # a resume took it over: its run stays as the sweep ended it
-            active.remove(number)
-            tracker.end_run(run, "KILLED", why)
-            ended[number] = CutOff(why)
-            continue
-        results = {split: evaluated[split][position] for split in evaluated}
-        train_images = program.train_images
-        metrics = epoch_metrics(
-            losses[position], results, seconds / share, eval_seconds / share, train_images
-        )
-        if metric in metrics:  # first: MLflow's compare view opens on the first it was sent
-            metrics = {metric: metrics[metric], **metrics}
-        tracker.log_metrics(run, metrics, own)
-        stop = prune is not None and prune(own, metrics[metric], last)
-        if stop or last:
-            if stop:
-                tracker.mark_pruned(run, own)
-                program.pruned(number, own, metric)
-            if members[number].cfg.tracking.log_model:
-                tracker.log_model(run, program.state_dict(position))
-            tracker.sync()  # an error in a call not waited for fails it here
-            active.remove(number)
-            tracker.end_run(run, "FINISHED")
-            ended[number] = Trained(metrics, "", own if stop else None)
+    with program.reports():  # a pack's reports read its study once (sweeps/pruning.py)
+        for position, number in enumerate(program.ids):
+            if number not in active:
+                continue
+            members[number].epoch += 1
+            own, last = members[number].epoch, members[number].epoch == epochs
+            run, prune = members[number].run, members[number].prune
+            error = tracker.error(run) or program.failed.get(number)
+            if error is not None:  # its records failed, or it diverged
+                active.remove(number)  # first: an interruption from here on leaves it be
+                tracker.end_run(run, "FAILED", one_line(error))
+                ended[number] = error.with_traceback(None)
+                continue
+            why = members[number].ended() if members[number].ended else None
+            if why is not None:  # a resume took it over: its run stays as the sweep ended it
+                active.remove(number)
+                tracker.end_run(run, "KILLED", why)
+                ended[number] = CutOff(why)
+                continue
+            results = {split: evaluated[split][position] for split in evaluated}
+            train_images = program.train_images
+            metrics = epoch_metrics(
+                losses[position], results, seconds / share, eval_seconds / share, train_images
+            )
+            if metric in metrics:  # first: MLflow's compare view opens on the first it was sent
+                metrics = {metric: metrics[metric], **metrics}
+            tracker.log_metrics(run, metrics, own)
+            stop = prune is not None and prune(own, metrics[metric], last)
+            if stop or last:
+                if stop:
+                    tracker.mark_pruned(run, own)
+                    program.pruned(number, own, metric)
+                if members[number].cfg.tracking.log_model:
+                    tracker.log_model(run, program.state_dict(position))
+                tracker.sync()  # an error in a call not waited for fails it here
+                active.remove(number)
+                tracker.end_run(run, "FINISHED")
+                ended[number] = Trained(metrics, "", own if stop else None)
     program.epoch_done(epoch, len(active), seconds, eval_seconds)
     return ended
 
@@ -382,6 +385,9 @@ class Alone:
 
     def pruned(self, number: int, epoch: int, metric: str) -> None:
         print(f"Pruned after epoch {epoch}: its {metric} is behind")
+
+    def reports(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def epoch_done(self, epoch: int, active: int, seconds: float, eval_seconds: float) -> None:
         pass

@@ -143,6 +143,15 @@ def trial_log(cwd: Path, trial: int) -> str:
     return path.read_text()
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_inherited(monkeypatch):
+    """MLflow 3's set_tracking_uri also sets MLFLOW_TRACKING_URI in this process's
+    environment, which every process a later test starts inherits (another app's
+    MlflowApp sweep then logged into an earlier test's store): unset for each test, and
+    what a test set is undone after it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def forget() -> None:
     """What a process keeps between its sweeps' trials, dropped between two commands run
     in the test process: open studies and stores, the frozen heap, and joblib's worker

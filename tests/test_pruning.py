@@ -5,13 +5,16 @@ imports no Optuna: tests/test_startup.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import socket
 from pathlib import Path
 
 import optuna
 import pytest
+from hydra.utils import instantiate as hydra_instantiate
 from joblib import cpu_count
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -192,3 +195,60 @@ def test_a_continuous_pack_fills_a_pruned_members_place_at_once(main, seed, tmp_
     assert len(both) >= 3, values
     for lr in both:  # val/accuracy: at most 2 of 500 images apart
         assert abs(values["packed"][lr] - values["basic"][lr]) * 500 <= 2
+
+
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "max_resource": 4},
+        {"_target_": "optuna.pruners.SuccessiveHalvingPruner"},
+        {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2},
+    ],
+    ids=["hyperband", "successive_halving", "median"],
+)
+def test_a_packs_reports_of_an_epoch_in_one_read_prune_as_optuna_alone(tmp_path, pruner):
+    """A pack's members report an epoch as one round (pruning.one_round: the study read
+    once, then kept up to date with the round's own writes). In two copies of one study,
+    a pack of 4 trials reports 4 epochs, member by member, then another worker runs 2
+    trials of its own, then a pack of 8 reports; after each epoch the sweep records the
+    pruned and the finished through a storage of its own. In one copy the packs report
+    through our links in rounds, in the other through Optuna's own trials, which read
+    the database for each report. Both prune the same trials after the same epochs."""
+    from fashion_sweep.sweeps import pruning
+
+    draw = random.Random(0)
+    values = [[draw.random() for _ in range(4)] for _ in range(14)]
+    stopped = []
+    for ours in (True, False):
+        url = f"sqlite:///{tmp_path / f'{ours}.db'}"
+        made = OmegaConf.create(pruner)
+        # its trials report through Optuna's own API: the other worker's, and in the
+        # second copy the packs' too
+        sweep_side = optuna.create_study(
+            study_name="s", storage=url, direction="maximize", pruner=hydra_instantiate(made)
+        )
+        pruned = {}
+        for pack, by in ((range(4), ours), (range(4, 6), False), (range(6, 14), ours)):
+            trials = {number: sweep_side.ask() for number in pack}
+            links = {n: pruning.Pruning(url, "s", n, made) for n in pack if by}
+            running = list(pack)
+            for epoch in range(1, 5):
+                stop = []
+                with pruning.one_round() if by else contextlib.nullcontext():
+                    for number in running:
+                        value, last = values[number][epoch - 1], epoch == 4
+                        if by:
+                            stop += [number] * bool(links[number](epoch, value, last))
+                        else:
+                            trials[number].report(value, step=epoch)
+                            stop += [number] * bool(not last and trials[number].should_prune())
+                for number in stop:
+                    pruned[number] = epoch
+                    running.remove(number)
+                    sweep_side.tell(number, state=TrialState.PRUNED)
+            for number in running:
+                sweep_side.tell(number, values[number][-1])
+        stopped.append(pruned)
+        pruning.forget()
+    assert stopped[0] == stopped[1]
+    assert 3 <= len(stopped[0]) < 14, stopped

@@ -4,6 +4,7 @@ trains, not when Hydra finds its plugins (launchers/packed.py): it imports torch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +114,11 @@ class Packed:
 
     def pruned(self, number: int, epoch: int, metric: str) -> None:
         pass  # the sweep's log says so, trial by trial
+
+    def reports(self) -> contextlib.AbstractContextManager:
+        from fashion_sweep.sweeps.pruning import one_round
+
+        return one_round()
 
     def epoch_done(self, epoch: int, active: int, seconds: float, eval_seconds: float) -> None:
         print(

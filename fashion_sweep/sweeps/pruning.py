@@ -4,24 +4,71 @@ optimized metric goes to its Optuna trial, and the study's pruner says whether t
 running (`ended_elsewhere`): a resume that found its sweep worker gone has cut it off
 and runs its configuration again, so it stops and its run stays as the sweep ended it.
 Hydra's Optuna sweeper cannot do this (hydra #1710, #1954): its jobs never see their
-trial; here every trial lives in the persistent study, which the job opens itself."""
+trial; here every trial lives in the persistent study, which the job opens itself.
+
+A pack's members report an epoch one after another, and Optuna's pruners read every
+trial the study has not finished back from the database for each report: with 64
+members running, a report cost 64 trials' reads. Their reports of one epoch are one
+round (`one_round`, around run.train_epoch's reports): the study's trials are read
+once, and kept up to date with what the round writes (the reports, the pruner's own
+attributes), so each member is judged as it would be by reading the database. What
+other workers write meanwhile is read at the next round."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Container, Iterator
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from fashion_sweep.sweeps import schedule, study
 from fashion_sweep.sweeps.settings import NO_PRUNER
+from fashion_sweep.sweeps.snapshot import Snapshot
 
 # The studies this process reports into, by (storage, study, pruner): a worker's trials
 # share the study and its storage.
 _STUDIES: dict[tuple[Any, str, str], tuple[optuna.Study, Any, int]] = {}
+
+
+class RoundReads(Snapshot):
+    """What a pruning link reads its study through: during a round (`one_round`), the
+    study's trials as one read at the round's first, with the trials this process wrote
+    since read back (Snapshot); outside a round, the storage itself."""
+
+    made: list[RoundReads] = []  # this process's, for one_round
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.in_round = False
+        RoundReads.made.append(self)
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        if self.in_round and self._held is None:  # the round's one read
+            trials = self.inner.get_all_trials(study_id, deepcopy=False)
+            self._held, self._changed = {t.number: t for t in trials}, set()
+        return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+
+    def round(self, started: bool) -> None:
+        self.in_round, self._held = started, None
+
+
+@contextlib.contextmanager
+def one_round() -> Iterator[None]:
+    """The members' reports of one epoch: each pruner reads the study from one read."""
+    for view in RoundReads.made:
+        view.round(True)
+    try:
+        yield
+    finally:
+        for view in RoundReads.made:
+            view.round(False)
 
 
 class Pruning:
@@ -33,7 +80,7 @@ class Pruning:
             from hydra.utils import instantiate
 
             made = instantiate(json.loads(spec), _execution_whitelist_=["optuna.pruners.*"])
-            _STUDIES[url, name, spec] = study.load(url, name, made)
+            _STUDIES[url, name, spec] = study.load(url, name, made, view=RoundReads)
         held, where, study_id = _STUDIES[url, name, spec]
         trial_id = where.get_trial_id_from_study_id_trial_number(study_id, number)
         self.trial = optuna.trial.Trial(held, trial_id)
@@ -154,3 +201,4 @@ def in_folder(url: str, folder: str) -> str:
 
 def forget() -> None:
     _STUDIES.clear()
+    RoundReads.made.clear()

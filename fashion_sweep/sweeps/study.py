@@ -361,10 +361,13 @@ def opened_here(url: str | None) -> bool:
     return url in _STORAGES
 
 
-def load(url: str | None, name: str, pruner: Any = None) -> tuple[optuna.Study, Any, int] | None:
+def load(
+    url: str | None, name: str, pruner: Any = None, view: Callable[[Any], Any] | None = None
+) -> tuple[optuna.Study, Any, int] | None:
     """Study `name` for recording into (no sampling), its storage and its id: the
     storage this process opened, or a new connection; None for a study in another
-    process's memory."""
+    process's memory. `view`: what the study reads through, made of what Optuna's
+    get_storage makes of that storage (pruning.py's RoundReads)."""
     where = _STORAGES.get(url)
     if where is None:
         if url is None:
@@ -372,7 +375,8 @@ def load(url: str | None, name: str, pruner: Any = None) -> tuple[optuna.Study, 
         sqlite_wal.enable()
         where = optuna.storages.RDBStorage(url)
     sampler = optuna.samplers.RandomSampler()  # constructing a Trial asks the sampler
-    recording = optuna.load_study(study_name=name, storage=where, sampler=sampler, pruner=pruner)
+    reads = view(optuna.storages.get_storage(where)) if view else where
+    recording = optuna.load_study(study_name=name, storage=reads, sampler=sampler, pruner=pruner)
     return recording, where, where.get_study_id_from_name(name)
 
 

@@ -290,7 +290,10 @@ def train_epoch(
     evaluated = {split: program.evaluate(split) for split in program.splits}
     eval_seconds, share = time.perf_counter() - start, len(program.ids)
     ended: dict[int, Trained | BaseException] = {}
-    with program.reports():  # a pack's reports read its study once (sweeps/pruning.py)
+    finishing: list[tuple[int, Trained]] = []  # ended after their metrics and pruners
+    # a pack's reports read its study once (sweeps/pruning.py): the round holds no wait
+    # for the store, so what other workers write is at most its reports old
+    with program.reports():
         for position, number in enumerate(program.ids):
             if number not in active:
                 continue
@@ -324,10 +327,12 @@ def train_epoch(
                     program.pruned(number, own, metric)
                 if members[number].cfg.tracking.log_model:
                     tracker.log_model(run, program.state_dict(position))
-                tracker.sync()  # an error in a call not waited for fails it here
-                active.remove(number)
-                tracker.end_run(run, "FINISHED")
-                ended[number] = Trained(metrics, "", own if stop else None)
+                finishing.append((number, Trained(metrics, "", own if stop else None)))
+    for number, trained in finishing:
+        tracker.sync()  # an error in a call not waited for fails it here
+        active.remove(number)
+        tracker.end_run(members[number].run, "FINISHED")
+        ended[number] = trained
     program.epoch_done(epoch, len(active), seconds, eval_seconds)
     return ended
 

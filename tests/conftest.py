@@ -144,12 +144,14 @@ def trial_log(cwd: Path, trial: int) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_tracking_uri_inherited(monkeypatch):
+def _no_tracking_uri_inherited():
     """MLflow 3's set_tracking_uri also sets MLFLOW_TRACKING_URI in this process's
     environment, which every process a later test starts inherits (another app's
-    MlflowApp sweep then logged into an earlier test's store): unset for each test, and
-    what a test set is undone after it."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    MlflowApp sweep then logged into an earlier test's store): unset before each test and
+    after it, so that a module's fixture set up next inherits none either."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def forget() -> None:

@@ -128,10 +128,16 @@ def test_a_pruner_without_a_shared_study_is_refused_before_the_first_trial(main,
     assert not list(tmp_path.glob("multirun/*/*/0"))
 
 
-def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_path):
+def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_path, monkeypatch):
     """hydra/launcher=packed: trials 2 and 3 join the pack as trials 0 and 1 end (the
     pack's epoch 3); trial 2 (a loser) is pruned after its epoch 1 and stops being
-    computed, trial 3 trains on to its 3 epochs."""
+    computed, trial 3 trains on to its 3 epochs. The pack's reports of each epoch were
+    one round of its pruners' reads (sweeps/pruning.py)."""
+    from fashion_sweep.sweeps import pruning
+
+    rounds = []
+    one_round = pruning.one_round
+    monkeypatch.setattr(pruning, "one_round", lambda: rounds.append(1) or one_round())
     space = [arg for arg in SPACE if not arg.startswith("optimizer.lr=")]
     seed(tmp_path)
     done = main(
@@ -164,6 +170,7 @@ def test_a_pruned_member_leaves_its_pack_and_the_rest_train_on(main, seed, tmp_p
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "model.pth" in files
     assert run.data.metrics["val/accuracy"] == found[3].value
+    assert len(rounds) == 6  # the pack's epochs: 3 of trials 0 and 1, 3 of trials 2 and 3
 
 
 def test_a_continuous_pack_fills_a_pruned_members_place_at_once(main, seed, tmp_path):
@@ -213,8 +220,18 @@ def test_a_packs_reports_of_an_epoch_in_one_read_prune_as_optuna_alone(tmp_path,
     trials of its own, then a pack of 8 reports; after each epoch the sweep records the
     pruned and the finished through a storage of its own. In one copy the packs report
     through our links in rounds, in the other through Optuna's own trials, which read
-    the database for each report. Both prune the same trials after the same epochs."""
+    the database for each report. Both prune the same trials after the same epochs, and
+    each round of ours read the study's trials once at most."""
     from fashion_sweep.sweeps import pruning
+
+    reads: list[int] = []  # each round's reads of all the study's trials
+
+    def counted(read):
+        def counting(*args, **kwargs):
+            reads[-1] += 1
+            return read(*args, **kwargs)
+
+        return counting
 
     draw = random.Random(0)
     values = [[draw.random() for _ in range(4)] for _ in range(14)]
@@ -231,9 +248,13 @@ def test_a_packs_reports_of_an_epoch_in_one_read_prune_as_optuna_alone(tmp_path,
         for pack, by in ((range(4), ours), (range(4, 6), False), (range(6, 14), ours)):
             trials = {number: sweep_side.ask() for number in pack}
             links = {n: pruning.Pruning(url, "s", n, made) for n in pack if by}
+            for view in pruning.RoundReads.made:  # the database's reads behind our links
+                if not hasattr(view, "counted"):
+                    view.counted = view.inner.get_all_trials = counted(view.inner.get_all_trials)
             running = list(pack)
             for epoch in range(1, 5):
                 stop = []
+                reads.append(0)
                 with pruning.one_round() if by else contextlib.nullcontext():
                     for number in running:
                         value, last = values[number][epoch - 1], epoch == 4
@@ -252,3 +273,4 @@ def test_a_packs_reports_of_an_epoch_in_one_read_prune_as_optuna_alone(tmp_path,
         pruning.forget()
     assert stopped[0] == stopped[1]
     assert 3 <= len(stopped[0]) < 14, stopped
+    assert max(reads) == 1, reads  # Optuna alone: a read for each report

@@ -55,6 +55,11 @@ class RoundReads(Snapshot):
             self._held, self._changed = {t.number: t for t in trials}, set()
         return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
 
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        if self.in_round:  # from the round's trials, as BaseStorage finds it
+            return super().get_best_trial(study_id)
+        return self.inner.get_best_trial(study_id)  # the database's own query
+
     def round(self, started: bool) -> None:
         self.in_round, self._held = started, None
 
